@@ -1,0 +1,285 @@
+//! Types shared by the meshaccel eBPF programs (kernel side) and the agent (user side).
+//!
+//! Every map key and value is `#[repr(C)]`, `Copy`, has explicit padding and carries its byte
+//! order in field names. No bool/Option/enum crosses the kernel boundary.
+#![no_std]
+
+use core::mem::size_of;
+
+/// Map names, as the eBPF object declares them and as they are pinned under the bpffs folder.
+/// The kernel keeps 15 characters of a name; these fit.
+pub mod names {
+    /// SOCKHASH: `PairKey` -> socket.
+    pub const SOCKS: &str = "MESHACCEL_SOCKS";
+    /// HASH: `PairKey` -> `PeerInfo` (who owns the socket stored under that key).
+    pub const PEERS: &str = "MESHACCEL_PEERS";
+    /// HASH: `SockTuple` -> `SockState` (per-socket decision: undecided, redirect, TCP for life).
+    pub const STATE: &str = "MESHACCEL_STATE";
+    /// HASH: netns cookie (u64) -> `WorkloadPolicy`.
+    pub const WORKLOADS: &str = "MESHACCEL_WL";
+    /// HASH: `PortKey` -> u32 (1 = excluded).
+    pub const PORTS: &str = "MESHACCEL_PORTS";
+    /// ARRAY[1]: `Config`.
+    pub const CONFIG: &str = "MESHACCEL_CFG";
+    /// PERCPU_ARRAY[`counter::COUNT`]: u64.
+    pub const STATS: &str = "MESHACCEL_STATS";
+    /// All maps, in the order the agent pins them.
+    pub const ALL: [&str; 7] = [SOCKS, PEERS, STATE, WORKLOADS, PORTS, CONFIG, STATS];
+
+    /// Program names (function names in the eBPF crate).
+    pub const PROG_SOCK_OPS: &str = "meshaccel_ops";
+    pub const PROG_SK_MSG: &str = "meshaccel_msg";
+}
+
+/// Map capacities.
+pub mod capacity {
+    /// Sockets in the sockhash (each accelerated connection uses two entries).
+    pub const SOCKS: u32 = 65_536;
+    pub const WORKLOADS: u32 = 4_096;
+    pub const PORTS: u32 = 16_384;
+}
+
+/// Indexes into the per-CPU counter array.
+pub mod counter {
+    /// Sockets inserted into the sockhash.
+    pub const INSERTED: u32 = 0;
+    /// Insert refused because the key already existed: that socket stays on TCP.
+    pub const INSERT_COLLISION: u32 = 1;
+    /// Insert failed for another reason (a full map): that socket stays on TCP.
+    pub const INSERT_FAILED: u32 = 2;
+    /// Messages redirected into the peer socket, and their bytes.
+    pub const REDIRECT_MSGS: u32 = 3;
+    pub const REDIRECT_BYTES: u32 = 4;
+    /// A socket went TCP for life because its peer was not in the sockhash at its first message.
+    pub const FALLBACK_NO_PEER: u32 = 5;
+    /// ... because its own or its peer's workload, or the global switch, was off.
+    pub const FALLBACK_DISABLED: u32 = 6;
+    /// ... because the redirect itself failed (the peer had gone).
+    pub const FALLBACK_REDIRECT_FAILED: u32 = 7;
+    /// Messages (and bytes) that sockets in the sockhash sent over plain TCP.
+    pub const TCP_MSGS: u32 = 8;
+    pub const TCP_BYTES: u32 = 9;
+    /// Sockets of an enabled workload not inserted because their port is excluded.
+    pub const SKIP_EXCLUDED_PORT: u32 = 10;
+    /// Sockets not inserted because data went before the handshake finished (TCP Fast Open).
+    pub const SKIP_EARLY_DATA: u32 = 11;
+    /// A socket of the sockhash had no state entry (state map full): TCP.
+    pub const FALLBACK_NO_STATE: u32 = 12;
+    /// Inserted sockets that closed.
+    pub const CLOSED: u32 = 13;
+    pub const COUNT: u32 = 14;
+
+    /// Names used by `status` and `/metrics`, indexed like the constants above.
+    pub const NAMES: [&str; COUNT as usize] = [
+        "inserted",
+        "insert_collision",
+        "insert_failed",
+        "redirect_msgs",
+        "redirect_bytes",
+        "fallback_no_peer",
+        "fallback_disabled",
+        "fallback_redirect_failed",
+        "tcp_msgs",
+        "tcp_bytes",
+        "skip_excluded_port",
+        "skip_early_data",
+        "fallback_no_state",
+        "closed",
+    ];
+}
+
+/// Role of a socket in its connection.
+pub const ROLE_CLIENT: u32 = 0;
+pub const ROLE_SERVER: u32 = 1;
+
+/// `SockState::state` values.
+pub const STATE_UNDECIDED: u32 = 0;
+pub const STATE_REDIRECT: u32 = 1;
+pub const STATE_TCP: u32 = 2;
+
+/// `PortKey::direction` values.
+pub const DIR_INBOUND: u8 = 0;
+pub const DIR_OUTBOUND: u8 = 1;
+
+/// `WorkloadPolicy::flags` bits.
+pub const POLICY_ENABLED: u32 = 1;
+
+/// The name of one TCP connection, the same on both of its sockets whatever NAT did to the
+/// addresses: the client endpoint (the active side's local address) and both initial sequence
+/// numbers as they stood at ESTABLISHED. Each socket is stored under its own role; a sender looks
+/// up the other role. `netns_cookie` is 0 unless the client address is loopback, where it is the
+/// netns of the connection (loopback tuples repeat across pods).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PairKey {
+    pub netns_cookie: u64,
+    /// IPv6 address, or IPv4 mapped as ::ffff:a.b.c.d; network order words.
+    pub client_ip_be: [u32; 4],
+    pub client_port: u32,
+    /// The client's `snd_nxt` (= the server's `rcv_nxt`) at ESTABLISHED.
+    pub client_seq: u32,
+    /// The server's `snd_nxt` (= the client's `rcv_nxt`) at ESTABLISHED.
+    pub server_seq: u32,
+    pub role: u32,
+}
+const _: () = assert!(size_of::<PairKey>() == 40);
+
+impl PairKey {
+    /// The key the other socket of this connection is stored under.
+    pub const fn peer(&self) -> Self {
+        let mut peer = *self;
+        peer.role = if self.role == ROLE_CLIENT { ROLE_SERVER } else { ROLE_CLIENT };
+        peer
+    }
+}
+
+/// A socket, as it sees itself: its netns and its own addresses (after NAT).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SockTuple {
+    pub netns_cookie: u64,
+    pub local_ip_be: [u32; 4],
+    pub remote_ip_be: [u32; 4],
+    pub local_port: u32,
+    pub remote_port: u32,
+}
+const _: () = assert!(size_of::<SockTuple>() == 48);
+
+/// Per-socket state, created when the socket enters the sockhash.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SockState {
+    /// The key this socket is stored under.
+    pub own: PairKey,
+    /// The netns this socket lives in (its workload).
+    pub netns_cookie: u64,
+    /// The peer's netns, learned at the first message.
+    pub peer_netns_cookie: u64,
+    /// `STATE_*`.
+    pub state: u32,
+    /// `Config::epoch` when the redirect decision was last checked.
+    pub epoch: u32,
+}
+const _: () = assert!(size_of::<SockState>() == 64);
+
+/// Who owns the socket stored under a `PairKey`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PeerInfo {
+    pub netns_cookie: u64,
+}
+const _: () = assert!(size_of::<PeerInfo>() == 8);
+
+/// Acceleration policy of one workload (a pod: one netns).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct WorkloadPolicy {
+    /// `POLICY_*` bits.
+    pub flags: u32,
+    /// Index of the workload in user space's list, for status (not used by the kernel).
+    pub workload_id: u32,
+}
+const _: () = assert!(size_of::<WorkloadPolicy>() == 8);
+
+/// A port a workload excludes from acceleration, in one direction.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PortKey {
+    pub netns_cookie: u64,
+    pub port: u16,
+    /// `DIR_*`.
+    pub direction: u8,
+    pub _pad0: u8,
+    pub _pad1: u32,
+}
+const _: () = assert!(size_of::<PortKey>() == 16);
+
+impl PortKey {
+    pub const fn new(netns_cookie: u64, port: u16, direction: u8) -> Self {
+        Self { netns_cookie, port, direction, _pad0: 0, _pad1: 0 }
+    }
+}
+
+/// Global configuration (ARRAY index 0).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Config {
+    /// 1 = acceleration on; 0 = every sender falls back to TCP for life at its next message.
+    pub enabled: u32,
+    /// Bumped by user space whenever something that redirects may have to stop (a workload
+    /// disabled or removed, the switch turned off). Senders re-check their decision when it moves.
+    pub epoch: u32,
+}
+const _: () = assert!(size_of::<Config>() == 8);
+
+/// IPv4 (network order u32) as an IPv4-mapped IPv6 address in network-order words.
+#[inline(always)]
+pub const fn v4_mapped(ip_be: u32) -> [u32; 4] {
+    [0, 0, u32::from_be(0x0000_ffff), ip_be]
+}
+
+/// Loopback: 127.0.0.0/8 (mapped) or ::1.
+#[inline(always)]
+pub const fn is_loopback(ip_be: &[u32; 4]) -> bool {
+    if ip_be[0] == 0 && ip_be[1] == 0 && ip_be[2] == u32::from_be(0x0000_ffff) {
+        return ip_be[3].to_ne_bytes()[0] == 127;
+    }
+    ip_be[0] == 0 && ip_be[1] == 0 && ip_be[2] == 0 && ip_be[3] == u32::from_be(1)
+}
+
+/// A port as the kernel hands it in `remote_port`: network order, in the low 16 bits (sk_msg) or
+/// shifted into the high 16 bits (sock_ops). Returns host order.
+#[inline(always)]
+pub const fn port_from_be_field(field: u32) -> u32 {
+    let be = if field > 0xffff { field >> 16 } else { field };
+    u16::from_be(be as u16) as u32
+}
+
+#[cfg(feature = "user")]
+mod user {
+    use super::*;
+    // SAFETY: all of these are repr(C), Copy, with explicit padding and no invalid bit patterns.
+    unsafe impl aya::Pod for PairKey {}
+    unsafe impl aya::Pod for SockTuple {}
+    unsafe impl aya::Pod for SockState {}
+    unsafe impl aya::Pod for PeerInfo {}
+    unsafe impl aya::Pod for WorkloadPolicy {}
+    unsafe impl aya::Pod for PortKey {}
+    unsafe impl aya::Pod for Config {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn peer_flips_role_only() {
+        let k = PairKey { netns_cookie: 7, client_ip_be: v4_mapped(1), client_port: 5, client_seq: 9, server_seq: 11, role: ROLE_CLIENT };
+        assert_eq!(k.peer().role, ROLE_SERVER);
+        assert_eq!(k.peer().peer(), k);
+        assert_ne!(k.peer(), k);
+    }
+
+    #[test]
+    fn loopback_detection() {
+        let lo = u32::from_ne_bytes([127, 0, 0, 6]);
+        assert!(is_loopback(&v4_mapped(lo)));
+        let pod = u32::from_ne_bytes([10, 77, 0, 2]);
+        assert!(!is_loopback(&v4_mapped(pod)));
+        assert!(is_loopback(&[0, 0, 0, u32::from_be(1)]));
+        assert!(!is_loopback(&[0, 0, 0, u32::from_be(2)]));
+    }
+
+    #[test]
+    fn ports_in_both_layouts() {
+        let be = u16::to_be(15001) as u32;
+        assert_eq!(port_from_be_field(be), 15001);
+        assert_eq!(port_from_be_field(be << 16), 15001);
+    }
+
+    #[test]
+    fn counter_names_cover_every_counter() {
+        assert_eq!(counter::NAMES.len(), counter::COUNT as usize);
+        assert_eq!(counter::NAMES[counter::CLOSED as usize], "closed");
+    }
+}

@@ -1,0 +1,305 @@
+//! meshaccel eBPF programs.
+//!
+//! * `meshaccel_ops` (sock_ops, on a cgroup v2): at ESTABLISHED, a socket of an enabled workload
+//!   enters the sockhash under its connection's NAT-proof name (`PairKey`) and gets a per-socket
+//!   state (sk_storage). At close, its `PEERS` entry goes.
+//! * `meshaccel_msg` (sk_msg, on the sockhash): the first message of a socket decides for its
+//!   whole life: redirect into the peer socket's ingress when the peer is there and both ends are
+//!   enabled, else TCP for life. A redirecting socket re-checks when user space moves the epoch and
+//!   may then fall back to TCP (safe); it never goes from TCP to redirect (that would reorder).
+#![cfg_attr(target_arch = "bpf", no_std)]
+#![cfg_attr(target_arch = "bpf", no_main)]
+
+#[cfg(target_arch = "bpf")]
+mod progs {
+    use core::ptr;
+
+    use aya_ebpf::{
+        bindings::{
+            BPF_F_INGRESS, BPF_NOEXIST, BPF_SK_STORAGE_GET_F_CREATE, BPF_SOCK_OPS_STATE_CB_FLAG,
+            sk_action::SK_PASS,
+        },
+        btf_maps::{Array, HashMap, PerCpuArray, SkStorage, SockHash},
+        helpers::generated::{bpf_get_netns_cookie, bpf_sk_storage_get},
+        macros::{btf_map, sk_msg, sock_ops},
+        programs::{SkMsgContext, SockOpsContext},
+    };
+    use meshaccel_common::{
+        Config, DIR_INBOUND, DIR_OUTBOUND, POLICY_ENABLED, PairKey, PeerInfo, PortKey,
+        ROLE_CLIENT, ROLE_SERVER, STATE_REDIRECT, STATE_TCP, STATE_UNDECIDED, SockState,
+        WorkloadPolicy, capacity, counter, is_loopback, port_from_be_field, v4_mapped,
+    };
+
+    const SOCKS_MAX: usize = capacity::SOCKS as usize;
+    const WL_MAX: usize = capacity::WORKLOADS as usize;
+    const PORTS_MAX: usize = capacity::PORTS as usize;
+    const STATS_LEN: usize = counter::COUNT as usize;
+
+    #[btf_map]
+    static MESHACCEL_SOCKS: SockHash<PairKey, SOCKS_MAX> = SockHash::new();
+    #[btf_map]
+    static MESHACCEL_PEERS: HashMap<PairKey, PeerInfo, SOCKS_MAX> = HashMap::new();
+    #[btf_map]
+    static MESHACCEL_STATE: SkStorage<SockState> = SkStorage::new();
+    #[btf_map]
+    static MESHACCEL_WL: HashMap<u64, WorkloadPolicy, WL_MAX> = HashMap::new();
+    #[btf_map]
+    static MESHACCEL_PORTS: HashMap<PortKey, u32, PORTS_MAX> = HashMap::new();
+    #[btf_map]
+    static MESHACCEL_CFG: Array<Config, 1> = Array::new();
+    #[btf_map]
+    static MESHACCEL_STATS: PerCpuArray<u64, STATS_LEN> = PerCpuArray::new();
+
+    const AF_INET: u32 = 2;
+    const AF_INET6: u32 = 10;
+    const ACTIVE_ESTABLISHED: u32 = 4;
+    const PASSIVE_ESTABLISHED: u32 = 5;
+    const STATE_CB: u32 = 10;
+    const TCP_CLOSE: u32 = 7;
+    const EEXIST: i32 = 17;
+
+    #[inline(always)]
+    fn count(idx: u32, n: u64) {
+        if let Some(p) = MESHACCEL_STATS.get_ptr_mut(idx) {
+            // Per-CPU slot: no other CPU writes it.
+            unsafe { *p += n };
+        }
+    }
+
+    #[inline(always)]
+    fn config() -> Config {
+        match MESHACCEL_CFG.get(0) {
+            Some(c) => *c,
+            None => Config::default(),
+        }
+    }
+
+    #[inline(always)]
+    fn enabled(netns: u64) -> bool {
+        match unsafe { MESHACCEL_WL.get(netns) } {
+            Some(p) => p.flags & POLICY_ENABLED != 0,
+            None => false,
+        }
+    }
+
+    #[inline(always)]
+    fn state_map() -> *mut core::ffi::c_void {
+        // The BTF map wrappers keep their pointer accessor crate-private; the map's address is
+        // what the helper needs.
+        ptr::from_ref(&MESHACCEL_STATE).cast_mut().cast()
+    }
+
+    #[sock_ops]
+    pub fn meshaccel_ops(ctx: SockOpsContext) -> u32 {
+        match try_sock_ops(&ctx) {
+            Ok(()) | Err(()) => 0,
+        }
+    }
+
+    #[inline(always)]
+    fn try_sock_ops(ctx: &SockOpsContext) -> Result<(), ()> {
+        match ctx.op() {
+            ACTIVE_ESTABLISHED => established(ctx, true),
+            PASSIVE_ESTABLISHED => established(ctx, false),
+            STATE_CB if ctx.arg(1) == TCP_CLOSE => closed(ctx),
+            _ => Ok(()),
+        }
+    }
+
+    #[inline(always)]
+    fn established(ctx: &SockOpsContext, active: bool) -> Result<(), ()> {
+        let cfg = config();
+        if cfg.enabled == 0 {
+            return Ok(());
+        }
+        let ops = unsafe { &*ctx.ops };
+        let netns = unsafe { bpf_get_netns_cookie(ctx.ops.cast()) };
+        if !enabled(netns) {
+            return Ok(());
+        }
+        let (local_ip, remote_ip) = match ops.family {
+            AF_INET => (v4_mapped(ops.local_ip4), v4_mapped(ops.remote_ip4)),
+            AF_INET6 => (ops.local_ip6, ops.remote_ip6),
+            _ => return Ok(()),
+        };
+        let local_port = ops.local_port;
+        let remote_port = port_from_be_field(ops.remote_port);
+
+        // Istio's excludeOutboundPorts / excludeInboundPorts: never accelerated.
+        let excluded = if active {
+            PortKey::new(netns, remote_port as u16, DIR_OUTBOUND)
+        } else {
+            PortKey::new(netns, local_port as u16, DIR_INBOUND)
+        };
+        if unsafe { MESHACCEL_PORTS.get(excluded) }.is_some() {
+            count(counter::SKIP_EXCLUDED_PORT, 1);
+            return Ok(());
+        }
+        // Data that left before ESTABLISHED (TCP Fast Open) went over TCP already: redirecting
+        // what follows would overtake it at the reader.
+        if active && (ops.data_segs_out != 0 || ops.snd_nxt != ops.snd_una) {
+            count(counter::SKIP_EARLY_DATA, 1);
+            return Ok(());
+        }
+
+        let (client_ip, client_port, client_seq, server_seq, role) = if active {
+            (local_ip, local_port, ops.snd_nxt, ops.rcv_nxt, ROLE_CLIENT)
+        } else {
+            (remote_ip, remote_port, ops.rcv_nxt, ops.snd_nxt, ROLE_SERVER)
+        };
+        let key = PairKey {
+            // Loopback addresses repeat in every pod: name the netns too.
+            netns_cookie: if is_loopback(&client_ip) { netns } else { 0 },
+            client_ip_be: client_ip,
+            client_port,
+            client_seq,
+            server_seq,
+            role,
+        };
+
+        let sk = unsafe { ops.__bindgen_anon_2.sk };
+        if sk.is_null() {
+            return Err(());
+        }
+        if let Err(e) =
+            MESHACCEL_PEERS.insert(key, PeerInfo { netns_cookie: netns }, BPF_NOEXIST.into())
+        {
+            count(if e == -EEXIST { counter::INSERT_COLLISION } else { counter::INSERT_FAILED }, 1);
+            return Err(());
+        }
+        let init = SockState {
+            own: key,
+            netns_cookie: netns,
+            peer_netns_cookie: 0,
+            state: STATE_UNDECIDED,
+            epoch: cfg.epoch,
+        };
+        let st = unsafe {
+            bpf_sk_storage_get(
+                state_map(),
+                sk.cast(),
+                ptr::from_ref(&init).cast_mut().cast(),
+                BPF_SK_STORAGE_GET_F_CREATE.into(),
+            )
+        }
+        .cast::<SockState>();
+        if st.is_null() {
+            let _ = MESHACCEL_PEERS.remove(key);
+            count(counter::INSERT_FAILED, 1);
+            return Err(());
+        }
+        // A socket reused after close keeps no old state: start undecided.
+        unsafe { *st = init };
+        let mut k = key;
+        if let Err(e) = MESHACCEL_SOCKS.update(&mut k, unsafe { &mut *ctx.ops }, BPF_NOEXIST.into())
+        {
+            let _ = MESHACCEL_PEERS.remove(key);
+            unsafe { (*st).state = STATE_TCP };
+            count(if e == -EEXIST { counter::INSERT_COLLISION } else { counter::INSERT_FAILED }, 1);
+            return Err(());
+        }
+        // Ask for a callback at TCP_CLOSE so the PEERS entry goes with the socket.
+        let _ = ctx.set_cb_flags((ops.bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
+        count(counter::INSERTED, 1);
+        Ok(())
+    }
+
+    #[inline(always)]
+    fn closed(ctx: &SockOpsContext) -> Result<(), ()> {
+        let sk = unsafe { (*ctx.ops).__bindgen_anon_2.sk };
+        if sk.is_null() {
+            return Err(());
+        }
+        let st = unsafe { bpf_sk_storage_get(state_map(), sk.cast(), ptr::null_mut(), 0) }
+            .cast::<SockState>();
+        if st.is_null() {
+            return Err(());
+        }
+        let own = unsafe { (*st).own };
+        // Only our own entry: a colliding socket never inserted one under this key.
+        if let Some(info) = unsafe { MESHACCEL_PEERS.get(own) }
+            && info.netns_cookie == unsafe { (*st).netns_cookie }
+        {
+            let _ = MESHACCEL_PEERS.remove(own);
+        }
+        count(counter::CLOSED, 1);
+        Ok(())
+    }
+
+    #[sk_msg]
+    pub fn meshaccel_msg(ctx: SkMsgContext) -> u32 {
+        try_sk_msg(&ctx)
+    }
+
+    #[inline(always)]
+    fn try_sk_msg(ctx: &SkMsgContext) -> u32 {
+        let size = ctx.size() as u64;
+        let sk = unsafe { (*ctx.msg).__bindgen_anon_3.sk };
+        if sk.is_null() {
+            return SK_PASS;
+        }
+        let st = unsafe { bpf_sk_storage_get(state_map(), sk.cast(), ptr::null_mut(), 0) }
+            .cast::<SockState>();
+        if st.is_null() {
+            count(counter::FALLBACK_NO_STATE, 1);
+            return tcp(size);
+        }
+        let st = unsafe { &mut *st };
+        if st.state == STATE_TCP {
+            return tcp(size);
+        }
+        let cfg = config();
+        // Fast path: redirecting, and nothing that could stop it has changed since last checked.
+        if !(st.state == STATE_REDIRECT && st.epoch == cfg.epoch) {
+            if cfg.enabled == 0 || !enabled(st.netns_cookie) {
+                return tcp_for_life(st, counter::FALLBACK_DISABLED, size);
+            }
+            if st.state == STATE_UNDECIDED {
+                match unsafe { MESHACCEL_PEERS.get(st.own.peer()) } {
+                    Some(peer) => st.peer_netns_cookie = peer.netns_cookie,
+                    None => return tcp_for_life(st, counter::FALLBACK_NO_PEER, size),
+                }
+            }
+            if !enabled(st.peer_netns_cookie) {
+                return tcp_for_life(st, counter::FALLBACK_DISABLED, size);
+            }
+            st.state = STATE_REDIRECT;
+            st.epoch = cfg.epoch;
+        }
+        let mut peer = st.own.peer();
+        if MESHACCEL_SOCKS.redirect_msg(ctx, &mut peer, BPF_F_INGRESS.into()) == SK_PASS.into() {
+            count(counter::REDIRECT_MSGS, 1);
+            count(counter::REDIRECT_BYTES, size);
+            SK_PASS
+        } else {
+            // The peer left the sockhash (it closed): this message and all later ones use TCP.
+            tcp_for_life(st, counter::FALLBACK_REDIRECT_FAILED, size)
+        }
+    }
+
+    #[inline(always)]
+    fn tcp_for_life(st: &mut SockState, reason: u32, size: u64) -> u32 {
+        st.state = STATE_TCP;
+        count(reason, 1);
+        tcp(size)
+    }
+
+    #[inline(always)]
+    fn tcp(size: u64) -> u32 {
+        count(counter::TCP_MSGS, 1);
+        count(counter::TCP_BYTES, size);
+        SK_PASS
+    }
+
+    #[panic_handler]
+    fn panic(_info: &core::panic::PanicInfo) -> ! {
+        loop {}
+    }
+
+    #[unsafe(link_section = "license")]
+    #[unsafe(no_mangle)]
+    static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";
+}
+
+#[cfg(not(target_arch = "bpf"))]
+fn main() {}

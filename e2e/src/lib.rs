@@ -1,0 +1,1 @@
+//! Placeholder: see the issues for what lands here.
