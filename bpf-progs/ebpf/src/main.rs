@@ -89,6 +89,18 @@ mod progs {
         ptr::from_ref(&MESHACCEL_STATE).cast_mut().cast()
     }
 
+    /// Reads one ctx field with a load of its own at a constant offset (volatile: not merged).
+    #[inline(always)]
+    fn rd(p: *const u32) -> u32 {
+        unsafe { ptr::read_volatile(p) }
+    }
+
+    #[inline(always)]
+    fn ip6(p: *const [u32; 4]) -> [u32; 4] {
+        let p = p.cast::<u32>();
+        unsafe { [rd(p), rd(p.add(1)), rd(p.add(2)), rd(p.add(3))] }
+    }
+
     #[sock_ops]
     pub fn meshaccel_ops(ctx: SockOpsContext) -> u32 {
         match try_sock_ops(&ctx) {
@@ -117,9 +129,13 @@ mod progs {
         if !enabled(netns) {
             return Ok(());
         }
+        // Every address field is read, whatever the family: loads chosen by a branch get merged
+        // by LLVM into one load through ctx + variable offset, which the verifier rejects.
+        let (l4, r4) = (rd(&raw const ops.local_ip4), rd(&raw const ops.remote_ip4));
+        let (l6, r6) = (ip6(&raw const ops.local_ip6), ip6(&raw const ops.remote_ip6));
         let (local_ip, remote_ip) = match ops.family {
-            AF_INET => (v4_mapped(ops.local_ip4), v4_mapped(ops.remote_ip4)),
-            AF_INET6 => (ops.local_ip6, ops.remote_ip6),
+            AF_INET => (v4_mapped(l4), v4_mapped(r4)),
+            AF_INET6 => (l6, r6),
             _ => return Ok(()),
         };
         let local_port = ops.local_port;

@@ -1,0 +1,143 @@
+//! The desired content of the kernel maps, computed by pure functions from the inputs.
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    path::Path,
+};
+
+use meshaccel_common::{DIR_INBOUND, DIR_OUTBOUND, POLICY_ENABLED, PortKey, WorkloadPolicy};
+
+use crate::{
+    error::{Error, Result},
+    workloads::WorkloadsFile,
+};
+
+/// What the maps should hold. Only enabled workloads get entries; a workload that is absent
+/// and a disabled one look the same to the kernel.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DesiredState {
+    pub enabled: bool,
+    /// netns cookie -> policy.
+    pub workloads: BTreeMap<u64, WorkloadPolicy>,
+    pub excluded_ports: BTreeSet<PortKey>,
+    /// netns cookie -> `namespace/name`, for logs and status (not in the kernel).
+    pub names: BTreeMap<u64, String>,
+}
+
+/// A stable small id for a workload name, shown by status.
+pub fn workload_id(id: &str) -> u32 {
+    // FNV-1a: stable across runs and binaries.
+    id.bytes().fold(0x811c_9dc5_u32, |h, b| (h ^ u32::from(b)).wrapping_mul(0x0100_0193))
+}
+
+/// Desired state from the static workloads file. `cookie_of` resolves a netns path (the only
+/// side effect, passed in so this stays a pure function under test).
+pub fn from_static(
+    file: &WorkloadsFile,
+    mut cookie_of: impl FnMut(&Path) -> std::io::Result<u64>,
+) -> Result<DesiredState> {
+    let mut out = DesiredState { enabled: file.enabled, ..Default::default() };
+    for w in &file.workloads {
+        let cookie = cookie_of(&w.netns).map_err(|e| Error::Netns {
+            entry: w.id(),
+            netns: w.netns.clone(),
+            message: e.to_string(),
+        })?;
+        if let Some(other) = out.names.insert(cookie, w.id()) {
+            return Err(Error::Netns {
+                entry: w.id(),
+                netns: w.netns.clone(),
+                message: format!("is the same network namespace as {other}'s"),
+            });
+        }
+        if !w.enabled {
+            continue;
+        }
+        out.workloads.insert(cookie, WorkloadPolicy { flags: POLICY_ENABLED, workload_id: workload_id(&w.id()) });
+        for &p in &w.exclude_inbound_ports {
+            out.excluded_ports.insert(PortKey::new(cookie, p, DIR_INBOUND));
+        }
+        for &p in &w.exclude_outbound_ports {
+            out.excluded_ports.insert(PortKey::new(cookie, p, DIR_OUTBOUND));
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn file(text: &str) -> WorkloadsFile {
+        WorkloadsFile::parse(Path::new("t.yaml"), text).unwrap()
+    }
+
+    fn cookies(p: &Path) -> std::io::Result<u64> {
+        match p.to_str().unwrap() {
+            "/ns/a" => Ok(11),
+            "/ns/b" => Ok(22),
+            "/ns/b-again" => Ok(22),
+            _ => Err(std::io::Error::from(std::io::ErrorKind::NotFound)),
+        }
+    }
+
+    #[test]
+    fn table() {
+        struct Case {
+            name: &'static str,
+            yaml: &'static str,
+            enabled: bool,
+            workloads: &'static [u64],
+            ports: &'static [(u64, u16, u8)],
+        }
+        let cases = [
+            Case { name: "empty", yaml: "", enabled: true, workloads: &[], ports: &[] },
+            Case {
+                name: "two enabled, one excludes ports",
+                yaml: "workloads:\n- {name: a, netns: /ns/a, excludeInboundPorts: [8080], excludeOutboundPorts: [5432]}\n- {name: b, netns: /ns/b}\n",
+                enabled: true,
+                workloads: &[11, 22],
+                ports: &[(11, 8080, DIR_INBOUND), (11, 5432, DIR_OUTBOUND)],
+            },
+            Case {
+                name: "disabled workload has no entries at all",
+                yaml: "workloads:\n- {name: a, netns: /ns/a, enabled: false, excludeInboundPorts: [1]}\n- {name: b, netns: /ns/b}\n",
+                enabled: true,
+                workloads: &[22],
+                ports: &[],
+            },
+            Case {
+                name: "global switch off keeps the workloads",
+                yaml: "enabled: false\nworkloads:\n- {name: a, netns: /ns/a}\n",
+                enabled: false,
+                workloads: &[11],
+                ports: &[],
+            },
+        ];
+        for c in cases {
+            let d = from_static(&file(c.yaml), cookies).unwrap_or_else(|e| panic!("{}: {e}", c.name));
+            assert_eq!(d.enabled, c.enabled, "{}", c.name);
+            assert_eq!(d.workloads.keys().copied().collect::<Vec<_>>(), c.workloads, "{}", c.name);
+            let ports: BTreeSet<PortKey> = c.ports.iter().map(|&(n, p, d)| PortKey::new(n, p, d)).collect();
+            assert_eq!(d.excluded_ports, ports, "{}", c.name);
+            assert!(d.workloads.values().all(|p| p.flags == POLICY_ENABLED), "{}", c.name);
+        }
+    }
+
+    #[test]
+    fn missing_or_shared_netns_names_the_entry() {
+        let e = from_static(&file("workloads:\n- {name: gone, namespace: ns1, netns: /ns/missing}\n"), cookies)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("ns1/gone") && e.contains("/ns/missing"), "{e}");
+        let e = from_static(&file("workloads:\n- {name: b, netns: /ns/b}\n- {name: c, netns: /ns/b-again}\n"), cookies)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("default/c") && e.contains("default/b"), "{e}");
+    }
+
+    #[test]
+    fn workload_ids_are_stable() {
+        assert_eq!(workload_id("bookinfo/reviews-v1"), workload_id("bookinfo/reviews-v1"));
+        assert_ne!(workload_id("a/b"), workload_id("a/c"));
+    }
+}

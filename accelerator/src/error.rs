@@ -1,0 +1,33 @@
+//! Errors of the meshaccel library: each names the input or kernel object it is about.
+use std::path::PathBuf;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot read workloads file {path}: {source}")]
+    ReadWorkloads {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("workloads file {path}: {message}")]
+    InvalidWorkloads { path: PathBuf, message: String },
+    #[error("workload {entry}: network namespace {netns}: {message} (fix the `netns` path or remove the entry)")]
+    Netns { entry: String, netns: PathBuf, message: String },
+    #[error("bpffs {path}: {message}")]
+    Bpffs { path: PathBuf, message: String },
+    #[error("cgroup {path}: {message}")]
+    Cgroup { path: PathBuf, message: String },
+    #[error("loading the eBPF programs: {message}")]
+    Load { message: String },
+    #[error("map {name}: {op}: {source}")]
+    Map {
+        name: &'static str,
+        op: &'static str,
+        #[source]
+        source: aya::maps::MapError,
+    },
+    #[error("nothing of meshaccel is pinned under {path}: start `meshaccel agent --bpffs {path}` first")]
+    NotInstalled { path: PathBuf },
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;

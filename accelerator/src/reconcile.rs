@@ -1,0 +1,248 @@
+//! Diffs the desired map contents against what the kernel maps hold and applies the difference.
+use std::collections::{BTreeMap, BTreeSet};
+
+use meshaccel_common::{Config, POLICY_ENABLED, PortKey, WorkloadPolicy, names};
+
+use crate::{
+    dataplane::Dataplane,
+    desired::DesiredState,
+    error::{Error, Result},
+};
+
+/// What the maps hold now (the part the reconciler owns).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ActualState {
+    pub config: Config,
+    pub workloads: BTreeMap<u64, WorkloadPolicy>,
+    pub excluded_ports: BTreeSet<PortKey>,
+}
+
+/// The changes to make, in the order they are applied.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Plan {
+    pub upsert_workloads: Vec<(u64, WorkloadPolicy)>,
+    pub remove_workloads: Vec<u64>,
+    pub add_ports: Vec<PortKey>,
+    pub remove_ports: Vec<PortKey>,
+    /// The config to write, if it changes.
+    pub config: Option<Config>,
+}
+
+impl Plan {
+    pub fn is_empty(&self) -> bool {
+        *self == Plan::default()
+    }
+}
+
+fn redirects(p: Option<&WorkloadPolicy>) -> bool {
+    p.is_some_and(|p| p.flags & POLICY_ENABLED != 0)
+}
+
+/// Pure: the plan that turns `actual` into `desired`. The epoch moves when something that may
+/// be redirecting has to stop (a workload disabled or gone, the switch turned off), so that
+/// redirecting senders re-check at their next message and fall back to TCP.
+pub fn plan(desired: &DesiredState, actual: &ActualState) -> Plan {
+    let mut p = Plan::default();
+    for (k, v) in &desired.workloads {
+        if actual.workloads.get(k) != Some(v) {
+            p.upsert_workloads.push((*k, *v));
+        }
+    }
+    let mut stops = false;
+    for (k, v) in &actual.workloads {
+        if !desired.workloads.contains_key(k) {
+            p.remove_workloads.push(*k);
+        }
+        if redirects(Some(v)) && !redirects(desired.workloads.get(k)) {
+            stops = true;
+        }
+    }
+    p.add_ports = desired.excluded_ports.difference(&actual.excluded_ports).copied().collect();
+    p.remove_ports = actual.excluded_ports.difference(&desired.excluded_ports).copied().collect();
+    let want_enabled = u32::from(desired.enabled);
+    if actual.config.enabled != 0 && want_enabled == 0 {
+        stops = true;
+    }
+    if stops || actual.config.enabled != want_enabled {
+        p.config = Some(Config {
+            enabled: want_enabled,
+            epoch: if stops { actual.config.epoch.wrapping_add(1) } else { actual.config.epoch },
+        });
+    }
+    p
+}
+
+fn map_err(name: &'static str, op: &'static str) -> impl FnOnce(aya::maps::MapError) -> Error {
+    move |source| Error::Map { name, op, source }
+}
+
+impl Dataplane {
+    pub fn actual(&self) -> Result<ActualState> {
+        let mut a = ActualState { config: self.config()?, ..Default::default() };
+        for kv in self.workloads.iter() {
+            let (k, v) = kv.map_err(map_err(names::WORKLOADS, "iterate"))?;
+            a.workloads.insert(k, v);
+        }
+        for k in self.ports.keys() {
+            a.excluded_ports.insert(k.map_err(map_err(names::PORTS, "iterate"))?);
+        }
+        Ok(a)
+    }
+
+    /// Applies a plan: additions first, then removals, then the config (with the epoch) last, so
+    /// a sender that re-checks on the new epoch already sees the new policy.
+    pub fn apply(&mut self, plan: &Plan) -> Result<()> {
+        for (k, v) in &plan.upsert_workloads {
+            self.workloads.insert(k, v, 0).map_err(map_err(names::WORKLOADS, "insert"))?;
+        }
+        for k in &plan.add_ports {
+            self.ports.insert(k, 1, 0).map_err(map_err(names::PORTS, "insert"))?;
+        }
+        for k in &plan.remove_workloads {
+            ignore_missing(self.workloads.remove(k)).map_err(map_err(names::WORKLOADS, "remove"))?;
+        }
+        for k in &plan.remove_ports {
+            ignore_missing(self.ports.remove(k)).map_err(map_err(names::PORTS, "remove"))?;
+        }
+        if let Some(cfg) = plan.config {
+            self.set_config(cfg)?;
+        }
+        Ok(())
+    }
+
+    /// Reads the maps, plans, applies; returns what it did.
+    pub fn reconcile(&mut self, desired: &DesiredState) -> Result<Plan> {
+        let plan = plan(desired, &self.actual()?);
+        if !plan.is_empty() {
+            self.apply(&plan)?;
+        }
+        Ok(plan)
+    }
+}
+
+fn ignore_missing(r: Result<(), aya::maps::MapError>) -> Result<(), aya::maps::MapError> {
+    match r {
+        Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+        other => other,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use meshaccel_common::DIR_INBOUND;
+
+    use super::*;
+
+    fn on(id: u32) -> WorkloadPolicy {
+        WorkloadPolicy { flags: POLICY_ENABLED, workload_id: id }
+    }
+
+    fn desired(enabled: bool, wl: &[(u64, u32)], ports: &[(u64, u16)]) -> DesiredState {
+        DesiredState {
+            enabled,
+            workloads: wl.iter().map(|&(k, id)| (k, on(id))).collect(),
+            excluded_ports: ports.iter().map(|&(n, p)| PortKey::new(n, p, DIR_INBOUND)).collect(),
+            names: BTreeMap::new(),
+        }
+    }
+
+    fn actual_after(d: &DesiredState, epoch: u32) -> ActualState {
+        ActualState {
+            config: Config { enabled: d.enabled.into(), epoch },
+            workloads: d.workloads.clone(),
+            excluded_ports: d.excluded_ports.clone(),
+        }
+    }
+
+    #[test]
+    fn converged_state_needs_nothing() {
+        let d = desired(true, &[(1, 1), (2, 2)], &[(1, 80)]);
+        assert!(plan(&d, &actual_after(&d, 5)).is_empty());
+    }
+
+    #[test]
+    fn table() {
+        struct Case {
+            name: &'static str,
+            from: DesiredState,
+            to: DesiredState,
+            epoch_moves: bool,
+            upserts: usize,
+            removes: usize,
+        }
+        let cases = [
+            Case {
+                name: "first sync from empty maps",
+                from: DesiredState::default(),
+                to: desired(true, &[(1, 1)], &[]),
+                epoch_moves: false,
+                upserts: 1,
+                removes: 0,
+            },
+            Case {
+                name: "enable another workload",
+                from: desired(true, &[(1, 1)], &[]),
+                to: desired(true, &[(1, 1), (2, 2)], &[]),
+                epoch_moves: false,
+                upserts: 1,
+                removes: 0,
+            },
+            Case {
+                name: "disable (remove) a workload",
+                from: desired(true, &[(1, 1), (2, 2)], &[]),
+                to: desired(true, &[(1, 1)], &[]),
+                epoch_moves: true,
+                upserts: 0,
+                removes: 1,
+            },
+            Case {
+                name: "global switch off",
+                from: desired(true, &[(1, 1)], &[]),
+                to: desired(false, &[(1, 1)], &[]),
+                epoch_moves: true,
+                upserts: 0,
+                removes: 0,
+            },
+            Case {
+                name: "global switch on",
+                from: desired(false, &[(1, 1)], &[]),
+                to: desired(true, &[(1, 1)], &[]),
+                epoch_moves: false,
+                upserts: 0,
+                removes: 0,
+            },
+            Case {
+                name: "exclude a port",
+                from: desired(true, &[(1, 1)], &[]),
+                to: desired(true, &[(1, 1)], &[(1, 8080)]),
+                epoch_moves: false,
+                upserts: 0,
+                removes: 0,
+            },
+        ];
+        for c in cases {
+            let a = actual_after(&c.from, 7);
+            let p = plan(&c.to, &a);
+            let epoch = p.config.map_or(7, |c| c.epoch);
+            assert_eq!(epoch != 7, c.epoch_moves, "{}: {p:?}", c.name);
+            assert_eq!(p.upsert_workloads.len(), c.upserts, "{}", c.name);
+            assert_eq!(p.remove_workloads.len(), c.removes, "{}", c.name);
+            // Applying the plan to the model converges.
+            let mut b = a.clone();
+            for (k, v) in &p.upsert_workloads {
+                b.workloads.insert(*k, *v);
+            }
+            for k in &p.remove_workloads {
+                b.workloads.remove(k);
+            }
+            b.excluded_ports.extend(p.add_ports.iter().copied());
+            for k in &p.remove_ports {
+                b.excluded_ports.remove(k);
+            }
+            if let Some(cfg) = p.config {
+                b.config = cfg;
+            }
+            assert!(plan(&c.to, &b).is_empty(), "{}: not converged", c.name);
+        }
+    }
+}
