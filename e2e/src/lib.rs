@@ -1,1 +1,85 @@
-//! Placeholder: see the issues for what lands here.
+//! The local mesh used by meshaccel's tests, benchmarks and demo.
+//!
+//! A [`Mesh`] is one run: a "switch" network namespace holding a Linux bridge, and [`Pod`]s, each a
+//! network namespace (with `eth0` on that bridge, optionally Istio's iptables rules) plus its own
+//! cgroup v2 directory under the run's cgroup ([`Mesh::cgroup_root`], where the accelerator's
+//! sock_ops program is attached). [`Mesh::spawn`] starts a process inside a pod's cgroup and netns,
+//! optionally as another uid (Istio's proxy is 1337). Everything a run creates carries its run id,
+//! and dropping the `Mesh` (also while a test panics) removes exactly that and nothing else.
+//!
+//! The `meshaccel-e2e-tool` binary of this crate provides the programs run in the pods: a relay
+//! standing in for Envoy, a checksumming sink and sender, an echo server and a ping-pong client.
+//! Servers print `ready` on stdout once listening: see [`wait_ready`].
+//!
+//! Everything here needs root (see [`require_root`]).
+
+mod cgroup;
+mod mesh;
+pub mod pattern;
+mod pod;
+mod process;
+pub mod sock;
+
+use std::{
+    env,
+    path::{Path, PathBuf},
+};
+
+pub use mesh::Mesh;
+pub use pod::{Pod, TcpCounters};
+pub use process::{wait_output_timeout, wait_ready, wait_ready_timeout};
+
+/// Panics with a clear message unless the effective uid is 0.
+pub fn require_root() {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        panic!("this test needs root (BPF, netns, cgroups): run it as root");
+    }
+}
+
+/// The shared fixtures: `$MESHACCEL_FIXTURES`, else `<workspace root>/../shared/fixtures`.
+///
+/// Panics with a clear message when the directory does not exist.
+pub fn fixtures_dir() -> PathBuf {
+    let dir = match env::var_os("MESHACCEL_FIXTURES") {
+        Some(dir) => PathBuf::from(dir),
+        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/fixtures"),
+    };
+    match dir.canonicalize() {
+        Ok(dir) if dir.is_dir() => dir,
+        _ => panic!(
+            "fixtures directory {} not found: set MESHACCEL_FIXTURES to the shared fixtures \
+             (the directory holding iptables/ and config_dump/)",
+            dir.display()
+        ),
+    }
+}
+
+/// A binary of this workspace, next to the running executable.
+///
+/// Test executables live in `target/<profile>/deps/`, examples in `target/<profile>/examples/`,
+/// binaries in `target/<profile>/`; the workspace's binaries are in `target/<profile>/`.
+/// `$MESHACCEL_BIN_DIR` overrides the directory. Panics with a clear message when the binary is
+/// missing.
+pub fn workspace_bin(name: &str) -> PathBuf {
+    let dir = match env::var_os("MESHACCEL_BIN_DIR") {
+        Some(dir) => PathBuf::from(dir),
+        None => {
+            let exe = env::current_exe().expect("cannot find the running executable");
+            let mut dir = exe.parent().expect("executable has no directory").to_path_buf();
+            if matches!(dir.file_name().and_then(|n| n.to_str()), Some("deps" | "examples")) {
+                dir.pop();
+            }
+            dir
+        }
+    };
+    let bin = dir.join(name);
+    if !bin.is_file() {
+        panic!(
+            "{} not found: build it first: cargo build --workspace --bins \
+             (with the same profile as this executable)",
+            bin.display()
+        );
+    }
+    bin
+}
