@@ -22,7 +22,9 @@ pub(crate) fn cgroup2_mount() -> anyhow::Result<PathBuf> {
             return Ok(PathBuf::from(unescape_mount_path(dir)));
         }
     }
-    bail!("no cgroup2 filesystem in /proc/mounts: mount one, e.g. `mount -t cgroup2 none /sys/fs/cgroup/unified`")
+    bail!(
+        "no cgroup2 filesystem in /proc/mounts: mount one, e.g. `mount -t cgroup2 none /sys/fs/cgroup/unified`"
+    )
 }
 
 /// /proc/mounts writes space, tab, newline and backslash as `\ooo` octal escapes.
@@ -31,8 +33,13 @@ fn unescape_mount_path(s: &str) -> String {
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
-        if b[i] == b'\\' && i + 3 < b.len() && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c)) {
-            let v = u16::from(b[i + 1] - b'0') * 64 + u16::from(b[i + 2] - b'0') * 8 + u16::from(b[i + 3] - b'0');
+        if b[i] == b'\\'
+            && i + 3 < b.len()
+            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
+        {
+            let v = u16::from(b[i + 1] - b'0') * 64
+                + u16::from(b[i + 2] - b'0') * 8
+                + u16::from(b[i + 3] - b'0');
             out.push(v as u8);
             i += 4;
         } else {
@@ -105,7 +112,10 @@ mod tests {
 
     #[test]
     fn unescape() {
-        assert_eq!(unescape_mount_path("/sys/fs/cgroup/unified"), "/sys/fs/cgroup/unified");
+        assert_eq!(
+            unescape_mount_path("/sys/fs/cgroup/unified"),
+            "/sys/fs/cgroup/unified"
+        );
         assert_eq!(unescape_mount_path(r"/a\040b\134c"), r"/a b\c");
         assert_eq!(unescape_mount_path(r"/a\04"), r"/a\04");
     }

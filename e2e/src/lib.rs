@@ -13,6 +13,7 @@
 //!
 //! Everything here needs root (see [`require_root`]).
 
+pub mod accel;
 mod cgroup;
 mod mesh;
 pub mod pattern;
@@ -66,8 +67,14 @@ pub fn workspace_bin(name: &str) -> PathBuf {
         Some(dir) => PathBuf::from(dir),
         None => {
             let exe = env::current_exe().expect("cannot find the running executable");
-            let mut dir = exe.parent().expect("executable has no directory").to_path_buf();
-            if matches!(dir.file_name().and_then(|n| n.to_str()), Some("deps" | "examples")) {
+            let mut dir = exe
+                .parent()
+                .expect("executable has no directory")
+                .to_path_buf();
+            if matches!(
+                dir.file_name().and_then(|n| n.to_str()),
+                Some("deps" | "examples")
+            ) {
                 dir.pop();
             }
             dir
@@ -83,3 +90,4 @@ pub fn workspace_bin(name: &str) -> PathBuf {
     }
     bin
 }
+pub mod envoy;

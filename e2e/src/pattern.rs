@@ -14,7 +14,11 @@ pub struct Pattern {
 
 impl Pattern {
     pub fn new(seed: u64) -> Self {
-        Pattern { state: seed, word: [0; 8], pos: 8 }
+        Pattern {
+            state: seed,
+            word: [0; 8],
+            pos: 8,
+        }
     }
 
     fn next_word(&mut self) -> [u8; 8] {

@@ -9,7 +9,11 @@ use std::{
 };
 
 fn cvt(ret: libc::c_int) -> io::Result<libc::c_int> {
-    if ret < 0 { Err(io::Error::last_os_error()) } else { Ok(ret) }
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(ret)
+    }
 }
 
 fn to_sockaddr(addr: SocketAddrV4) -> libc::sockaddr_in {
@@ -17,17 +21,23 @@ fn to_sockaddr(addr: SocketAddrV4) -> libc::sockaddr_in {
     let mut sa: libc::sockaddr_in = unsafe { zeroed() };
     sa.sin_family = libc::AF_INET as libc::sa_family_t;
     sa.sin_port = addr.port().to_be();
-    sa.sin_addr = libc::in_addr { s_addr: u32::from(*addr.ip()).to_be() };
+    sa.sin_addr = libc::in_addr {
+        s_addr: u32::from(*addr.ip()).to_be(),
+    };
     sa
 }
 
 fn from_sockaddr(sa: &libc::sockaddr_in) -> SocketAddrV4 {
-    SocketAddrV4::new(Ipv4Addr::from(u32::from_be(sa.sin_addr.s_addr)), u16::from_be(sa.sin_port))
+    SocketAddrV4::new(
+        Ipv4Addr::from(u32::from_be(sa.sin_addr.s_addr)),
+        u16::from_be(sa.sin_port),
+    )
 }
 
 fn tcp_socket() -> io::Result<OwnedFd> {
     // SAFETY: plain syscall; the fd is owned right away.
-    let fd = cvt(unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) })?;
+    let fd =
+        cvt(unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) })?;
     // SAFETY: fd is a fresh descriptor nobody else owns.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
@@ -50,7 +60,11 @@ fn bind(fd: RawFd, addr: SocketAddrV4) -> io::Result<()> {
     let sa = to_sockaddr(addr);
     // SAFETY: sa is a valid sockaddr_in and its size is passed.
     cvt(unsafe {
-        libc::bind(fd, (&sa as *const libc::sockaddr_in).cast(), size_of::<libc::sockaddr_in>() as _)
+        libc::bind(
+            fd,
+            (&sa as *const libc::sockaddr_in).cast(),
+            size_of::<libc::sockaddr_in>() as _,
+        )
     })?;
     Ok(())
 }
@@ -67,7 +81,9 @@ pub fn listen(addr: SocketAddrV4, backlog: i32) -> io::Result<TcpListener> {
 
 /// Connects to `to`, first binding to `from` (with `SO_REUSEADDR`) when given.
 pub fn connect(to: SocketAddrV4, from: Option<SocketAddrV4>) -> io::Result<TcpStream> {
-    let Some(from) = from else { return TcpStream::connect(to) };
+    let Some(from) = from else {
+        return TcpStream::connect(to);
+    };
     let fd = tcp_socket()?;
     set_int(fd.as_raw_fd(), libc::SOL_SOCKET, libc::SO_REUSEADDR, 1)?;
     bind(fd.as_raw_fd(), from)?;

@@ -103,8 +103,9 @@ mod progs {
 
     #[sock_ops]
     pub fn meshaccel_ops(ctx: SockOpsContext) -> u32 {
+        // 1 = success for cgroup sock_ops; nothing we do here should fail the socket.
         match try_sock_ops(&ctx) {
-            Ok(()) | Err(()) => 0,
+            Ok(()) | Err(()) => 1,
         }
     }
 

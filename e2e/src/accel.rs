@@ -1,0 +1,214 @@
+//! The meshaccel agent as tests, benchmarks and the demo drive it: a workloads file written from
+//! the mesh's pods, the agent process on the host, `status` as JSON, and a teardown that kills the
+//! agent, uninstalls and removes the run's bpffs (also when a test panics).
+use std::{
+    fmt::Write as _,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+use serde_json::Value;
+
+use crate::{Mesh, Pod, workspace_bin};
+
+/// How one pod appears in the workloads file.
+#[derive(Clone, Debug)]
+pub struct Workload {
+    pub pod: Pod,
+    pub enabled: bool,
+    pub exclude_inbound_ports: Vec<u16>,
+    pub exclude_outbound_ports: Vec<u16>,
+}
+
+impl Workload {
+    pub fn on(pod: &Pod) -> Self {
+        Self { pod: pod.clone(), enabled: true, exclude_inbound_ports: vec![], exclude_outbound_ports: vec![] }
+    }
+    pub fn off(pod: &Pod) -> Self {
+        Self { enabled: false, ..Self::on(pod) }
+    }
+}
+
+/// The YAML the agent reads.
+pub fn workloads_yaml(enabled: bool, workloads: &[Workload]) -> String {
+    let mut y = format!("enabled: {enabled}\nworkloads:\n");
+    for w in workloads {
+        let _ = writeln!(
+            y,
+            "  - name: {}\n    namespace: e2e\n    netns: {}\n    ips: [{}]\n    enabled: {}\n    excludeInboundPorts: {:?}\n    excludeOutboundPorts: {:?}",
+            w.pod.name,
+            w.pod.netns_path.display(),
+            w.pod.ip,
+            w.enabled,
+            w.exclude_inbound_ports,
+            w.exclude_outbound_ports
+        );
+    }
+    y
+}
+
+/// A running meshaccel agent attached to the mesh's cgroup, with its pins in a bpffs of the run.
+pub struct Accel {
+    bin: PathBuf,
+    dir: PathBuf,
+    bpffs: PathBuf,
+    workloads: PathBuf,
+    cgroup: PathBuf,
+    agent: Option<Child>,
+    /// (global switch, enabled workloads) of the last file written by `set_workloads`.
+    expect: (bool, u64),
+}
+
+impl Accel {
+    /// Writes the workloads file and starts the agent; returns once the maps hold the file's
+    /// workloads.
+    pub fn start(mesh: &Mesh, enabled: bool, workloads: &[Workload]) -> anyhow::Result<Accel> {
+        let dir = PathBuf::from(format!("/run/meshaccel-{}", mesh.run_id()));
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let mut a = Accel {
+            bin: workspace_bin("meshaccel"),
+            bpffs: dir.join("bpffs"),
+            workloads: dir.join("workloads.yaml"),
+            cgroup: mesh.cgroup_root().to_path_buf(),
+            dir,
+            agent: None,
+            expect: (enabled, 0),
+        };
+        a.write_workloads(enabled, workloads)?;
+        a.start_agent()?;
+        Ok(a)
+    }
+
+    pub fn bpffs(&self) -> &Path {
+        &self.bpffs
+    }
+
+    pub fn workloads_path(&self) -> &Path {
+        &self.workloads
+    }
+
+    /// Rewrites the workloads file atomically and waits until the agent applied it.
+    pub fn set_workloads(&mut self, enabled: bool, workloads: &[Workload]) -> anyhow::Result<()> {
+        self.write_workloads(enabled, workloads)?;
+        self.wait_applied("the new workloads file applied")
+    }
+
+    fn wait_applied(&self, what: &str) -> anyhow::Result<()> {
+        let (enabled, want) = self.expect;
+        self.wait_status(what, |s| s["enabled"] == enabled && s["workloads_enabled"].as_u64() == Some(want))
+    }
+
+    /// Writes raw text as the workloads file (for bad-input tests), atomically.
+    pub fn write_raw(&self, text: &str) -> anyhow::Result<()> {
+        let tmp = self.workloads.with_extension("tmp");
+        std::fs::write(&tmp, text)?;
+        std::fs::rename(&tmp, &self.workloads)?;
+        Ok(())
+    }
+
+    fn write_workloads(&mut self, enabled: bool, workloads: &[Workload]) -> anyhow::Result<()> {
+        self.expect = (enabled, workloads.iter().filter(|w| w.enabled).count() as u64);
+        self.write_raw(&workloads_yaml(enabled, workloads))
+    }
+
+    /// Starts the agent (again) and waits until the maps match the workloads file.
+    pub fn start_agent(&mut self) -> anyhow::Result<()> {
+        if self.agent.is_some() {
+            bail!("the agent is already running");
+        }
+        let child = Command::new(&self.bin)
+            .args(["agent", "--poll-ms", "100", "--cgroup"])
+            .arg(&self.cgroup)
+            .arg("--bpffs")
+            .arg(&self.bpffs)
+            .arg("--workloads")
+            .arg(&self.workloads)
+            .env("MESHACCEL_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .with_context(|| format!("starting {}", self.bin.display()))?;
+        self.agent = Some(child);
+        self.wait_applied("the agent's first sync")
+    }
+
+    /// SIGKILLs the agent (acceleration stays: it is pinned).
+    pub fn kill_agent(&mut self) {
+        if let Some(mut c) = self.agent.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn agent_running(&mut self) -> bool {
+        self.agent.as_mut().is_some_and(|c| c.try_wait().ok().flatten().is_none())
+    }
+
+    fn cli(&self, args: &[&str]) -> anyhow::Result<Value> {
+        let out = Command::new(&self.bin)
+            .args(args)
+            .arg("--bpffs")
+            .arg(&self.bpffs)
+            .args(["--output", "json"])
+            .output()
+            .with_context(|| format!("running meshaccel {args:?}"))?;
+        if !out.status.success() {
+            bail!("meshaccel {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        serde_json::from_slice(&out.stdout).with_context(|| format!("meshaccel {args:?} printed no JSON"))
+    }
+
+    /// `meshaccel status --output json`.
+    pub fn status(&self) -> anyhow::Result<Value> {
+        self.cli(&["status"])
+    }
+
+    /// One counter of `status`.
+    pub fn counter(&self, name: &str) -> anyhow::Result<u64> {
+        let s = self.status()?;
+        s["counters"][name].as_u64().with_context(|| format!("no counter {name} in {s}"))
+    }
+
+    /// Polls `status` until `pred` holds (5 s).
+    pub fn wait_status(&self, what: &str, pred: impl Fn(&Value) -> bool) -> anyhow::Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let mut last = Value::Null;
+        while Instant::now() < deadline {
+            if let Ok(s) = self.status() {
+                if pred(&s) {
+                    return Ok(());
+                }
+                last = s;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        bail!("waiting for {what}: last status {last}")
+    }
+
+    /// `meshaccel uninstall --output json`.
+    pub fn uninstall(&self) -> anyhow::Result<Value> {
+        self.cli(&["uninstall"])
+    }
+}
+
+impl Drop for Accel {
+    fn drop(&mut self) {
+        self.kill_agent();
+        if let Err(e) = self.uninstall() {
+            eprintln!("accel teardown: uninstall: {e:#}");
+        }
+        if let Ok(c) = std::ffi::CString::new(self.bpffs.as_os_str().as_encoded_bytes()) {
+            // SAFETY: umount2 on a path we mounted (the agent mounted a bpffs there).
+            unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+        }
+        let _ = std::fs::remove_dir(&self.bpffs);
+        let _ = std::fs::remove_file(&self.workloads);
+        let _ = std::fs::remove_file(self.workloads.with_extension("tmp"));
+        if let Err(e) = std::fs::remove_dir(&self.dir) {
+            eprintln!("accel teardown: removing {}: {e}", self.dir.display());
+        }
+    }
+}
