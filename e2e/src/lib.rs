@@ -91,3 +91,4 @@ pub fn workspace_bin(name: &str) -> PathBuf {
     bin
 }
 pub mod envoy;
+pub mod sidecar;
