@@ -92,3 +92,4 @@ pub fn workspace_bin(name: &str) -> PathBuf {
 }
 pub mod envoy;
 pub mod sidecar;
+pub mod http;

@@ -47,6 +47,17 @@ struct Sidecar {
     child: Option<Child>,
 }
 
+/// Where the pods' capture rules come from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Rules {
+    /// Istio's real golden (`iptables/istio-cni-sidecar/basic.txt.golden` of the shared fixtures),
+    /// applied unmodified: what tests use.
+    IstioGolden,
+    /// meshaccel's own rendering of the same rules (`istio_integration::capture`, proven equal to
+    /// the golden by its tests): what the demo uses, so it needs no fixtures.
+    Generated,
+}
+
 /// A running local mesh with Envoy sidecars.
 pub struct SidecarMesh {
     /// Declared first: dropped first, so processes die before the files go.
@@ -60,15 +71,27 @@ pub struct SidecarMesh {
 }
 
 impl SidecarMesh {
-    /// Starts the pods and their sidecars; returns once every Envoy is LIVE.
+    /// Starts the pods (Istio's golden capture rules) and their sidecars; returns once every
+    /// Envoy is LIVE.
     pub fn start(specs: &[PodSpec]) -> anyhow::Result<SidecarMesh> {
+        Self::start_with(specs, Rules::IstioGolden)
+    }
+
+    pub fn start_with(specs: &[PodSpec], rules: Rules) -> anyhow::Result<SidecarMesh> {
         let envoy = envoy::envoy_binary()?;
         let dir = tempfile::Builder::new().prefix("meshaccel-mesh-").tempdir()?;
         // UID 1337 reads the configs and certificates in here.
         std::fs::set_permissions(dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
         let pki = Pki::new(dir.path()).context("creating the mesh CA")?;
         let mut mesh = Mesh::new()?;
-        let golden = fixtures_dir().join("iptables/istio-cni-sidecar/basic.txt.golden");
+        let golden = match rules {
+            Rules::IstioGolden => fixtures_dir().join("iptables/istio-cni-sidecar/basic.txt.golden"),
+            Rules::Generated => {
+                let path = dir.path().join("istio-capture.rules");
+                std::fs::write(&path, istio_integration::capture::CaptureConfig::default().render_nat())?;
+                path
+            }
+        };
         let mut pods = Vec::new();
         for s in specs {
             let pod = mesh.add_pod(&s.name, s.sidecar.then_some(golden.as_path()))?;
