@@ -53,6 +53,8 @@ pub struct KernelStatus {
     pub epoch: u32,
     /// Sockets in the sockhash (two per accelerated connection).
     pub sockets: usize,
+    /// Sockets with meshaccel state, by the netns cookie of their workload.
+    pub sockets_by_netns: BTreeMap<String, usize>,
     pub workloads_enabled: usize,
     pub excluded_ports: usize,
     pub counters: BTreeMap<&'static str, u64>,
@@ -271,8 +273,13 @@ impl Dataplane {
             .filter(|p| p.map_ids().ok().flatten().is_some_and(|ids| ids.iter().any(|id| map_ids.contains(id))))
             .map(|p| p.id())
             .collect();
+        let mut sockets_by_netns = BTreeMap::new();
+        for v in self.peers.iter().filter_map(|kv| kv.ok()).map(|(_, v)| v) {
+            *sockets_by_netns.entry(v.netns_cookie.to_string()).or_insert(0) += 1;
+        }
         Ok(KernelStatus {
             bpffs: self.bpffs.clone(),
+            sockets_by_netns,
             enabled: cfg.enabled != 0,
             epoch: cfg.epoch,
             sockets: self.socks.keys().filter(|k| k.is_ok()).count(),

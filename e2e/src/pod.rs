@@ -84,6 +84,12 @@ impl TcpCounters {
 impl Pod {
     /// The pod netns' TCP counters, read from /proc/thread-self/net/snmp by a short-lived thread
     /// that joined the netns (the calling thread's netns is untouched).
+    /// The kernel's cookie of the pod's netns (what meshaccel's maps key workloads by).
+    pub fn netns_cookie(&self) -> anyhow::Result<u64> {
+        meshaccel::netns::cookie_of_path(&self.netns_path)
+            .with_context(|| format!("netns cookie of {}", self.netns_path.display()))
+    }
+
     pub fn tcp_counters(&self) -> anyhow::Result<TcpCounters> {
         let ns = File::open(&self.netns_path)
             .with_context(|| format!("opening {}", self.netns_path.display()))?;

@@ -72,3 +72,145 @@ fn envoy_sidecars_all_legs_accelerated_with_mtls() {
         assert!(*on < 100, "pod {i}: on, only handshakes and teardown ({on})");
     }
 }
+
+fn http_load(m: &mut SidecarMesh, from: &str, target: &str, extra: &[&str]) -> std::process::Child {
+    m.app(from, &[&["http-load", "--connect", target, "--size", "1024"], extra].concat()).expect("http-load")
+}
+
+/// A pod without a sidecar (no capture rules, no Envoy, not a workload) calls a mesh pod: correct,
+/// and none of its sockets enters the sockhash; the mesh pod's own legs are still accelerated.
+#[test]
+fn pod_without_sidecar_talks_to_mesh_pod() {
+    require_root();
+    let mut m = SidecarMesh::start(&[PodSpec::plain("plain", &[]), PodSpec::mesh("server", &[8080])]).expect("mesh");
+    let (plain, server) = (m.pod("plain").clone(), m.pod("server").clone());
+    let accel = Accel::start(&m.mesh, true, &[Workload::on(&server)]).expect("agent");
+    let _http = m.app("server", &["http-server", "--listen", "0.0.0.0:8080"]).unwrap();
+    let target = format!("{}:8080", server.ip);
+    let c0 = counters(&accel);
+    let load = http_load(&mut m, "plain", &target, &["--requests", "3000", "--connections", "2", "--progress-ms", "100"]);
+    // Look at the sockhash while the keep-alive connections are open.
+    let plain_ns = plain.netns_cookie().unwrap().to_string();
+    let server_ns = server.netns_cookie().unwrap().to_string();
+    let mut seen_server = 0;
+    for _ in 0..50 {
+        let s = accel.status().unwrap();
+        let by = s["sockets_by_netns"].as_object().unwrap().clone();
+        assert!(!by.contains_key(&plain_ns), "a socket of the plain pod entered the sockhash: {s}");
+        seen_server = seen_server.max(by.get(&server_ns).and_then(|v| v.as_u64()).unwrap_or(0));
+        if seen_server >= 4 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let v = report(load, "plain → mesh");
+    assert_eq!(v["errors"], 0, "{v}");
+    let c1 = counters(&accel);
+    // Envoy's inbound passthrough leg (127.0.0.6 → app) inside the server pod is accelerated.
+    assert!(seen_server >= 4, "the server pod's leg 3 sockets were in the sockhash (saw {seen_server})");
+    assert!(delta(&c1, &c0, "redirect_msgs") >= 2 * 3000, "{c1}");
+}
+
+/// A workload with acceleration disabled, and an excluded inbound port: correct, not accelerated.
+#[test]
+fn disabled_workload_and_excluded_inbound_port_stay_on_tcp() {
+    require_root();
+    let mut m = SidecarMesh::start(&[PodSpec::mesh("client", &[]), PodSpec::mesh("server", &[8080, 9090])]).expect("mesh");
+    let (client, server) = (m.pod("client").clone(), m.pod("server").clone());
+    let mut accel = Accel::start(&m.mesh, true, &[Workload::on(&client), Workload::off(&server)]).expect("agent");
+    let _h1 = m.app("server", &["http-server", "--listen", "0.0.0.0:8080"]).unwrap();
+    let _h2 = m.app("server", &["http-server", "--listen", "0.0.0.0:9090"]).unwrap();
+    let server_ns = server.netns_cookie().unwrap().to_string();
+
+    let c0 = counters(&accel);
+    let v = report(http_load(&mut m, "client", &format!("{}:8080", server.ip), &["--requests", "500"]), "server disabled");
+    assert_eq!(v["errors"], 0);
+    let c1 = counters(&accel);
+    assert_eq!(delta(&c1, &c0, "inserted"), 3, "only the client pod's sockets: {c1}");
+    assert!(!accel.status().unwrap()["sockets_by_netns"].as_object().unwrap().contains_key(&server_ns));
+
+    let mut s = Workload::on(&server);
+    s.exclude_inbound_ports = vec![9090];
+    accel.set_workloads(true, &[Workload::on(&client), s]).unwrap();
+    let c1 = counters(&accel);
+    let v = report(http_load(&mut m, "client", &format!("{}:9090", server.ip), &["--requests", "500"]), "port excluded");
+    assert_eq!(v["errors"], 0);
+    let c2 = counters(&accel);
+    assert_eq!(delta(&c2, &c1, "skip_excluded_port"), 1, "the app's socket on 9090 is never inserted: {c2}");
+    assert!(delta(&c2, &c1, "fallback_no_peer") >= 1, "Envoy's 127.0.0.6 leg to 9090 stays on TCP: {c2}");
+    // Port 8080 of the same workload is accelerated on all legs.
+    let c2 = counters(&accel);
+    report(http_load(&mut m, "client", &format!("{}:8080", server.ip), &["--requests", "500"]), "8080");
+    let c3 = counters(&accel);
+    assert_eq!(delta(&c3, &c2, "inserted"), 6, "{c3}");
+    assert_eq!(delta(&c3, &c2, "fallback_no_peer"), 0, "{c3}");
+}
+
+/// Disabling a workload while a keep-alive connection carries requests: no request fails, and
+/// the bytes after the switch go over TCP.
+#[test]
+fn disabling_a_workload_under_keepalive_load_fails_no_request() {
+    require_root();
+    let mut m = SidecarMesh::start(&[PodSpec::mesh("client", &[]), PodSpec::mesh("server", &[8080])]).expect("mesh");
+    let (client, server) = (m.pod("client").clone(), m.pod("server").clone());
+    let mut accel = Accel::start(&m.mesh, true, &[Workload::on(&client), Workload::on(&server)]).expect("agent");
+    let _http = m.app("server", &["http-server", "--listen", "0.0.0.0:8080"]).unwrap();
+    let c0 = counters(&accel);
+    let load = http_load(&mut m, "client", &format!("{}:8080", server.ip), &["--requests", "20000", "--rate", "4000"]);
+    let redirected = |a: &Accel| counters(a)["redirect_msgs"].as_u64().unwrap();
+    let start = redirected(&accel);
+    let t = std::time::Instant::now();
+    while redirected(&accel) < start + 3000 {
+        assert!(t.elapsed() < Duration::from_secs(20), "load is not being redirected");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    accel.set_workloads(true, &[Workload::on(&client), Workload::off(&server)]).unwrap();
+    let tcp_before = counters(&accel)["tcp_msgs"].as_u64().unwrap();
+    let v = report(load, "disabled under load");
+    assert_eq!(v["errors"], 0, "{v}");
+    assert_eq!(v["requests"], 20000, "{v}");
+    let c1 = counters(&accel);
+    assert!(delta(&c1, &c0, "fallback_disabled") >= 2, "redirecting senders fell back: {c1}");
+    assert!(c1["tcp_msgs"].as_u64().unwrap() > tcp_before + 1000, "the rest of the requests went over TCP: {c1}");
+}
+
+/// Envoy is killed and restarted in the client pod while load runs: the load reconnects, the
+/// mesh carries requests again, accelerated, and nothing stays wrongly paired.
+#[test]
+fn envoy_restart_under_load_recovers() {
+    require_root();
+    let mut m = SidecarMesh::start(&[PodSpec::mesh("client", &[]), PodSpec::mesh("server", &[8080])]).expect("mesh");
+    let (client, server) = (m.pod("client").clone(), m.pod("server").clone());
+    let accel = Accel::start(&m.mesh, true, &[Workload::on(&client), Workload::on(&server)]).expect("agent");
+    let _http = m.app("server", &["http-server", "--listen", "0.0.0.0:8080"]).unwrap();
+    let target = format!("{}:8080", server.ip);
+    let load = http_load(&mut m, "client", &target, &["--duration-ms", "4000", "--connections", "2", "--rate", "2000"]);
+    std::thread::sleep(Duration::from_millis(1000));
+    m.restart_envoy("client").expect("restart envoy");
+    let out = wait_output_timeout(load, Duration::from_secs(60)).unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let v: Value = serde_json::from_str(text.lines().last().unwrap()).unwrap();
+    eprintln!("load across an Envoy restart: {v}");
+    assert!(v["reconnects"].as_u64().unwrap() >= 1, "the restart broke the connections: {v}");
+    assert!(v["requests"].as_u64().unwrap() > v["errors"].as_u64().unwrap() * 10, "{v}");
+    // After the restart: a fresh load is fully correct and accelerated on all legs.
+    let c0 = counters(&accel);
+    let v = report(http_load(&mut m, "client", &target, &["--requests", "2000"]), "after restart");
+    assert_eq!(v["errors"], 0);
+    let c1 = counters(&accel);
+    assert_eq!(delta(&c1, &c0, "inserted"), 6, "{c1}");
+    assert_eq!(delta(&c1, &c0, "insert_collision"), 0, "{c1}");
+    assert_eq!(delta(&c1, &c0, "fallback_no_peer"), 0, "{c1}");
+    assert_eq!(delta(&c1, &c0, "fallback_redirect_failed"), 0, "{c1}");
+    // Nothing stays paired once the apps are done: only the server's idle keep-alive sockets
+    // could remain, and the load closed its connections.
+    let t = std::time::Instant::now();
+    loop {
+        let s = accel.status().unwrap();
+        if s["sockets"] == 0 && s["sockets_by_netns"].as_object().unwrap().is_empty() {
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(10), "sockets left in the sockhash: {s}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}

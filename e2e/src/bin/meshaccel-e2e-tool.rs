@@ -1,21 +1,31 @@
 //! Programs run inside the local mesh's pods: an Envoy stand-in relay, a checksumming
-//! sink/sender pair, and an echo server with a ping-pong latency client.
+//! sink/sender pair, an echo server with a ping-pong latency client, and a minimal HTTP/1.1
+//! server with a verifying keep-alive load generator.
 //!
 //! Servers print `ready` on stdout once listening. Logs (one line per connection) go to stderr.
 //! Plain std threads: a thread per connection direction is plenty for tests.
 
 use std::{
+    collections::BTreeMap,
     io::{self, Read, Write},
     net::{Ipv4Addr, Shutdown, SocketAddrV4, TcpListener, TcpStream},
+    path::PathBuf,
     process::ExitCode,
-    sync::Arc,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
     thread,
     time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, bail};
-use clap::{Parser, Subcommand};
-use meshaccel_e2e::{pattern::Pattern, sock};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use meshaccel_e2e::{
+    http::{self, Framing, Head, HttpReader},
+    pattern::Pattern,
+    sock,
+};
 use serde_json::json;
 
 /// Test programs for meshaccel's local mesh.
@@ -91,6 +101,62 @@ enum Cmd {
         #[arg(long, default_value_t = 10_000)]
         count: usize,
     },
+    /// Minimal HTTP/1.1 server (keep-alive, a thread per connection): `GET /bytes/<n>` answers n
+    /// deterministic bytes, `POST /echo` the request body, both with `x-crc32: <hex crc32 of the
+    /// body>`; anything else is 404.
+    HttpServer {
+        /// Address to listen on.
+        #[arg(long)]
+        listen: SocketAddrV4,
+    },
+    /// HTTP/1.1 load over persistent connections, verifying every response (status 200, length,
+    /// x-crc32 and the expected crc32); reconnects after connection errors. Prints one JSON line
+    /// and exits 0 only if every request succeeded.
+    HttpLoad(LoadArgs),
+}
+
+#[derive(Args, Clone, Debug)]
+struct LoadArgs {
+    /// The HTTP server.
+    #[arg(long)]
+    connect: SocketAddrV4,
+    /// Requests to send in all (over all connections), failed ones included.
+    #[arg(long, required_unless_present = "duration_ms")]
+    requests: Option<u64>,
+    /// Run this long (with --requests too: whichever ends first).
+    #[arg(long)]
+    duration_ms: Option<u64>,
+    /// Body size: GET /bytes/<size>, or the body POSTed to /echo.
+    #[arg(long, default_value_t = 1024)]
+    size: u64,
+    /// Concurrent keep-alive connections, a thread each.
+    #[arg(long, default_value_t = 1)]
+    connections: usize,
+    /// Fixed rate in requests per second over all connections; latency is measured from each
+    /// request's intended send time (coordinated omission corrected). Default: closed loop.
+    #[arg(long)]
+    rate: Option<f64>,
+    /// GET /bytes/<size>, or POST <size> bytes to /echo.
+    #[arg(long, value_enum, default_value_t = LoadMethod::Get)]
+    method: LoadMethod,
+    /// Host header (default: the --connect address).
+    #[arg(long)]
+    host: Option<String>,
+    /// Stop early (finishing requests in flight) once this file exists.
+    #[arg(long)]
+    stop_file: Option<PathBuf>,
+    /// Print `{"progress": <requests>, "errors": <n>, "elapsed_ms": <ms>}` every this many ms.
+    #[arg(long)]
+    progress_ms: Option<u64>,
+    /// Timeout of each connect and each request (a request timing out counts as an error).
+    #[arg(long, default_value_t = 10_000)]
+    timeout_ms: u64,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum LoadMethod {
+    Get,
+    Post,
 }
 
 /// Reads from a socket, retrying EAGAIN on a blocking socket. On a socket in a sockmap the kernel
@@ -105,6 +171,28 @@ impl Read for Patient<'_> {
         loop {
             match (&*self.0).read(buf) {
                 Err(e) if matches!(e.kind(), io::ErrorKind::Interrupted | io::ErrorKind::WouldBlock) => continue,
+                r => return r,
+            }
+        }
+    }
+}
+
+/// [`Patient`] with a deadline, for sockets with a (short) `SO_RCVTIMEO`: EAGAIN is then both the
+/// kernel quirk and the receive timeout, so retry it until `deadline`, then fail with TimedOut.
+struct PatientUntil {
+    conn: TcpStream,
+    deadline: Instant,
+}
+
+impl Read for PatientUntil {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        loop {
+            match (&self.conn).read(buf) {
+                Err(e) if matches!(e.kind(), io::ErrorKind::Interrupted | io::ErrorKind::WouldBlock) => {
+                    if Instant::now() >= self.deadline {
+                        return Err(io::Error::new(io::ErrorKind::TimedOut, "response timed out"));
+                    }
+                }
                 r => return r,
             }
         }
@@ -141,6 +229,8 @@ fn main() -> ExitCode {
             size,
             count,
         } => pingpong(connect, size, count),
+        Cmd::HttpServer { listen } => serve(listen, "http", http_conn),
+        Cmd::HttpLoad(args) => return http_load(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -490,4 +580,619 @@ fn pingpong(to: SocketAddrV4, size: usize, count: usize) -> anyhow::Result<()> {
         json!({"count": count, "size": size, "p50_us": pct(50), "p99_us": pct(99), "mean_us": mean})
     );
     Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// http-server
+
+/// Bodies up to this size are generated once per connection and kept; larger ones are streamed.
+const HTTP_CACHE_MAX: u64 = 4 << 20;
+/// Largest body `POST /echo` accepts (413 beyond).
+const HTTP_ECHO_MAX: usize = 64 << 20;
+
+fn http_conn(conn: TcpStream) {
+    let _ = conn.set_nodelay(true);
+    let peer = conn
+        .peer_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_else(|_| "?".into());
+    let mut reader = HttpReader::new(Patient(&conn));
+    let mut cache: Option<(u64, Vec<u8>, u32)> = None;
+    let mut served = 0u64;
+    let result = loop {
+        let head = match reader.read_head() {
+            Ok(Some(head)) => head,
+            Ok(None) => break Ok(()),
+            Err(e) => {
+                if e.kind() == io::ErrorKind::InvalidData {
+                    let _ = write_response(&conn, 400, "Bad Request", None, b"bad request\n", false);
+                }
+                break Err(e);
+            }
+        };
+        served += 1;
+        match http_request(&conn, &mut reader, &head, &mut cache) {
+            Ok(true) => continue,
+            Ok(false) => break Ok(()),
+            Err(e) => break Err(e),
+        }
+    };
+    match result {
+        Ok(()) => {
+            let _ = conn.shutdown(Shutdown::Write);
+            log(format_args!("http: {peer} closed requests={served}"));
+        }
+        Err(e) => log(format_args!("http: {peer} requests={served}: {e}")),
+    }
+}
+
+/// Answers one request; Ok(keep-alive).
+fn http_request(
+    conn: &TcpStream,
+    reader: &mut HttpReader<Patient<'_>>,
+    head: &Head,
+    cache: &mut Option<(u64, Vec<u8>, u32)>,
+) -> io::Result<bool> {
+    let Some((method, target, version)) = http::parse_request_line(&head.start_line) else {
+        write_response(conn, 400, "Bad Request", None, b"bad request line\n", false)?;
+        return Ok(false);
+    };
+    let keep = if version == "HTTP/1.0" {
+        head.has_token("connection", "keep-alive")
+    } else {
+        !head.has_token("connection", "close")
+    };
+    let framing = match head.framing() {
+        // A request without Content-Length or chunked coding has no body.
+        Ok(Framing::UntilEof) => Framing::Length(0),
+        Ok(framing) => framing,
+        Err(e) => {
+            write_response(conn, 400, "Bad Request", None, format!("{e}\n").as_bytes(), false)?;
+            return Ok(false);
+        }
+    };
+    let path = http::target_path(target);
+    let echo = method == "POST" && path == "/echo";
+    if framing != Framing::Length(0) && head.has_token("expect", "100-continue") {
+        (&*conn).write_all(b"HTTP/1.1 100 Continue\r\n\r\n")?;
+    }
+    let mut body = Vec::new();
+    let mut too_big = false;
+    reader.read_body(framing, &mut |piece| {
+        if echo && !too_big {
+            if body.len() + piece.len() > HTTP_ECHO_MAX {
+                too_big = true;
+                body = Vec::new();
+            } else {
+                body.extend_from_slice(piece);
+            }
+        }
+    })?;
+    if echo {
+        if too_big {
+            write_response(conn, 413, "Content Too Large", None, b"body too large\n", false)?;
+            return Ok(false);
+        }
+        let crc = crc32fast::hash(&body);
+        write_response(conn, 200, "OK", Some(crc), &body, keep)?;
+        return Ok(keep);
+    }
+    let size = path
+        .strip_prefix("/bytes/")
+        .and_then(|n| n.parse::<u64>().ok());
+    match (method, size) {
+        ("GET", Some(size)) if size <= HTTP_CACHE_MAX => {
+            if cache.as_ref().is_none_or(|(n, _, _)| *n != size) {
+                let body = http::body(size as usize);
+                let crc = crc32fast::hash(&body);
+                *cache = Some((size, body, crc));
+            }
+            let (_, body, crc) = cache.as_ref().expect("just filled");
+            write_response(conn, 200, "OK", Some(*crc), body, keep)?;
+        }
+        ("GET", Some(size)) => {
+            let crc = http::body_crc(size);
+            (&*conn).write_all(response_head(200, "OK", Some(crc), size, keep).as_bytes())?;
+            let mut pattern = Pattern::new(http::body_seed(size));
+            let mut buf = vec![0u8; BUF];
+            let mut left = size;
+            while left > 0 {
+                let n = left.min(BUF as u64) as usize;
+                pattern.fill(&mut buf[..n]);
+                (&*conn).write_all(&buf[..n])?;
+                left -= n as u64;
+            }
+        }
+        _ => write_response(conn, 404, "Not Found", None, b"not found\n", keep)?,
+    }
+    Ok(keep)
+}
+
+fn response_head(status: u16, reason: &str, crc: Option<u32>, len: u64, keep: bool) -> String {
+    let crc = crc.map(|c| format!("x-crc32: {c:08x}\r\n")).unwrap_or_default();
+    let close = if keep { "" } else { "connection: close\r\n" };
+    format!(
+        "HTTP/1.1 {status} {reason}\r\ncontent-length: {len}\r\n\
+         content-type: application/octet-stream\r\n{crc}{close}\r\n"
+    )
+}
+
+/// The response in one write when small (one segment), else head then body.
+fn write_response(
+    conn: &TcpStream,
+    status: u16,
+    reason: &str,
+    crc: Option<u32>,
+    body: &[u8],
+    keep: bool,
+) -> io::Result<()> {
+    let head = response_head(status, reason, crc, body.len() as u64, keep);
+    if body.len() <= 64 * 1024 {
+        let mut msg = Vec::with_capacity(head.len() + body.len());
+        msg.extend_from_slice(head.as_bytes());
+        msg.extend_from_slice(body);
+        (&*conn).write_all(&msg)
+    } else {
+        (&*conn).write_all(head.as_bytes())?;
+        (&*conn).write_all(body)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// http-load
+
+/// State shared by the load threads.
+struct Load {
+    args: LoadArgs,
+    timeout: Duration,
+    /// The next request number to hand out.
+    next: AtomicU64,
+    stop: AtomicBool,
+    /// Requests finished (succeeded or failed), and failed.
+    done: AtomicU64,
+    errors: AtomicU64,
+    first_error: Mutex<Option<String>>,
+    start: Instant,
+    /// What each request sends, and the body each response must carry (its crc32, and for POST
+    /// the bytes themselves).
+    request: Vec<u8>,
+    post_body: Option<Vec<u8>>,
+    expect_crc: u32,
+}
+
+#[derive(Default)]
+struct ThreadStats {
+    /// Latencies of the successful requests, ns.
+    latencies: Vec<u64>,
+    reconnects: u64,
+    kinds: BTreeMap<&'static str, u64>,
+}
+
+/// A failed request; `keep`: the connection is still in sync and usable.
+struct ReqError {
+    kind: &'static str,
+    msg: String,
+    keep: bool,
+}
+
+impl ReqError {
+    fn io(e: &io::Error, what: &str) -> ReqError {
+        use io::ErrorKind as K;
+        let kind = match e.kind() {
+            K::ConnectionReset | K::ConnectionAborted | K::BrokenPipe => "reset",
+            K::UnexpectedEof => "eof",
+            K::TimedOut | K::WouldBlock => "timeout",
+            K::ConnectionRefused => "refused",
+            K::InvalidData => "protocol",
+            _ => "io",
+        };
+        ReqError {
+            kind,
+            msg: format!("{what}: {e}"),
+            keep: false,
+        }
+    }
+
+    fn check(kind: &'static str, msg: String, keep: bool) -> ReqError {
+        ReqError { kind, msg, keep }
+    }
+}
+
+impl Load {
+    /// The next request to send: its number and, at a fixed rate, its intended send time.
+    /// None when the run is over.
+    fn next_request(&self) -> Option<(u64, Option<Instant>)> {
+        if self.stop.load(Ordering::Relaxed) {
+            return None;
+        }
+        let i = self.next.fetch_add(1, Ordering::Relaxed);
+        if self.args.requests.is_some_and(|n| i >= n) {
+            return None;
+        }
+        let end = self
+            .args
+            .duration_ms
+            .map(|ms| self.start + Duration::from_millis(ms));
+        match self.args.rate {
+            Some(rate) => {
+                let at = self.start + Duration::from_secs_f64(i as f64 / rate);
+                if end.is_some_and(|end| at >= end) {
+                    return None;
+                }
+                Some((i, Some(at)))
+            }
+            None => {
+                if end.is_some_and(|end| Instant::now() >= end) {
+                    return None;
+                }
+                Some((i, None))
+            }
+        }
+    }
+
+    /// Sleeps until `at`, in slices so that a stop is noticed; false if stopped.
+    fn sleep_until(&self, at: Instant) -> bool {
+        loop {
+            if self.stop.load(Ordering::Relaxed) {
+                return false;
+            }
+            let left = at.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return true;
+            }
+            thread::sleep(left.min(Duration::from_millis(50)));
+        }
+    }
+
+    fn failed(&self, stats: &mut ThreadStats, conn_id: usize, i: u64, e: &ReqError) {
+        *stats.kinds.entry(e.kind).or_default() += 1;
+        self.errors.fetch_add(1, Ordering::Relaxed);
+        let mut first = self.first_error.lock().unwrap_or_else(|p| p.into_inner());
+        if first.is_none() {
+            *first = Some(format!(
+                "request {i} on connection {conn_id} after {} ms: {}: {}",
+                self.start.elapsed().as_millis(),
+                e.kind,
+                e.msg
+            ));
+        }
+    }
+
+    fn connect(&self) -> io::Result<HttpReader<PatientUntil>> {
+        let conn = TcpStream::connect_timeout(&self.args.connect.into(), self.timeout)?;
+        conn.set_nodelay(true)?;
+        // Short: PatientUntil retries EAGAIN up to each request's deadline.
+        conn.set_read_timeout(Some(Duration::from_millis(100)))?;
+        conn.set_write_timeout(Some(self.timeout))?;
+        Ok(HttpReader::new(PatientUntil {
+            conn,
+            deadline: Instant::now(),
+        }))
+    }
+
+    /// One connection's thread.
+    fn run(&self, conn_id: usize) -> ThreadStats {
+        let mut stats = ThreadStats::default();
+        let mut conn: Option<HttpReader<PatientUntil>> = None;
+        let mut connected_once = false;
+        let mut backoff = Duration::from_millis(5);
+        while let Some((i, at)) = self.next_request() {
+            if let Some(at) = at
+                && !self.sleep_until(at)
+            {
+                break;
+            }
+            let t0 = at.unwrap_or_else(Instant::now);
+            if conn.is_none() {
+                match self.connect() {
+                    Ok(c) => {
+                        if connected_once {
+                            stats.reconnects += 1;
+                        }
+                        connected_once = true;
+                        backoff = Duration::from_millis(5);
+                        conn = Some(c);
+                    }
+                    Err(e) => {
+                        let mut err = ReqError::io(&e, "connect");
+                        if err.kind != "timeout" {
+                            err.kind = "connect";
+                        }
+                        self.failed(&mut stats, conn_id, i, &err);
+                        self.done.fetch_add(1, Ordering::Relaxed);
+                        // Closed loop: do not spin on a dead server (a fixed rate paces itself).
+                        if self.args.rate.is_none() {
+                            let _ = self.sleep_until(Instant::now() + backoff);
+                            backoff = (backoff * 2).min(Duration::from_millis(100));
+                        }
+                        continue;
+                    }
+                }
+            }
+            let c = conn.as_mut().expect("connected above");
+            match self.request(c) {
+                Ok(keep) => {
+                    stats.latencies.push(t0.elapsed().as_nanos() as u64);
+                    if !keep {
+                        conn = None;
+                    }
+                }
+                Err(e) => {
+                    self.failed(&mut stats, conn_id, i, &e);
+                    if !e.keep {
+                        conn = None;
+                    }
+                }
+            }
+            self.done.fetch_add(1, Ordering::Relaxed);
+        }
+        stats
+    }
+
+    /// Sends one request and checks its response; Ok(the connection can be reused).
+    fn request(&self, r: &mut HttpReader<PatientUntil>) -> Result<bool, ReqError> {
+        r.get_mut().deadline = Instant::now() + self.timeout;
+        (&r.get_mut().conn)
+            .write_all(&self.request)
+            .map_err(|e| ReqError::io(&e, "sending the request"))?;
+        let (head, status, version) = loop {
+            let head = match r.read_head() {
+                Ok(Some(head)) => head,
+                Ok(None) => {
+                    return Err(ReqError::check(
+                        "eof",
+                        "connection closed before the response".into(),
+                        false,
+                    ));
+                }
+                Err(e) => return Err(ReqError::io(&e, "reading the response head")),
+            };
+            let Some((version, status)) = http::parse_status_line(&head.start_line) else {
+                return Err(ReqError::check(
+                    "protocol",
+                    format!("bad status line {:?}", head.start_line),
+                    false,
+                ));
+            };
+            let version = version.to_string();
+            // Interim responses (100 Continue) precede the real one.
+            if (100..200).contains(&status) && status != 101 {
+                continue;
+            }
+            break (head, status, version);
+        };
+        let framing = head
+            .framing()
+            .map_err(|e| ReqError::io(&e, "response framing"))?;
+        let mut hasher = crc32fast::Hasher::new();
+        let mut len = 0u64;
+        let mut prefix = Vec::new();
+        let mut mismatch: Option<u64> = None;
+        let expect = self.post_body.as_deref();
+        r.read_body(framing, &mut |piece| {
+            hasher.update(piece);
+            if prefix.len() < 200 {
+                let n = piece.len().min(200 - prefix.len());
+                prefix.extend_from_slice(&piece[..n]);
+            }
+            if let (Some(expect), None) = (expect, mismatch) {
+                let at = len as usize;
+                let want = expect.get(at..(at + piece.len()).min(expect.len())).unwrap_or(&[]);
+                // Slice comparison first: memcmp, also fast in debug builds.
+                if piece.get(..want.len()) != Some(want) || want.len() < piece.len() {
+                    let j = piece.iter().zip(want).position(|(a, b)| a != b);
+                    mismatch = Some(len + j.unwrap_or(want.len()) as u64);
+                }
+            }
+            len += piece.len() as u64;
+        })
+        .map_err(|e| ReqError::io(&e, "reading the response body"))?;
+        let keep = framing != Framing::UntilEof
+            && !head.has_token("connection", "close")
+            && (version != "HTTP/1.0" || head.has_token("connection", "keep-alive"));
+        if r.buffered() > 0 {
+            return Err(ReqError::check(
+                "protocol",
+                format!("{} unexpected bytes after the response", r.buffered()),
+                false,
+            ));
+        }
+        if status != 200 {
+            return Err(ReqError::check(
+                "status",
+                format!(
+                    "status {status} ({:?}), body {:?}",
+                    head.start_line,
+                    String::from_utf8_lossy(&prefix)
+                ),
+                keep,
+            ));
+        }
+        if len != self.args.size {
+            return Err(ReqError::check(
+                "length",
+                format!("body of {len} bytes, expected {}", self.args.size),
+                keep,
+            ));
+        }
+        let crc = hasher.finalize();
+        let header = head.header("x-crc32");
+        let header_crc = header.and_then(|h| u32::from_str_radix(h, 16).ok());
+        if header_crc != Some(crc) || crc != self.expect_crc {
+            return Err(ReqError::check(
+                "crc",
+                format!(
+                    "body crc32 {crc:08x}, x-crc32 {header:?}, expected {:08x}",
+                    self.expect_crc
+                ),
+                keep,
+            ));
+        }
+        if let Some(at) = mismatch {
+            return Err(ReqError::check(
+                "body",
+                format!("echoed body differs at byte {at}"),
+                keep,
+            ));
+        }
+        Ok(keep)
+    }
+}
+
+fn http_load(args: LoadArgs) -> ExitCode {
+    match http_load_inner(args) {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(e) => {
+            log(format_args!("http-load: {e:#}"));
+            println!("{}", json!({"ok": false, "error": format!("{e:#}")}));
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn http_load_inner(args: LoadArgs) -> anyhow::Result<bool> {
+    anyhow::ensure!(args.connections > 0, "--connections must be > 0");
+    if let Some(rate) = args.rate {
+        anyhow::ensure!(rate > 0.0 && rate.is_finite(), "--rate must be > 0");
+    }
+    let size = usize::try_from(args.size).context("--size too large")?;
+    let host = args
+        .host
+        .clone()
+        .unwrap_or_else(|| args.connect.to_string());
+    let (request, post_body, expect_crc) = match args.method {
+        LoadMethod::Get => (
+            format!(
+                "GET /bytes/{size} HTTP/1.1\r\nhost: {host}\r\nuser-agent: meshaccel-e2e-tool\r\n\
+                 accept: */*\r\n\r\n"
+            )
+            .into_bytes(),
+            None,
+            http::body_crc(args.size),
+        ),
+        LoadMethod::Post => {
+            let body = http::body(size);
+            let mut req = format!(
+                "POST /echo HTTP/1.1\r\nhost: {host}\r\nuser-agent: meshaccel-e2e-tool\r\n\
+                 content-type: application/octet-stream\r\ncontent-length: {size}\r\n\r\n"
+            )
+            .into_bytes();
+            req.extend_from_slice(&body);
+            let crc = crc32fast::hash(&body);
+            (req, Some(body), crc)
+        }
+    };
+    let load = Load {
+        timeout: Duration::from_millis(args.timeout_ms.max(1)),
+        args,
+        next: AtomicU64::new(0),
+        stop: AtomicBool::new(false),
+        done: AtomicU64::new(0),
+        errors: AtomicU64::new(0),
+        first_error: Mutex::new(None),
+        start: Instant::now(),
+        request,
+        post_body,
+        expect_crc,
+    };
+    let finished = AtomicBool::new(false);
+    let stats: Vec<ThreadStats> = thread::scope(|s| {
+        let load = &load;
+        let finished = &finished;
+        // Watches the stop file and prints progress.
+        s.spawn(move || {
+            let mut next_progress = load
+                .args
+                .progress_ms
+                .map(|ms| load.start + Duration::from_millis(ms.max(1)));
+            while !finished.load(Ordering::Relaxed) {
+                if let Some(path) = &load.args.stop_file
+                    && path.exists()
+                {
+                    load.stop.store(true, Ordering::Relaxed);
+                }
+                if let (Some(at), Some(ms)) = (next_progress, load.args.progress_ms)
+                    && Instant::now() >= at
+                {
+                    println!(
+                        "{}",
+                        json!({"progress": load.done.load(Ordering::Relaxed),
+                               "errors": load.errors.load(Ordering::Relaxed),
+                               "elapsed_ms": load.start.elapsed().as_millis() as u64})
+                    );
+                    next_progress = Some(at + Duration::from_millis(ms.max(1)));
+                }
+                thread::sleep(Duration::from_millis(10));
+            }
+        });
+        let workers: Vec<_> = (0..load.args.connections)
+            .map(|id| {
+                thread::Builder::new()
+                    .name(format!("load-{id}"))
+                    .spawn_scoped(s, move || load.run(id))
+            })
+            .collect::<Result<_, _>>()
+            .context("starting the load threads")?;
+        let stats = workers
+            .into_iter()
+            .map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+            .collect();
+        finished.store(true, Ordering::Relaxed);
+        anyhow::Ok(stats)
+    })?;
+    let elapsed = load.start.elapsed();
+    let requests = load.done.load(Ordering::Relaxed);
+    let errors = load.errors.load(Ordering::Relaxed);
+    let reconnects: u64 = stats.iter().map(|s| s.reconnects).sum();
+    let mut kinds: BTreeMap<&str, u64> = BTreeMap::new();
+    for s in &stats {
+        for (k, n) in &s.kinds {
+            *kinds.entry(k).or_default() += n;
+        }
+    }
+    let mut lat: Vec<u64> = stats.into_iter().flat_map(|s| s.latencies).collect();
+    lat.sort_unstable();
+    let us = |ns: u64| (ns as f64 / 100.0).round() / 10.0;
+    // Nearest rank.
+    let pct = |p: f64| {
+        (!lat.is_empty()).then(|| {
+            let rank = ((p / 100.0 * lat.len() as f64).ceil() as usize).clamp(1, lat.len());
+            us(lat[rank - 1])
+        })
+    };
+    let mean = (!lat.is_empty())
+        .then(|| us((lat.iter().map(|&n| n as u128).sum::<u128>() / lat.len() as u128) as u64));
+    let secs = elapsed.as_secs_f64().max(1e-9);
+    let ok = errors == 0 && requests > 0;
+    let first_error = load
+        .first_error
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
+    println!(
+        "{}",
+        json!({
+            "ok": ok,
+            "requests": requests,
+            "errors": errors,
+            "first_error": first_error,
+            "error_kinds": kinds,
+            "p50_us": pct(50.0),
+            "p90_us": pct(90.0),
+            "p99_us": pct(99.0),
+            "p999_us": pct(99.9),
+            "max_us": lat.last().map(|&n| us(n)),
+            "mean_us": mean,
+            "qps": ((requests - errors) as f64 / secs * 10.0).round() / 10.0,
+            "elapsed_ms": elapsed.as_millis() as u64,
+            "connections": load.args.connections,
+            "reconnects": reconnects,
+            "method": match load.args.method { LoadMethod::Get => "get", LoadMethod::Post => "post" },
+            "size": load.args.size,
+            "rate": load.args.rate,
+            "stopped": load.stop.load(Ordering::Relaxed),
+        })
+    );
+    Ok(ok)
 }
