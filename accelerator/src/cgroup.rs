@@ -1,5 +1,9 @@
 //! Finding cgroup v2: never hard-coded (it is /sys/fs/cgroup on most nodes, elsewhere on hybrid hosts).
-use std::{ffi::CString, os::unix::ffi::OsStrExt as _, path::{Path, PathBuf}};
+use std::{
+    ffi::CString,
+    os::unix::ffi::OsStrExt as _,
+    path::{Path, PathBuf},
+};
 
 const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
 
@@ -19,7 +23,9 @@ fn parse_cgroup2_root(mounts: &str) -> Option<PathBuf> {
 
 /// Whether `path` is a folder of a cgroup v2 hierarchy.
 pub fn is_cgroup2(path: &Path) -> bool {
-    let Ok(c) = CString::new(path.as_os_str().as_bytes()) else { return false };
+    let Ok(c) = CString::new(path.as_os_str().as_bytes()) else {
+        return false;
+    };
     // SAFETY: statfs into a zeroed struct we own.
     unsafe {
         let mut st: libc::statfs = std::mem::zeroed();
@@ -34,8 +40,14 @@ mod tests {
     #[test]
     fn finds_cgroup2_among_v1_mounts() {
         let m = "tmpfs /sys/fs/cgroup tmpfs rw 0 0\ncgroup /sys/fs/cgroup/cpu cgroup rw,cpu 0 0\ncgroup2 /sys/fs/cgroup/unified cgroup2 rw 0 0\n";
-        assert_eq!(parse_cgroup2_root(m), Some(PathBuf::from("/sys/fs/cgroup/unified")));
-        assert_eq!(parse_cgroup2_root("cgroup2 /sys/fs/cgroup cgroup2 rw 0 0\n"), Some(PathBuf::from("/sys/fs/cgroup")));
+        assert_eq!(
+            parse_cgroup2_root(m),
+            Some(PathBuf::from("/sys/fs/cgroup/unified"))
+        );
+        assert_eq!(
+            parse_cgroup2_root("cgroup2 /sys/fs/cgroup cgroup2 rw 0 0\n"),
+            Some(PathBuf::from("/sys/fs/cgroup"))
+        );
         assert_eq!(parse_cgroup2_root("proc /proc proc rw 0 0\n"), None);
     }
 

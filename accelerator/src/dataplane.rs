@@ -26,7 +26,8 @@ const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 const SOCK_OPS_LINK: &str = "links/sock_ops";
 
 /// The eBPF object built by build.rs.
-static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/meshaccel-ebpf"));
+static EBPF_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/meshaccel-ebpf"));
 
 fn map_err(name: &'static str, op: &'static str) -> impl FnOnce(aya::maps::MapError) -> Error {
     move |source| Error::Map { name, op, source }
@@ -70,7 +71,9 @@ fn pin_path(bpffs: &Path, name: &str) -> PathBuf {
 }
 
 fn is_bpffs(path: &Path) -> bool {
-    let Ok(c) = CString::new(path.as_os_str().as_bytes()) else { return false };
+    let Ok(c) = CString::new(path.as_os_str().as_bytes()) else {
+        return false;
+    };
     // SAFETY: statfs into a zeroed struct we own.
     unsafe {
         let mut st: libc::statfs = std::mem::zeroed();
@@ -79,14 +82,26 @@ fn is_bpffs(path: &Path) -> bool {
 }
 
 fn mount_bpffs(path: &Path) -> Result<()> {
-    let err = |message: String| Error::Bpffs { path: path.into(), message };
+    let err = |message: String| Error::Bpffs {
+        path: path.into(),
+        message,
+    };
     let target = CString::new(path.as_os_str().as_bytes()).map_err(|e| err(e.to_string()))?;
     // SAFETY: mount(2) with valid C strings.
     let rc = unsafe {
-        libc::mount(c"bpf".as_ptr(), target.as_ptr(), c"bpf".as_ptr(), 0, std::ptr::null())
+        libc::mount(
+            c"bpf".as_ptr(),
+            target.as_ptr(),
+            c"bpf".as_ptr(),
+            0,
+            std::ptr::null(),
+        )
     };
     if rc != 0 {
-        return Err(err(format!("mounting a bpffs: {}", std::io::Error::last_os_error())));
+        return Err(err(format!(
+            "mounting a bpffs: {}",
+            std::io::Error::last_os_error()
+        )));
     }
     tracing::info!(path = %path.display(), "mounted a bpffs");
     Ok(())
@@ -96,18 +111,29 @@ fn mount_bpffs(path: &Path) -> Result<()> {
 /// on its empty parent when the folder cannot be created there, as under /sys/fs/bpf on a host
 /// that does not mount it).
 pub fn ensure_bpffs(dir: &Path) -> Result<()> {
-    let err = |message: String| Error::Bpffs { path: dir.into(), message };
+    let err = |message: String| Error::Bpffs {
+        path: dir.into(),
+        message,
+    };
     if dir.is_dir() && is_bpffs(dir) {
         return Ok(());
     }
     if !dir.exists() && std::fs::create_dir_all(dir).is_err() {
-        let parent = dir.parent().ok_or_else(|| err("has no parent folder".into()))?;
-        let empty = std::fs::read_dir(parent).map(|mut d| d.next().is_none()).unwrap_or(false);
+        let parent = dir
+            .parent()
+            .ok_or_else(|| err("has no parent folder".into()))?;
+        let empty = std::fs::read_dir(parent)
+            .map(|mut d| d.next().is_none())
+            .unwrap_or(false);
         if !(parent.is_dir() && empty) {
-            return Err(err("cannot create it, and its parent is not an empty folder to mount a bpffs on".into()));
+            return Err(err(
+                "cannot create it, and its parent is not an empty folder to mount a bpffs on"
+                    .into(),
+            ));
         }
         mount_bpffs(parent)?;
-        std::fs::create_dir_all(dir).map_err(|e| err(format!("creating it on the new bpffs: {e}")))?;
+        std::fs::create_dir_all(dir)
+            .map_err(|e| err(format!("creating it on the new bpffs: {e}")))?;
     }
     if !is_bpffs(dir) {
         mount_bpffs(dir)?;
@@ -118,10 +144,16 @@ pub fn ensure_bpffs(dir: &Path) -> Result<()> {
 fn open_map(bpffs: &Path, name: &'static str, wrap: fn(MapData) -> Map) -> Result<Map> {
     let path = pin_path(bpffs, name);
     let data = MapData::from_pin(&path).map_err(|e| match e {
-        aya::maps::MapError::SyscallError(ref s) if s.io_error.kind() == std::io::ErrorKind::NotFound => {
+        aya::maps::MapError::SyscallError(ref s)
+            if s.io_error.kind() == std::io::ErrorKind::NotFound =>
+        {
             Error::NotInstalled { path: bpffs.into() }
         }
-        other => Error::Map { name, op: "open pin", source: other },
+        other => Error::Map {
+            name,
+            op: "open pin",
+            source: other,
+        },
     })?;
     Ok(wrap(data))
 }
@@ -148,8 +180,10 @@ impl Dataplane {
 
     fn install(cgroup_path: &Path, bpffs: &Path) -> Result<()> {
         let load = |message: String| Error::Load { message };
-        let cgroup = std::fs::File::open(cgroup_path)
-            .map_err(|e| Error::Cgroup { path: cgroup_path.into(), message: e.to_string() })?;
+        let cgroup = std::fs::File::open(cgroup_path).map_err(|e| Error::Cgroup {
+            path: cgroup_path.into(),
+            message: e.to_string(),
+        })?;
         if !crate::cgroup::is_cgroup2(cgroup_path) {
             return Err(Error::Cgroup {
                 path: cgroup_path.into(),
@@ -158,8 +192,10 @@ impl Dataplane {
         }
         let mut ebpf = Ebpf::load(EBPF_OBJECT).map_err(|e| load(format!("{e:#}")))?;
         for sub in ["maps", "links"] {
-            std::fs::create_dir_all(bpffs.join(sub))
-                .map_err(|e| Error::Bpffs { path: bpffs.join(sub), message: e.to_string() })?;
+            std::fs::create_dir_all(bpffs.join(sub)).map_err(|e| Error::Bpffs {
+                path: bpffs.join(sub),
+                message: e.to_string(),
+            })?;
         }
         // Start switched off; the first reconcile sets the desired switch.
         {
@@ -168,29 +204,48 @@ impl Dataplane {
                 .ok_or_else(|| load(format!("the object has no map {}", names::CONFIG)))?
                 .try_into()
                 .map_err(map_err(names::CONFIG, "open"))?;
-            cfg.set(0, Config { enabled: 0, epoch: 1 }, 0).map_err(map_err(names::CONFIG, "init"))?;
+            cfg.set(
+                0,
+                Config {
+                    enabled: 0,
+                    epoch: 1,
+                },
+                0,
+            )
+            .map_err(map_err(names::CONFIG, "init"))?;
         }
         for name in names::ALL {
-            let map = ebpf.map(name).ok_or_else(|| load(format!("the object has no map {name}")))?;
+            let map = ebpf
+                .map(name)
+                .ok_or_else(|| load(format!("the object has no map {name}")))?;
             let path = pin_path(bpffs, name);
             if path.exists() {
                 continue;
             }
-            map.pin(&path).map_err(|e| Error::Bpffs { path: path.clone(), message: format!("pinning: {e}") })?;
+            map.pin(&path).map_err(|e| Error::Bpffs {
+                path: path.clone(),
+                message: format!("pinning: {e}"),
+            })?;
         }
         let socks: SockHash<&MapData, PairKey> = ebpf
             .map(names::SOCKS)
             .ok_or_else(|| load("no sockhash".into()))?
             .try_into()
             .map_err(map_err(names::SOCKS, "open"))?;
-        let socks_fd = socks.fd().try_clone().map_err(|e| load(format!("dup sockhash fd: {e}")))?;
+        let socks_fd = socks
+            .fd()
+            .try_clone()
+            .map_err(|e| load(format!("dup sockhash fd: {e}")))?;
         let msg: &mut SkMsg = ebpf
             .program_mut(names::PROG_SK_MSG)
             .ok_or_else(|| load(format!("no program {}", names::PROG_SK_MSG)))?
             .try_into()
             .map_err(|e| load(format!("{e}")))?;
-        msg.load().map_err(|e| load(format!("{}: {e:#}", names::PROG_SK_MSG)))?;
-        let msg_link = msg.attach(&socks_fd).map_err(|e| load(format!("attaching sk_msg: {e:#}")))?;
+        msg.load()
+            .map_err(|e| load(format!("{}: {e:#}", names::PROG_SK_MSG)))?;
+        let msg_link = msg
+            .attach(&socks_fd)
+            .map_err(|e| load(format!("attaching sk_msg: {e:#}")))?;
         // The map keeps the sk_msg program attached after we exit; forget our handle.
         std::mem::forget(msg.take_link(msg_link).map_err(|e| load(format!("{e}")))?);
         let ops: &mut SockOps = ebpf
@@ -198,17 +253,24 @@ impl Dataplane {
             .ok_or_else(|| load(format!("no program {}", names::PROG_SOCK_OPS)))?
             .try_into()
             .map_err(|e| load(format!("{e}")))?;
-        ops.load().map_err(|e| load(format!("{}: {e:#}", names::PROG_SOCK_OPS)))?;
+        ops.load()
+            .map_err(|e| load(format!("{}: {e:#}", names::PROG_SOCK_OPS)))?;
         let link_id = ops
             .attach(&cgroup, CgroupAttachMode::Single)
-            .map_err(|e| Error::Cgroup { path: cgroup_path.into(), message: format!("attaching sock_ops: {e:#}") })?;
+            .map_err(|e| Error::Cgroup {
+                path: cgroup_path.into(),
+                message: format!("attaching sock_ops: {e:#}"),
+            })?;
         let link: FdLink = ops
             .take_link(link_id)
             .map_err(|e| load(format!("{e}")))?
             .try_into()
             .map_err(|e| load(format!("sock_ops link is not a bpf_link: {e}")))?;
         let path = bpffs.join(SOCK_OPS_LINK);
-        link.pin(&path).map_err(|e| Error::Bpffs { path, message: format!("pinning the sock_ops link: {e}") })?;
+        link.pin(&path).map_err(|e| Error::Bpffs {
+            path,
+            message: format!("pinning the sock_ops link: {e}"),
+        })?;
         tracing::info!(cgroup = %cgroup_path.display(), bpffs = %bpffs.display(), "attached and pinned");
         Ok(())
     }
@@ -226,7 +288,9 @@ impl Dataplane {
             adopted: false,
             socks: socks.try_into().map_err(map_err(names::SOCKS, "open"))?,
             peers: peers.try_into().map_err(map_err(names::PEERS, "open"))?,
-            workloads: workloads.try_into().map_err(map_err(names::WORKLOADS, "open"))?,
+            workloads: workloads
+                .try_into()
+                .map_err(map_err(names::WORKLOADS, "open"))?,
             ports: ports.try_into().map_err(map_err(names::PORTS, "open"))?,
             config: config.try_into().map_err(map_err(names::CONFIG, "open"))?,
             stats: stats.try_into().map_err(map_err(names::STATS, "open"))?,
@@ -234,18 +298,25 @@ impl Dataplane {
     }
 
     pub fn config(&self) -> Result<Config> {
-        self.config.get(&0, 0).map_err(map_err(names::CONFIG, "read"))
+        self.config
+            .get(&0, 0)
+            .map_err(map_err(names::CONFIG, "read"))
     }
 
     pub fn set_config(&mut self, cfg: Config) -> Result<()> {
-        self.config.set(0, cfg, 0).map_err(map_err(names::CONFIG, "write"))
+        self.config
+            .set(0, cfg, 0)
+            .map_err(map_err(names::CONFIG, "write"))
     }
 
     /// Sum of each per-CPU counter, by name.
     pub fn counters(&self) -> Result<BTreeMap<&'static str, u64>> {
         let mut out = BTreeMap::new();
         for (i, name) in counter::NAMES.iter().enumerate() {
-            let v = self.stats.get(&(i as u32), 0).map_err(map_err(names::STATS, "read"))?;
+            let v = self
+                .stats
+                .get(&(i as u32), 0)
+                .map_err(map_err(names::STATS, "read"))?;
             out.insert(*name, v.iter().sum());
         }
         Ok(out)
@@ -268,14 +339,22 @@ impl Dataplane {
         let prog_ids = aya::programs::loaded_programs()
             .filter_map(|p| p.ok())
             .filter(|p| {
-                p.name_as_str().is_some_and(|n| n == names::PROG_SOCK_OPS || n == names::PROG_SK_MSG)
+                p.name_as_str()
+                    .is_some_and(|n| n == names::PROG_SOCK_OPS || n == names::PROG_SK_MSG)
             })
-            .filter(|p| p.map_ids().ok().flatten().is_some_and(|ids| ids.iter().any(|id| map_ids.contains(id))))
+            .filter(|p| {
+                p.map_ids()
+                    .ok()
+                    .flatten()
+                    .is_some_and(|ids| ids.iter().any(|id| map_ids.contains(id)))
+            })
             .map(|p| p.id())
             .collect();
         let mut sockets_by_netns = BTreeMap::new();
         for v in self.peers.iter().filter_map(|kv| kv.ok()).map(|(_, v)| v) {
-            *sockets_by_netns.entry(v.netns_cookie.to_string()).or_insert(0) += 1;
+            *sockets_by_netns
+                .entry(v.netns_cookie.to_string())
+                .or_insert(0) += 1;
         }
         Ok(KernelStatus {
             bpffs: self.bpffs.clone(),
@@ -310,7 +389,10 @@ pub fn uninstall(bpffs: &Path) -> Result<UninstallReport> {
     match Dataplane::open(bpffs) {
         Ok(mut dp) => {
             let cfg = dp.config()?;
-            dp.set_config(Config { enabled: 0, epoch: cfg.epoch.wrapping_add(1) })?;
+            dp.set_config(Config {
+                enabled: 0,
+                epoch: cfg.epoch.wrapping_add(1),
+            })?;
             draining = dp.socks.keys().filter(|k| k.is_ok()).count();
         }
         Err(Error::NotInstalled { .. }) => {}
@@ -323,11 +405,19 @@ pub fn uninstall(bpffs: &Path) -> Result<UninstallReport> {
         match std::fs::remove_file(&p) {
             Ok(()) => removed.push(p),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(Error::Bpffs { path: p, message: format!("removing pin: {e}") }),
+            Err(e) => {
+                return Err(Error::Bpffs {
+                    path: p,
+                    message: format!("removing pin: {e}"),
+                });
+            }
         }
     }
     for sub in ["maps", "links"] {
         let _ = std::fs::remove_dir(bpffs.join(sub));
     }
-    Ok(UninstallReport { sockets_draining: draining, removed_pins: removed })
+    Ok(UninstallReport {
+        sockets_draining: draining,
+        removed_pins: removed,
+    })
 }

@@ -26,7 +26,9 @@ pub struct DesiredState {
 /// A stable small id for a workload name, shown by status.
 pub fn workload_id(id: &str) -> u32 {
     // FNV-1a: stable across runs and binaries.
-    id.bytes().fold(0x811c_9dc5_u32, |h, b| (h ^ u32::from(b)).wrapping_mul(0x0100_0193))
+    id.bytes().fold(0x811c_9dc5_u32, |h, b| {
+        (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
+    })
 }
 
 /// Desired state from the static workloads file. `cookie_of` resolves a netns path (the only
@@ -35,7 +37,10 @@ pub fn from_static(
     file: &WorkloadsFile,
     mut cookie_of: impl FnMut(&Path) -> std::io::Result<u64>,
 ) -> Result<DesiredState> {
-    let mut out = DesiredState { enabled: file.enabled, ..Default::default() };
+    let mut out = DesiredState {
+        enabled: file.enabled,
+        ..Default::default()
+    };
     for w in &file.workloads {
         let cookie = cookie_of(&w.netns).map_err(|e| Error::Netns {
             entry: w.id(),
@@ -52,12 +57,20 @@ pub fn from_static(
         if !w.enabled {
             continue;
         }
-        out.workloads.insert(cookie, WorkloadPolicy { flags: POLICY_ENABLED, workload_id: workload_id(&w.id()) });
+        out.workloads.insert(
+            cookie,
+            WorkloadPolicy {
+                flags: POLICY_ENABLED,
+                workload_id: workload_id(&w.id()),
+            },
+        );
         for &p in &w.exclude_inbound_ports {
-            out.excluded_ports.insert(PortKey::new(cookie, p, DIR_INBOUND));
+            out.excluded_ports
+                .insert(PortKey::new(cookie, p, DIR_INBOUND));
         }
         for &p in &w.exclude_outbound_ports {
-            out.excluded_ports.insert(PortKey::new(cookie, p, DIR_OUTBOUND));
+            out.excluded_ports
+                .insert(PortKey::new(cookie, p, DIR_OUTBOUND));
         }
     }
     Ok(out)
@@ -90,7 +103,13 @@ mod tests {
             ports: &'static [(u64, u16, u8)],
         }
         let cases = [
-            Case { name: "empty", yaml: "", enabled: true, workloads: &[], ports: &[] },
+            Case {
+                name: "empty",
+                yaml: "",
+                enabled: true,
+                workloads: &[],
+                ports: &[],
+            },
             Case {
                 name: "two enabled, one excludes ports",
                 yaml: "workloads:\n- {name: a, netns: /ns/a, excludeInboundPorts: [8080], excludeOutboundPorts: [5432]}\n- {name: b, netns: /ns/b}\n",
@@ -114,30 +133,53 @@ mod tests {
             },
         ];
         for c in cases {
-            let d = from_static(&file(c.yaml), cookies).unwrap_or_else(|e| panic!("{}: {e}", c.name));
+            let d =
+                from_static(&file(c.yaml), cookies).unwrap_or_else(|e| panic!("{}: {e}", c.name));
             assert_eq!(d.enabled, c.enabled, "{}", c.name);
-            assert_eq!(d.workloads.keys().copied().collect::<Vec<_>>(), c.workloads, "{}", c.name);
-            let ports: BTreeSet<PortKey> = c.ports.iter().map(|&(n, p, d)| PortKey::new(n, p, d)).collect();
+            assert_eq!(
+                d.workloads.keys().copied().collect::<Vec<_>>(),
+                c.workloads,
+                "{}",
+                c.name
+            );
+            let ports: BTreeSet<PortKey> = c
+                .ports
+                .iter()
+                .map(|&(n, p, d)| PortKey::new(n, p, d))
+                .collect();
             assert_eq!(d.excluded_ports, ports, "{}", c.name);
-            assert!(d.workloads.values().all(|p| p.flags == POLICY_ENABLED), "{}", c.name);
+            assert!(
+                d.workloads.values().all(|p| p.flags == POLICY_ENABLED),
+                "{}",
+                c.name
+            );
         }
     }
 
     #[test]
     fn missing_or_shared_netns_names_the_entry() {
-        let e = from_static(&file("workloads:\n- {name: gone, namespace: ns1, netns: /ns/missing}\n"), cookies)
-            .unwrap_err()
-            .to_string();
+        let e = from_static(
+            &file("workloads:\n- {name: gone, namespace: ns1, netns: /ns/missing}\n"),
+            cookies,
+        )
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("ns1/gone") && e.contains("/ns/missing"), "{e}");
-        let e = from_static(&file("workloads:\n- {name: b, netns: /ns/b}\n- {name: c, netns: /ns/b-again}\n"), cookies)
-            .unwrap_err()
-            .to_string();
+        let e = from_static(
+            &file("workloads:\n- {name: b, netns: /ns/b}\n- {name: c, netns: /ns/b-again}\n"),
+            cookies,
+        )
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("default/c") && e.contains("default/b"), "{e}");
     }
 
     #[test]
     fn workload_ids_are_stable() {
-        assert_eq!(workload_id("bookinfo/reviews-v1"), workload_id("bookinfo/reviews-v1"));
+        assert_eq!(
+            workload_id("bookinfo/reviews-v1"),
+            workload_id("bookinfo/reviews-v1")
+        );
         assert_ne!(workload_id("a/b"), workload_id("a/c"));
     }
 }

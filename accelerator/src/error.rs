@@ -11,8 +11,14 @@ pub enum Error {
     },
     #[error("workloads file {path}: {message}")]
     InvalidWorkloads { path: PathBuf, message: String },
-    #[error("workload {entry}: network namespace {netns}: {message} (fix the `netns` path or remove the entry)")]
-    Netns { entry: String, netns: PathBuf, message: String },
+    #[error(
+        "workload {entry}: network namespace {netns}: {message} (fix the `netns` path or remove the entry)"
+    )]
+    Netns {
+        entry: String,
+        netns: PathBuf,
+        message: String,
+    },
     #[error("bpffs {path}: {message}")]
     Bpffs { path: PathBuf, message: String },
     #[error("cgroup {path}: {message}")]
@@ -26,7 +32,9 @@ pub enum Error {
         #[source]
         source: aya::maps::MapError,
     },
-    #[error("nothing of meshaccel is pinned under {path}: start `meshaccel agent --bpffs {path}` first")]
+    #[error(
+        "nothing of meshaccel is pinned under {path}: start `meshaccel agent --bpffs {path}` first"
+    )]
     NotInstalled { path: PathBuf },
 }
 

@@ -73,7 +73,9 @@ enum Command {
 fn init_logs(format: LogFormat, filter: &str) -> anyhow::Result<()> {
     let filter = tracing_subscriber::EnvFilter::try_new(filter)
         .with_context(|| format!("--log / MESHACCEL_LOG: bad filter {filter:?}"))?;
-    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => b.init(),
         LogFormat::Json => b.json().init(),
@@ -85,13 +87,21 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     init_logs(cli.log_format, &cli.log)?;
     match cli.command {
-        Command::Agent { cgroup, bpffs, workloads, poll_ms, resync_secs } => {
+        Command::Agent {
+            cgroup,
+            bpffs,
+            workloads,
+            poll_ms,
+            resync_secs,
+        } => {
             let cgroup = match cgroup {
                 Some(c) => c,
                 None => cgroup::cgroup2_root()
                     .context("no cgroup v2 mount in /proc/mounts: mount one, or pass --cgroup")?,
             };
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
             rt.block_on(agent::run(agent::AgentConfig {
                 cgroup,
                 bpffs,
@@ -106,7 +116,10 @@ fn main() -> anyhow::Result<()> {
                 Output::Json => println!("{}", serde_json::to_string(&st)?),
                 Output::Text => {
                     println!("bpffs:            {}", st.bpffs.display());
-                    println!("acceleration:     {}", if st.enabled { "on" } else { "off" });
+                    println!(
+                        "acceleration:     {}",
+                        if st.enabled { "on" } else { "off" }
+                    );
                     println!("sockets:          {}", st.sockets);
                     println!("workloads on:     {}", st.workloads_enabled);
                     println!("excluded ports:   {}", st.excluded_ports);
@@ -121,7 +134,11 @@ fn main() -> anyhow::Result<()> {
             match output {
                 Output::Json => println!("{}", serde_json::to_string(&r)?),
                 Output::Text => {
-                    println!("removed {} pins under {}", r.removed_pins.len(), bpffs.display());
+                    println!(
+                        "removed {} pins under {}",
+                        r.removed_pins.len(),
+                        bpffs.display()
+                    );
                     if r.sockets_draining > 0 {
                         println!(
                             "{} sockets still open: they continue on TCP; the kernel frees meshaccel's programs and maps when they close",

@@ -57,7 +57,8 @@ mod tests {
 
     #[test]
     fn own_netns_cookie_is_stable_and_not_a_file_netns() {
-        let a = cookie_of_path(Path::new("/proc/self/ns/net")).expect("SO_NETNS_COOKIE (Linux >= 5.14)");
+        let a = cookie_of_path(Path::new("/proc/self/ns/net"))
+            .expect("SO_NETNS_COOKIE (Linux >= 5.14)");
         assert_eq!(a, current_cookie().unwrap());
         assert_ne!(a, 0);
         let err = cookie_of_path(Path::new("/proc/self/ns/uts")).unwrap_err();

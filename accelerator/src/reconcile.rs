@@ -57,8 +57,16 @@ pub fn plan(desired: &DesiredState, actual: &ActualState) -> Plan {
             stops = true;
         }
     }
-    p.add_ports = desired.excluded_ports.difference(&actual.excluded_ports).copied().collect();
-    p.remove_ports = actual.excluded_ports.difference(&desired.excluded_ports).copied().collect();
+    p.add_ports = desired
+        .excluded_ports
+        .difference(&actual.excluded_ports)
+        .copied()
+        .collect();
+    p.remove_ports = actual
+        .excluded_ports
+        .difference(&desired.excluded_ports)
+        .copied()
+        .collect();
     let want_enabled = u32::from(desired.enabled);
     if actual.config.enabled != 0 && want_enabled == 0 {
         stops = true;
@@ -66,7 +74,11 @@ pub fn plan(desired: &DesiredState, actual: &ActualState) -> Plan {
     if stops || actual.config.enabled != want_enabled {
         p.config = Some(Config {
             enabled: want_enabled,
-            epoch: if stops { actual.config.epoch.wrapping_add(1) } else { actual.config.epoch },
+            epoch: if stops {
+                actual.config.epoch.wrapping_add(1)
+            } else {
+                actual.config.epoch
+            },
         });
     }
     p
@@ -78,13 +90,17 @@ fn map_err(name: &'static str, op: &'static str) -> impl FnOnce(aya::maps::MapEr
 
 impl Dataplane {
     pub fn actual(&self) -> Result<ActualState> {
-        let mut a = ActualState { config: self.config()?, ..Default::default() };
+        let mut a = ActualState {
+            config: self.config()?,
+            ..Default::default()
+        };
         for kv in self.workloads.iter() {
             let (k, v) = kv.map_err(map_err(names::WORKLOADS, "iterate"))?;
             a.workloads.insert(k, v);
         }
         for k in self.ports.keys() {
-            a.excluded_ports.insert(k.map_err(map_err(names::PORTS, "iterate"))?);
+            a.excluded_ports
+                .insert(k.map_err(map_err(names::PORTS, "iterate"))?);
         }
         Ok(a)
     }
@@ -93,13 +109,18 @@ impl Dataplane {
     /// a sender that re-checks on the new epoch already sees the new policy.
     pub fn apply(&mut self, plan: &Plan) -> Result<()> {
         for (k, v) in &plan.upsert_workloads {
-            self.workloads.insert(k, v, 0).map_err(map_err(names::WORKLOADS, "insert"))?;
+            self.workloads
+                .insert(k, v, 0)
+                .map_err(map_err(names::WORKLOADS, "insert"))?;
         }
         for k in &plan.add_ports {
-            self.ports.insert(k, 1, 0).map_err(map_err(names::PORTS, "insert"))?;
+            self.ports
+                .insert(k, 1, 0)
+                .map_err(map_err(names::PORTS, "insert"))?;
         }
         for k in &plan.remove_workloads {
-            ignore_missing(self.workloads.remove(k)).map_err(map_err(names::WORKLOADS, "remove"))?;
+            ignore_missing(self.workloads.remove(k))
+                .map_err(map_err(names::WORKLOADS, "remove"))?;
         }
         for k in &plan.remove_ports {
             ignore_missing(self.ports.remove(k)).map_err(map_err(names::PORTS, "remove"))?;
@@ -134,21 +155,30 @@ mod tests {
     use super::*;
 
     fn on(id: u32) -> WorkloadPolicy {
-        WorkloadPolicy { flags: POLICY_ENABLED, workload_id: id }
+        WorkloadPolicy {
+            flags: POLICY_ENABLED,
+            workload_id: id,
+        }
     }
 
     fn desired(enabled: bool, wl: &[(u64, u32)], ports: &[(u64, u16)]) -> DesiredState {
         DesiredState {
             enabled,
             workloads: wl.iter().map(|&(k, id)| (k, on(id))).collect(),
-            excluded_ports: ports.iter().map(|&(n, p)| PortKey::new(n, p, DIR_INBOUND)).collect(),
+            excluded_ports: ports
+                .iter()
+                .map(|&(n, p)| PortKey::new(n, p, DIR_INBOUND))
+                .collect(),
             names: BTreeMap::new(),
         }
     }
 
     fn actual_after(d: &DesiredState, epoch: u32) -> ActualState {
         ActualState {
-            config: Config { enabled: d.enabled.into(), epoch },
+            config: Config {
+                enabled: d.enabled.into(),
+                epoch,
+            },
             workloads: d.workloads.clone(),
             excluded_ports: d.excluded_ports.clone(),
         }

@@ -87,14 +87,19 @@ pub struct WorkloadsFile {
 
 impl WorkloadsFile {
     pub fn load(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| Error::ReadWorkloads { path: path.into(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|source| Error::ReadWorkloads {
+            path: path.into(),
+            source,
+        })?;
         Self::parse(path, &text)
     }
 
     /// Parses and validates; every error names the entry and the field.
     pub fn parse(path: &Path, text: &str) -> Result<Self> {
-        let invalid = |message: String| Error::InvalidWorkloads { path: path.into(), message };
+        let invalid = |message: String| Error::InvalidWorkloads {
+            path: path.into(),
+            message,
+        };
         let file: WorkloadsFile = serde_yaml::from_str(text).map_err(|e| invalid(e.to_string()))?;
         let mut names = BTreeSet::new();
         let mut ips: BTreeMap<IpAddr, String> = BTreeMap::new();
@@ -102,13 +107,18 @@ impl WorkloadsFile {
         for (i, w) in file.workloads.iter().enumerate() {
             let entry = format!("workloads[{i}] ({})", w.id());
             if w.name.trim().is_empty() || w.namespace.trim().is_empty() {
-                return Err(invalid(format!("workloads[{i}]: name and namespace must not be empty")));
+                return Err(invalid(format!(
+                    "workloads[{i}]: name and namespace must not be empty"
+                )));
             }
             if !names.insert(w.id()) {
                 return Err(invalid(format!("{entry}: duplicate workload {}", w.id())));
             }
             if !w.netns.is_absolute() {
-                return Err(invalid(format!("{entry}: netns {} must be an absolute path", w.netns.display())));
+                return Err(invalid(format!(
+                    "{entry}: netns {} must be an absolute path",
+                    w.netns.display()
+                )));
             }
             if let Some(other) = netns.insert(&w.netns, w.id()) {
                 return Err(invalid(format!(
@@ -121,7 +131,9 @@ impl WorkloadsFile {
                     return Err(invalid(format!("{entry}: {ip} is not a workload address")));
                 }
                 if let Some(other) = ips.insert(*ip, w.id()) {
-                    return Err(invalid(format!("{entry}: IP {ip} is also assigned to {other}")));
+                    return Err(invalid(format!(
+                        "{entry}: IP {ip} is also assigned to {other}"
+                    )));
                 }
             }
             for (field, ports) in [
@@ -133,9 +145,10 @@ impl WorkloadsFile {
                 }
             }
         }
-        for (field, port) in
-            [("capture.outboundPort", file.capture.outbound_port), ("capture.inboundPort", file.capture.inbound_port)]
-        {
+        for (field, port) in [
+            ("capture.outboundPort", file.capture.outbound_port),
+            ("capture.inboundPort", file.capture.inbound_port),
+        ] {
             if port == 0 {
                 return Err(invalid(format!("{field}: port 0 is not a port")));
             }
@@ -179,18 +192,42 @@ mod tests {
 
     #[test]
     fn bad_input_is_rejected_with_the_entry_named() {
-        rejects("workloads:\n  - name: a\n    netns: /x\n    colour: red\n", &["workloads[0]", "colour"]);
-        rejects("workloads:\n  - name: a\n    netns: /x\n    ips: [10.0.0.300]\n", &["workloads[0]"]);
+        rejects(
+            "workloads:\n  - name: a\n    netns: /x\n    colour: red\n",
+            &["workloads[0]", "colour"],
+        );
+        rejects(
+            "workloads:\n  - name: a\n    netns: /x\n    ips: [10.0.0.300]\n",
+            &["workloads[0]"],
+        );
         rejects(
             "workloads:\n  - name: a\n    netns: /x\n    ips: [10.0.0.2]\n  - name: b\n    netns: /y\n    ips: [10.0.0.2]\n",
             &["workloads[1] (default/b)", "10.0.0.2", "default/a"],
         );
-        rejects("workloads:\n  - name: a\n    netns: /x\n  - name: a\n    netns: /y\n", &["duplicate", "default/a"]);
-        rejects("workloads:\n  - name: a\n    netns: /x\n  - name: b\n    netns: /x\n", &["workloads[1]", "/x"]);
-        rejects("workloads:\n  - name: a\n    netns: relative\n", &["absolute"]);
-        rejects("workloads:\n  - name: a\n    netns: /x\n    ips: [127.0.0.1]\n", &["not a workload address"]);
-        rejects("workloads:\n  - name: a\n    netns: /x\n    excludeInboundPorts: [70000]\n", &["workloads[0]"]);
-        rejects("workloads:\n  - name: a\n    netns: /x\n    excludeOutboundPorts: [0]\n", &["excludeOutboundPorts"]);
+        rejects(
+            "workloads:\n  - name: a\n    netns: /x\n  - name: a\n    netns: /y\n",
+            &["duplicate", "default/a"],
+        );
+        rejects(
+            "workloads:\n  - name: a\n    netns: /x\n  - name: b\n    netns: /x\n",
+            &["workloads[1]", "/x"],
+        );
+        rejects(
+            "workloads:\n  - name: a\n    netns: relative\n",
+            &["absolute"],
+        );
+        rejects(
+            "workloads:\n  - name: a\n    netns: /x\n    ips: [127.0.0.1]\n",
+            &["not a workload address"],
+        );
+        rejects(
+            "workloads:\n  - name: a\n    netns: /x\n    excludeInboundPorts: [70000]\n",
+            &["workloads[0]"],
+        );
+        rejects(
+            "workloads:\n  - name: a\n    netns: /x\n    excludeOutboundPorts: [0]\n",
+            &["excludeOutboundPorts"],
+        );
         rejects("workloads:\n  - netns: /x\n", &["name"]);
         rejects("enabled: maybe\n", &["enabled"]);
         rejects("capture:\n  inboundPort: 0\n", &["capture.inboundPort"]);

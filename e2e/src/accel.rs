@@ -24,10 +24,18 @@ pub struct Workload {
 
 impl Workload {
     pub fn on(pod: &Pod) -> Self {
-        Self { pod: pod.clone(), enabled: true, exclude_inbound_ports: vec![], exclude_outbound_ports: vec![] }
+        Self {
+            pod: pod.clone(),
+            enabled: true,
+            exclude_inbound_ports: vec![],
+            exclude_outbound_ports: vec![],
+        }
     }
     pub fn off(pod: &Pod) -> Self {
-        Self { enabled: false, ..Self::on(pod) }
+        Self {
+            enabled: false,
+            ..Self::on(pod)
+        }
     }
 }
 
@@ -97,7 +105,9 @@ impl Accel {
 
     fn wait_applied(&self, what: &str) -> anyhow::Result<()> {
         let (enabled, want) = self.expect;
-        self.wait_status(what, |s| s["enabled"] == enabled && s["workloads_enabled"].as_u64() == Some(want))
+        self.wait_status(what, |s| {
+            s["enabled"] == enabled && s["workloads_enabled"].as_u64() == Some(want)
+        })
     }
 
     /// Writes raw text as the workloads file (for bad-input tests), atomically.
@@ -109,7 +119,10 @@ impl Accel {
     }
 
     fn write_workloads(&mut self, enabled: bool, workloads: &[Workload]) -> anyhow::Result<()> {
-        self.expect = (enabled, workloads.iter().filter(|w| w.enabled).count() as u64);
+        self.expect = (
+            enabled,
+            workloads.iter().filter(|w| w.enabled).count() as u64,
+        );
         self.write_raw(&workloads_yaml(enabled, workloads))
     }
 
@@ -144,7 +157,9 @@ impl Accel {
     }
 
     pub fn agent_running(&mut self) -> bool {
-        self.agent.as_mut().is_some_and(|c| c.try_wait().ok().flatten().is_none())
+        self.agent
+            .as_mut()
+            .is_some_and(|c| c.try_wait().ok().flatten().is_none())
     }
 
     fn cli(&self, args: &[&str]) -> anyhow::Result<Value> {
@@ -156,9 +171,13 @@ impl Accel {
             .output()
             .with_context(|| format!("running meshaccel {args:?}"))?;
         if !out.status.success() {
-            bail!("meshaccel {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+            bail!(
+                "meshaccel {args:?} failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
         }
-        serde_json::from_slice(&out.stdout).with_context(|| format!("meshaccel {args:?} printed no JSON"))
+        serde_json::from_slice(&out.stdout)
+            .with_context(|| format!("meshaccel {args:?} printed no JSON"))
     }
 
     /// `meshaccel status --output json`.
@@ -169,7 +188,9 @@ impl Accel {
     /// One counter of `status`.
     pub fn counter(&self, name: &str) -> anyhow::Result<u64> {
         let s = self.status()?;
-        s["counters"][name].as_u64().with_context(|| format!("no counter {name} in {s}"))
+        s["counters"][name]
+            .as_u64()
+            .with_context(|| format!("no counter {name} in {s}"))
     }
 
     /// Polls `status` until `pred` holds (5 s).

@@ -60,11 +60,7 @@ impl Head {
 
     /// How the body that follows this head is delimited (for a request, `UntilEof` means none).
     pub fn framing(&self) -> io::Result<Framing> {
-        if self
-            .headers
-            .iter()
-            .any(|(n, _)| n == "transfer-encoding")
-        {
+        if self.headers.iter().any(|(n, _)| n == "transfer-encoding") {
             if self.has_token("transfer-encoding", "chunked") {
                 return Ok(Framing::Chunked);
             }
@@ -343,7 +339,10 @@ HTTP/1.1 404 Not Found\nconnection: close\n\nrest";
             bodies.push((head, body));
         }
         assert_eq!(bodies.len(), 3);
-        assert_eq!(parse_status_line(&bodies[0].0.start_line), Some(("HTTP/1.1", 200)));
+        assert_eq!(
+            parse_status_line(&bodies[0].0.start_line),
+            Some(("HTTP/1.1", 200))
+        );
         assert_eq!(bodies[0].0.header("x-a"), Some("b"));
         assert_eq!(bodies[0].1, b"abc");
         assert_eq!(bodies[1].1, b"def");

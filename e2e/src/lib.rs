@@ -91,5 +91,5 @@ pub fn workspace_bin(name: &str) -> PathBuf {
     bin
 }
 pub mod envoy;
-pub mod sidecar;
 pub mod http;
+pub mod sidecar;

@@ -33,10 +33,18 @@ pub struct PodSpec {
 
 impl PodSpec {
     pub fn mesh(name: &str, ports: &[u16]) -> Self {
-        Self { name: name.into(), sidecar: true, ports: ports.into() }
+        Self {
+            name: name.into(),
+            sidecar: true,
+            ports: ports.into(),
+        }
     }
     pub fn plain(name: &str, ports: &[u16]) -> Self {
-        Self { name: name.into(), sidecar: false, ports: ports.into() }
+        Self {
+            name: name.into(),
+            sidecar: false,
+            ports: ports.into(),
+        }
     }
 }
 
@@ -79,16 +87,26 @@ impl SidecarMesh {
 
     pub fn start_with(specs: &[PodSpec], rules: Rules) -> anyhow::Result<SidecarMesh> {
         let envoy = envoy::envoy_binary()?;
-        let dir = tempfile::Builder::new().prefix("meshaccel-mesh-").tempdir()?;
+        let dir = tempfile::Builder::new()
+            .prefix("meshaccel-mesh-")
+            .tempdir()?;
         // UID 1337 reads the configs and certificates in here.
-        std::fs::set_permissions(dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
+        std::fs::set_permissions(
+            dir.path(),
+            std::os::unix::fs::PermissionsExt::from_mode(0o755),
+        )?;
         let pki = Pki::new(dir.path()).context("creating the mesh CA")?;
         let mut mesh = Mesh::new()?;
         let golden = match rules {
-            Rules::IstioGolden => fixtures_dir().join("iptables/istio-cni-sidecar/basic.txt.golden"),
+            Rules::IstioGolden => {
+                fixtures_dir().join("iptables/istio-cni-sidecar/basic.txt.golden")
+            }
             Rules::Generated => {
                 let path = dir.path().join("istio-capture.rules");
-                std::fs::write(&path, istio_integration::capture::CaptureConfig::default().render_nat())?;
+                std::fs::write(
+                    &path,
+                    istio_integration::capture::CaptureConfig::default().render_nat(),
+                )?;
                 path
             }
         };
@@ -125,7 +143,12 @@ impl SidecarMesh {
                 let certs = pki.issue(&pod.name)?;
                 let config = envoy::write_bootstrap(out.dir.path(), &spec, &certs)?;
                 let log = out.dir.path().join(format!("envoy-{}.log", pod.name));
-                Some(Sidecar { spec, config, log, child: None })
+                Some(Sidecar {
+                    spec,
+                    config,
+                    log,
+                    child: None,
+                })
             } else {
                 None
             };
@@ -142,14 +165,26 @@ impl SidecarMesh {
     }
 
     pub fn pod(&self, name: &str) -> &Pod {
-        &self.pods.iter().find(|(p, _)| p.name == name).unwrap_or_else(|| panic!("no pod {name}")).0
+        &self
+            .pods
+            .iter()
+            .find(|(p, _)| p.name == name)
+            .unwrap_or_else(|| panic!("no pod {name}"))
+            .0
     }
 
     fn sidecar(&mut self, name: &str) -> anyhow::Result<(Pod, &mut Sidecar)> {
-        let (pod, sc) =
-            self.pods.iter_mut().find(|(p, _)| p.name == name).with_context(|| format!("no pod {name}"))?;
+        let (pod, sc) = self
+            .pods
+            .iter_mut()
+            .find(|(p, _)| p.name == name)
+            .with_context(|| format!("no pod {name}"))?;
         let pod = pod.clone();
-        Ok((pod, sc.as_mut().with_context(|| format!("pod {name} has no sidecar"))?))
+        Ok((
+            pod,
+            sc.as_mut()
+                .with_context(|| format!("pod {name} has no sidecar"))?,
+        ))
     }
 
     fn start_envoy(&mut self, name: &str) -> anyhow::Result<()> {
@@ -184,7 +219,15 @@ impl SidecarMesh {
     /// Envoy's stats of a pod (admin `/stats`), lines containing `filter`.
     pub fn envoy_stats(&self, name: &str, filter: &str) -> anyhow::Result<Vec<(String, u64)>> {
         let pod = self.pod(name);
-        let out = pod.netns_exec("curl", &["-s", "--max-time", "5", &format!("http://127.0.0.1:{ADMIN_PORT}/stats")])?;
+        let out = pod.netns_exec(
+            "curl",
+            &[
+                "-s",
+                "--max-time",
+                "5",
+                &format!("http://127.0.0.1:{ADMIN_PORT}/stats"),
+            ],
+        )?;
         Ok(String::from_utf8_lossy(&out.stdout)
             .lines()
             .filter(|l| l.contains(filter))
@@ -195,12 +238,34 @@ impl SidecarMesh {
             .collect())
     }
 
-    /// Starts an app (the e2e tool with `args`) in a pod as [`APP_UID`]; servers are waited for
-    /// (`ready`).
+    /// Starts a server app (the e2e tool with `args`, e.g. `http-server --listen …`) in a pod as
+    /// [`APP_UID`] and waits until it listens. The mesh stops and reaps it at teardown.
+    pub fn serve(&mut self, name: &str, args: &[&str]) -> anyhow::Result<()> {
+        let pod = self.pod(name).clone();
+        let mut child = self.mesh.spawn(
+            &pod,
+            Some(APP_UID),
+            &workspace_bin("meshaccel-e2e-tool"),
+            args,
+        )?;
+        let ready = wait_ready(&mut child);
+        drop(child); // tracked (pidfd) by the mesh, which kills and reaps it
+        ready
+    }
+
+    /// Starts a client app (the e2e tool with `args`) in a pod as [`APP_UID`].
     pub fn app(&mut self, name: &str, args: &[&str]) -> anyhow::Result<Child> {
         let pod = self.pod(name).clone();
-        let mut child = self.mesh.spawn(&pod, Some(APP_UID), &workspace_bin("meshaccel-e2e-tool"), args)?;
-        if args.first().is_some_and(|a| ["sink", "echo", "http-server"].contains(a)) {
+        let mut child = self.mesh.spawn(
+            &pod,
+            Some(APP_UID),
+            &workspace_bin("meshaccel-e2e-tool"),
+            args,
+        )?;
+        if args
+            .first()
+            .is_some_and(|a| ["sink", "echo", "http-server"].contains(a))
+        {
             wait_ready(&mut child)?;
         }
         Ok(child)
@@ -213,17 +278,30 @@ fn wait_live(pod: &Pod, admin: u16, log: &Path, child: &mut Child) -> anyhow::Re
     loop {
         let out = pod
             .netns_command("curl")
-            .args(["-s", "--max-time", "2", &format!("http://127.0.0.1:{admin}/ready")])
+            .args([
+                "-s",
+                "--max-time",
+                "2",
+                &format!("http://127.0.0.1:{admin}/ready"),
+            ])
             .output()
             .context("curl (scripts/env.sh installs it)")?;
         if String::from_utf8_lossy(&out.stdout).trim() == "LIVE" {
             return Ok(());
         }
         if let Ok(Some(status)) = child.try_wait() {
-            bail!("envoy in pod {} exited ({status}):\n{}", pod.name, std::fs::read_to_string(log).unwrap_or_default());
+            bail!(
+                "envoy in pod {} exited ({status}):\n{}",
+                pod.name,
+                std::fs::read_to_string(log).unwrap_or_default()
+            );
         }
         if Instant::now() > deadline {
-            bail!("envoy in pod {} not LIVE within 30 s:\n{}", pod.name, std::fs::read_to_string(log).unwrap_or_default());
+            bail!(
+                "envoy in pod {} not LIVE within 30 s:\n{}",
+                pod.name,
+                std::fs::read_to_string(log).unwrap_or_default()
+            );
         }
         std::thread::sleep(Duration::from_millis(100));
     }

@@ -32,36 +32,50 @@ fn tool() -> PathBuf {
 /// A pod with Istio's capture rules and a relay (the sidecar) running as UID 1337.
 fn mesh_pod(mesh: &mut Mesh, name: &str) -> Pod {
     let pod = mesh.add_pod(name, Some(&golden())).expect("pod");
-    let mut relay = mesh.spawn(&pod, Some(PROXY_UID), &tool(), &["relay"]).expect("relay");
+    let mut relay = mesh
+        .spawn(&pod, Some(PROXY_UID), &tool(), &["relay"])
+        .expect("relay");
     wait_ready(&mut relay).expect("relay ready");
     pod
 }
 
-fn sink(mesh: &mut Mesh, pod: &Pod, listen: &str) -> Child {
-    let mut s = mesh.spawn(pod, Some(APP_UID), &tool(), &["sink", "--listen", listen]).expect("sink");
+/// A checksumming sink in the pod; the mesh kills and reaps it at teardown.
+fn sink(mesh: &mut Mesh, pod: &Pod, listen: &str) {
+    let mut s = mesh
+        .spawn(pod, Some(APP_UID), &tool(), &["sink", "--listen", listen])
+        .expect("sink");
     wait_ready(&mut s).expect("sink ready");
-    s
 }
 
 fn send(mesh: &mut Mesh, pod: &Pod, args: &[&str]) -> Child {
-    mesh.spawn(pod, Some(APP_UID), &tool(), &[&["send"], args].concat()).expect("send")
+    mesh.spawn(pod, Some(APP_UID), &tool(), &[&["send"], args].concat())
+        .expect("send")
 }
 
 /// Waits for a `send` and returns its JSON report, asserting it saw its bytes arrive exactly.
 fn finished(child: Child, what: &str) -> Value {
     let out = wait_output_timeout(child, Duration::from_secs(120)).expect("send finished");
     let line = String::from_utf8_lossy(&out.stdout);
-    let v: Value = serde_json::from_str(line.trim()).unwrap_or_else(|e| panic!("{what}: bad report {line:?}: {e}"));
-    assert!(out.status.success() && v["ok"] == true, "{what}: bytes did not arrive exactly: {v}");
+    let v: Value = serde_json::from_str(line.trim())
+        .unwrap_or_else(|e| panic!("{what}: bad report {line:?}: {e}"));
+    assert!(
+        out.status.success() && v["ok"] == true,
+        "{what}: bytes did not arrive exactly: {v}"
+    );
     v
 }
 
 fn segs(pods: &[&Pod]) -> Vec<TcpCounters> {
-    pods.iter().map(|p| p.tcp_counters().expect("snmp")).collect()
+    pods.iter()
+        .map(|p| p.tcp_counters().expect("snmp"))
+        .collect()
 }
 
 fn in_segs_since(pods: &[&Pod], before: &[TcpCounters]) -> Vec<u64> {
-    pods.iter().zip(before).map(|(p, b)| p.tcp_counters().unwrap().since(b).in_segs).collect()
+    pods.iter()
+        .zip(before)
+        .map(|(p, b)| p.tcp_counters().unwrap().since(b).in_segs)
+        .collect()
 }
 
 fn counters(a: &Accel) -> Value {
@@ -85,34 +99,57 @@ fn three_istio_legs_are_accelerated_byte_exact() {
     let wl = [Workload::on(&a), Workload::on(&b)];
     let mut accel = Accel::start(&mesh, false, &wl).expect("agent");
     let target = format!("{}:8080", b.ip);
-    let _sink = sink(&mut mesh, &b, &format!("{}:8080", b.ip));
+    sink(&mut mesh, &b, &format!("{}:8080", b.ip));
     let bytes = MB50.to_string();
 
     // Baseline: the global switch is off.
     let before = segs(&[&a, &b]);
     let c0 = counters(&accel);
-    finished(send(&mut mesh, &a, &["--connect", &target, "--bytes", &bytes]), "off");
+    finished(
+        send(&mut mesh, &a, &["--connect", &target, "--bytes", &bytes]),
+        "off",
+    );
     let off = in_segs_since(&[&a, &b], &before);
     let c1 = counters(&accel);
-    assert_eq!(delta(&c1, &c0, "inserted"), 0, "switch off: nothing may be inserted");
+    assert_eq!(
+        delta(&c1, &c0, "inserted"),
+        0,
+        "switch off: nothing may be inserted"
+    );
     assert_eq!(delta(&c1, &c0, "redirect_bytes"), 0);
 
     // Accelerated.
     accel.set_workloads(true, &wl).unwrap();
     let before = segs(&[&a, &b]);
-    finished(send(&mut mesh, &a, &["--connect", &target, "--bytes", &bytes]), "on");
+    finished(
+        send(&mut mesh, &a, &["--connect", &target, "--bytes", &bytes]),
+        "on",
+    );
     let on = in_segs_since(&[&a, &b], &before);
     let c2 = counters(&accel);
     eprintln!("in-segments per pod for 50 MiB: off {off:?}, on {on:?}; counters {c2}");
     // 3 connections = 6 sockets, all paired.
-    assert_eq!(delta(&c2, &c1, "inserted"), 6, "every socket of the three legs is inserted: {c2}");
+    assert_eq!(
+        delta(&c2, &c1, "inserted"),
+        6,
+        "every socket of the three legs is inserted: {c2}"
+    );
     assert_eq!(delta(&c2, &c1, "insert_collision"), 0);
     // Each leg carries the payload once, redirected.
-    assert!(delta(&c2, &c1, "redirect_bytes") >= 3 * MB50, "all three legs redirect: {c2}");
+    assert!(
+        delta(&c2, &c1, "redirect_bytes") >= 3 * MB50,
+        "all three legs redirect: {c2}"
+    );
     assert_eq!(delta(&c2, &c1, "fallback_no_peer"), 0, "{c2}");
     for (i, (on, off)) in on.iter().zip(&off).enumerate() {
-        assert!(*off > 1_000, "pod {i}: without acceleration segments grow with the payload ({off})");
-        assert!(*on < 200, "pod {i}: accelerated, only handshakes and teardown cross TCP ({on})");
+        assert!(
+            *off > 1_000,
+            "pod {i}: without acceleration segments grow with the payload ({off})"
+        );
+        assert!(
+            *on < 200,
+            "pod {i}: accelerated, only handshakes and teardown cross TCP ({on})"
+        );
     }
 }
 
@@ -125,8 +162,8 @@ fn identical_loopback_tuples_in_two_pods_never_pair_across() {
     let d = mesh_pod(&mut mesh, "d");
     let accel = Accel::start(&mesh, true, &[Workload::on(&c), Workload::on(&d)]).expect("agent");
     let c0 = counters(&accel);
-    let _s1 = sink(&mut mesh, &c, "127.0.0.1:9000");
-    let _s2 = sink(&mut mesh, &d, "127.0.0.1:9000");
+    sink(&mut mesh, &c, "127.0.0.1:9000");
+    sink(&mut mesh, &d, "127.0.0.1:9000");
     let mut senders = Vec::new();
     for round in 0..5u64 {
         for (pod, seed) in [(&c, 100 + round), (&d, 200 + round)] {
@@ -135,7 +172,18 @@ fn identical_loopback_tuples_in_two_pods_never_pair_across() {
             senders.push(send(
                 &mut mesh,
                 pod,
-                &["--connect", "127.0.0.1:9000", "--bind", &port, "--bytes", "4000000", "--seed", &seed, "--chunk", "16384"],
+                &[
+                    "--connect",
+                    "127.0.0.1:9000",
+                    "--bind",
+                    &port,
+                    "--bytes",
+                    "4000000",
+                    "--seed",
+                    &seed,
+                    "--chunk",
+                    "16384",
+                ],
             ));
         }
     }
@@ -143,7 +191,11 @@ fn identical_loopback_tuples_in_two_pods_never_pair_across() {
         finished(s, &format!("sender {i}"));
     }
     let c1 = counters(&accel);
-    assert_eq!(delta(&c1, &c0, "inserted"), 20, "both pods' loopback sockets were accelerated: {c1}");
+    assert_eq!(
+        delta(&c1, &c0, "inserted"),
+        20,
+        "both pods' loopback sockets were accelerated: {c1}"
+    );
     assert!(delta(&c1, &c0, "redirect_bytes") >= 10 * 4_000_000, "{c1}");
 }
 
@@ -156,45 +208,93 @@ fn disabled_excluded_and_switched_off_traffic_stays_correct() {
     let a = mesh_pod(&mut mesh, "a");
     let b = mesh_pod(&mut mesh, "b");
     let target = format!("{}:8080", b.ip);
-    let _sink = sink(&mut mesh, &b, &target);
+    sink(&mut mesh, &b, &target);
     let bytes = "8000000";
 
     // B disabled: nothing of B is inserted, so A's legs toward B find no peer on B's side.
-    let mut accel = Accel::start(&mesh, true, &[Workload::on(&a), Workload::off(&b)]).expect("agent");
+    let mut accel =
+        Accel::start(&mesh, true, &[Workload::on(&a), Workload::off(&b)]).expect("agent");
     let c0 = counters(&accel);
-    finished(send(&mut mesh, &a, &["--connect", &target, "--bytes", bytes]), "b disabled");
+    finished(
+        send(&mut mesh, &a, &["--connect", &target, "--bytes", bytes]),
+        "b disabled",
+    );
     let c1 = counters(&accel);
-    assert_eq!(delta(&c1, &c0, "inserted"), 3, "only A's sockets (app, relay in, relay out): {c1}");
-    assert!(delta(&c1, &c0, "redirect_bytes") >= 8_000_000, "leg 1 (inside A) still redirects: {c1}");
-    assert!(delta(&c1, &c0, "redirect_bytes") < 2 * 8_000_000, "legs 2 and 3 do not: {c1}");
+    assert_eq!(
+        delta(&c1, &c0, "inserted"),
+        3,
+        "only A's sockets (app, relay in, relay out): {c1}"
+    );
+    assert!(
+        delta(&c1, &c0, "redirect_bytes") >= 8_000_000,
+        "leg 1 (inside A) still redirects: {c1}"
+    );
+    assert!(
+        delta(&c1, &c0, "redirect_bytes") < 2 * 8_000_000,
+        "legs 2 and 3 do not: {c1}"
+    );
 
     // B excludes inbound port 8080: the app's accepted socket is never inserted (leg 3 on TCP).
     let mut b_excl = Workload::on(&b);
     b_excl.exclude_inbound_ports = vec![8080];
-    accel.set_workloads(true, &[Workload::on(&a), b_excl]).unwrap();
+    accel
+        .set_workloads(true, &[Workload::on(&a), b_excl])
+        .unwrap();
     let c1 = counters(&accel);
-    finished(send(&mut mesh, &a, &["--connect", &target, "--bytes", bytes]), "port excluded");
+    finished(
+        send(&mut mesh, &a, &["--connect", &target, "--bytes", bytes]),
+        "port excluded",
+    );
     let c2 = counters(&accel);
     assert_eq!(delta(&c2, &c1, "skip_excluded_port"), 1, "{c2}");
     assert_eq!(delta(&c2, &c1, "inserted"), 5, "{c2}");
-    assert!(delta(&c2, &c1, "redirect_bytes") >= 2 * 8_000_000, "legs 1 and 2 redirect: {c2}");
-    assert!(delta(&c2, &c1, "redirect_bytes") < 3 * 8_000_000, "leg 3 does not: {c2}");
+    assert!(
+        delta(&c2, &c1, "redirect_bytes") >= 2 * 8_000_000,
+        "legs 1 and 2 redirect: {c2}"
+    );
+    assert!(
+        delta(&c2, &c1, "redirect_bytes") < 3 * 8_000_000,
+        "leg 3 does not: {c2}"
+    );
 
     // Global switch off in the middle of a slow transfer: it completes byte-exact on TCP.
     let wl = [Workload::on(&a), Workload::on(&b)];
     accel.set_workloads(true, &wl).unwrap();
     let c2 = counters(&accel);
-    let slow = send(&mut mesh, &a, &["--connect", &target, "--bytes", "6000000", "--chunk", "65536", "--hold-ms", "20"]);
+    let slow = send(
+        &mut mesh,
+        &a,
+        &[
+            "--connect",
+            &target,
+            "--bytes",
+            "6000000",
+            "--chunk",
+            "65536",
+            "--hold-ms",
+            "20",
+        ],
+    );
     wait_until("the slow transfer is redirecting", || {
-        counters(&accel)["redirect_bytes"].as_u64().unwrap() > c2["redirect_bytes"].as_u64().unwrap() + 1_000_000
+        counters(&accel)["redirect_bytes"].as_u64().unwrap()
+            > c2["redirect_bytes"].as_u64().unwrap() + 1_000_000
     });
     accel.set_workloads(false, &wl).unwrap();
     finished(slow, "switched off mid-transfer");
     let c3 = counters(&accel);
-    assert!(delta(&c3, &c2, "fallback_disabled") >= 1, "senders fell back: {c3}");
-    assert!(delta(&c3, &c2, "tcp_bytes") > 0, "the rest went over TCP: {c3}");
+    assert!(
+        delta(&c3, &c2, "fallback_disabled") >= 1,
+        "senders fell back: {c3}"
+    );
+    assert!(
+        delta(&c3, &c2, "tcp_bytes") > 0,
+        "the rest went over TCP: {c3}"
+    );
     // New connections while off are not inserted at all.
-    finished(send(&mut mesh, &a, &["--connect", &target, "--bytes", bytes]), "off");
+    finished(
+        send(&mut mesh, &a, &["--connect", &target, "--bytes", bytes]),
+        "off",
+    );
     let c4 = counters(&accel);
     assert_eq!(delta(&c4, &c3, "inserted"), 0, "{c4}");
     assert_eq!(delta(&c4, &c3, "redirect_bytes"), 0, "{c4}");
@@ -209,9 +309,16 @@ fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
 }
 
 fn bpftool_ids(kind: &str) -> Vec<u64> {
-    let out = std::process::Command::new("bpftool").args(["-j", kind, "show"]).output().expect("bpftool (scripts/env.sh installs it)");
+    let out = std::process::Command::new("bpftool")
+        .args(["-j", kind, "show"])
+        .output()
+        .expect("bpftool (scripts/env.sh installs it)");
     let v: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Array(vec![]));
-    v.as_array().unwrap().iter().filter_map(|e| e["id"].as_u64()).collect()
+    v.as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| e["id"].as_u64())
+        .collect()
 }
 
 /// The agent is SIGKILLed mid-transfer and restarted: the transfer completes byte-exact, the new
@@ -227,39 +334,83 @@ fn agent_killed_mid_transfer_restarts_adopting_pins_and_uninstall_leaves_nothing
     let mut accel = Accel::start(&mesh, true, &wl).expect("agent");
     let first = accel.status().unwrap();
     let target = format!("{}:8080", b.ip);
-    let mut sink_proc = sink(&mut mesh, &b, &target);
-    let slow = send(&mut mesh, &a, &["--connect", &target, "--bytes", "20000000", "--chunk", "65536", "--hold-ms", "10"]);
-    wait_until("the transfer is redirecting", || counters(&accel)["redirect_bytes"].as_u64().unwrap() > 2_000_000);
+    sink(&mut mesh, &b, &target);
+    let slow = send(
+        &mut mesh,
+        &a,
+        &[
+            "--connect",
+            &target,
+            "--bytes",
+            "20000000",
+            "--chunk",
+            "65536",
+            "--hold-ms",
+            "10",
+        ],
+    );
+    wait_until("the transfer is redirecting", || {
+        counters(&accel)["redirect_bytes"].as_u64().unwrap() > 2_000_000
+    });
     accel.kill_agent();
     let mid = counters(&accel)["redirect_bytes"].as_u64().unwrap();
-    wait_until("redirects continue with no agent", || counters(&accel)["redirect_bytes"].as_u64().unwrap() > mid + 1_000_000);
+    wait_until("redirects continue with no agent", || {
+        counters(&accel)["redirect_bytes"].as_u64().unwrap() > mid + 1_000_000
+    });
     accel.start_agent().expect("restart");
     let second = accel.status().unwrap();
-    assert_eq!(first["link_id"], second["link_id"], "the restarted agent adopted the pinned link");
+    assert_eq!(
+        first["link_id"], second["link_id"],
+        "the restarted agent adopted the pinned link"
+    );
     assert_eq!(first["map_ids"], second["map_ids"], "and the pinned maps");
-    assert_eq!(second["prog_ids"].as_array().unwrap().len(), 2, "no second attach: {second}");
+    assert_eq!(
+        second["prog_ids"].as_array().unwrap().len(),
+        2,
+        "no second attach: {second}"
+    );
     finished(slow, "agent killed and restarted mid-transfer");
-    finished(send(&mut mesh, &a, &["--connect", &target, "--bytes", "1000000"]), "after restart");
+    finished(
+        send(&mut mesh, &a, &["--connect", &target, "--bytes", "1000000"]),
+        "after restart",
+    );
 
     // Uninstall while the sink's connection set is idle but the relays hold no data; then end
     // every process: the kernel must hold none of this run's programs, maps or link.
     let ids: Vec<u64> = ["map_ids", "prog_ids"]
         .iter()
-        .flat_map(|k| second[*k].as_array().unwrap().iter().map(|v| v.as_u64().unwrap()))
+        .flat_map(|k| {
+            second[*k]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_u64().unwrap())
+        })
         .collect();
     let link = second["link_id"].as_u64().expect("link id");
     accel.kill_agent();
     let report = accel.uninstall().expect("uninstall");
-    assert!(report["removed_pins"].as_array().unwrap().len() >= 8, "{report}");
-    let _ = sink_proc.kill();
+    assert!(
+        report["removed_pins"].as_array().unwrap().len() >= 8,
+        "{report}"
+    );
     drop(mesh); // every pod process ends, their sockets close
-    wait_until("the kernel freed this run's programs, maps and link", || {
-        let live: Vec<u64> = [bpftool_ids("prog"), bpftool_ids("map")].concat();
-        !ids.iter().any(|id| live.contains(id)) && !bpftool_ids("link").contains(&link)
-    });
-    let names = std::process::Command::new("bpftool").args(["prog", "show"]).output().unwrap();
+    wait_until(
+        "the kernel freed this run's programs, maps and link",
+        || {
+            let live: Vec<u64> = [bpftool_ids("prog"), bpftool_ids("map")].concat();
+            !ids.iter().any(|id| live.contains(id)) && !bpftool_ids("link").contains(&link)
+        },
+    );
+    let names = std::process::Command::new("bpftool")
+        .args(["prog", "show"])
+        .output()
+        .unwrap();
     let text = String::from_utf8_lossy(&names.stdout);
-    assert!(!text.contains("meshaccel_ops") && !text.contains("meshaccel_msg"), "meshaccel programs remain:\n{text}");
+    assert!(
+        !text.contains("meshaccel_ops") && !text.contains("meshaccel_msg"),
+        "meshaccel programs remain:\n{text}"
+    );
     drop(accel);
 }
 
@@ -278,12 +429,22 @@ fn bad_workloads_file_keeps_the_last_good_state() {
         accel.write_raw(bad).unwrap();
         std::thread::sleep(Duration::from_millis(400));
         let s = accel.status().unwrap();
-        assert_eq!(s["workloads_enabled"], 1, "last good state kept after {bad:?}: {s}");
+        assert_eq!(
+            s["workloads_enabled"], 1,
+            "last good state kept after {bad:?}: {s}"
+        );
         assert_eq!(s["enabled"], true);
     }
     // And the dataplane still accelerates that workload.
-    let _s = sink(&mut mesh, &a, "127.0.0.1:9000");
+    sink(&mut mesh, &a, "127.0.0.1:9000");
     let c0 = counters(&accel);
-    finished(send(&mut mesh, &a, &["--connect", "127.0.0.1:9000", "--bytes", "1000000"]), "after bad files");
+    finished(
+        send(
+            &mut mesh,
+            &a,
+            &["--connect", "127.0.0.1:9000", "--bytes", "1000000"],
+        ),
+        "after bad files",
+    );
     assert_eq!(delta(&counters(&accel), &c0, "inserted"), 2);
 }

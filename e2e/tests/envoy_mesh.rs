@@ -15,8 +15,12 @@ fn report(child: std::process::Child, what: &str) -> Value {
     let out = wait_output_timeout(child, Duration::from_secs(120)).expect("app finished");
     let text = String::from_utf8_lossy(&out.stdout);
     let last = text.lines().last().unwrap_or_default();
-    let v: Value = serde_json::from_str(last).unwrap_or_else(|e| panic!("{what}: bad report {text:?}: {e}"));
-    assert!(out.status.success() && v["ok"] == true, "{what}: failed: {v}");
+    let v: Value =
+        serde_json::from_str(last).unwrap_or_else(|e| panic!("{what}: bad report {text:?}: {e}"));
+    assert!(
+        out.status.success() && v["ok"] == true,
+        "{what}: failed: {v}"
+    );
     v
 }
 
@@ -29,11 +33,16 @@ fn delta(after: &Value, before: &Value, name: &str) -> u64 {
 }
 
 fn segs(m: &SidecarMesh, pods: &[&str]) -> Vec<TcpCounters> {
-    pods.iter().map(|p| m.pod(p).tcp_counters().unwrap()).collect()
+    pods.iter()
+        .map(|p| m.pod(p).tcp_counters().unwrap())
+        .collect()
 }
 
 fn in_segs_since(m: &SidecarMesh, pods: &[&str], before: &[TcpCounters]) -> Vec<u64> {
-    pods.iter().zip(before).map(|(p, b)| m.pod(p).tcp_counters().unwrap().since(b).in_segs).collect()
+    pods.iter()
+        .zip(before)
+        .map(|(p, b)| m.pod(p).tcp_counters().unwrap().since(b).in_segs)
+        .collect()
 }
 
 /// Client pod → server pod through both Envoys with mTLS: all three legs are redirected, and
@@ -41,40 +50,70 @@ fn in_segs_since(m: &SidecarMesh, pods: &[&str], before: &[TcpCounters]) -> Vec<
 #[test]
 fn envoy_sidecars_all_legs_accelerated_with_mtls() {
     require_root();
-    let mut m = SidecarMesh::start(&[PodSpec::mesh("client", &[]), PodSpec::mesh("server", &[8080])]).expect("mesh");
+    let mut m = SidecarMesh::start(&[
+        PodSpec::mesh("client", &[]),
+        PodSpec::mesh("server", &[8080]),
+    ])
+    .expect("mesh");
     let (client, server) = (m.pod("client").clone(), m.pod("server").clone());
     let wl = [Workload::on(&client), Workload::on(&server)];
     let mut accel = Accel::start(&m.mesh, false, &wl).expect("agent");
-    let _sink = m.app("server", &["sink", "--listen", "0.0.0.0:8080"]).unwrap();
+    m.serve("server", &["sink", "--listen", "0.0.0.0:8080"])
+        .unwrap();
     let target = format!("{}:8080", server.ip);
     let pods = ["client", "server"];
     let bytes = (20u64 << 20).to_string();
 
     let before = segs(&m, &pods);
-    report(m.app("client", &["send", "--connect", &target, "--bytes", &bytes]).unwrap(), "off");
+    report(
+        m.app("client", &["send", "--connect", &target, "--bytes", &bytes])
+            .unwrap(),
+        "off",
+    );
     let off = in_segs_since(&m, &pods, &before);
 
     accel.set_workloads(true, &wl).unwrap();
     let c0 = counters(&accel);
     let before = segs(&m, &pods);
-    report(m.app("client", &["send", "--connect", &target, "--bytes", &bytes]).unwrap(), "on");
+    report(
+        m.app("client", &["send", "--connect", &target, "--bytes", &bytes])
+            .unwrap(),
+        "on",
+    );
     let on = in_segs_since(&m, &pods, &before);
     let c1 = counters(&accel);
     eprintln!("Envoy mesh, 20 MiB: in-segments off {off:?} on {on:?}; counters {c1}");
-    assert_eq!(delta(&c1, &c0, "inserted"), 6, "app, Envoy A in/out, Envoy B in/out, app B: {c1}");
+    assert_eq!(
+        delta(&c1, &c0, "inserted"),
+        6,
+        "app, Envoy A in/out, Envoy B in/out, app B: {c1}"
+    );
     assert_eq!(delta(&c1, &c0, "fallback_no_peer"), 0, "{c1}");
     // Legs 1 and 3 carry the payload in plaintext; leg 2 carries it inside TLS records.
     assert!(delta(&c1, &c0, "redirect_bytes") >= 3 * (20 << 20), "{c1}");
     let tls = m.envoy_stats("server", "ssl.handshake").unwrap();
-    assert!(tls.iter().any(|(_, v)| *v > 0), "the sidecar leg is mTLS: {tls:?}");
+    assert!(
+        tls.iter().any(|(_, v)| *v > 0),
+        "the sidecar leg is mTLS: {tls:?}"
+    );
     for (i, (on, off)) in on.iter().zip(&off).enumerate() {
-        assert!(*off > 500, "pod {i}: off, segments grow with the payload ({off})");
-        assert!(*on < 100, "pod {i}: on, only handshakes and teardown ({on})");
+        assert!(
+            *off > 500,
+            "pod {i}: off, segments grow with the payload ({off})"
+        );
+        assert!(
+            *on < 100,
+            "pod {i}: on, only handshakes and teardown ({on})"
+        );
     }
 }
 
 fn http_load(m: &mut SidecarMesh, from: &str, target: &str, extra: &[&str]) -> std::process::Child {
-    m.app(from, &[&["http-load", "--connect", target, "--size", "1024"], extra].concat()).expect("http-load")
+    m.app(
+        from,
+        &[&["http-load", "--connect", target, "--size", "1024"], extra].concat(),
+    )
+    .expect("http-load")
 }
 
 /// A pod without a sidecar (no capture rules, no Envoy, not a workload) calls a mesh pod: correct,
@@ -82,13 +121,30 @@ fn http_load(m: &mut SidecarMesh, from: &str, target: &str, extra: &[&str]) -> s
 #[test]
 fn pod_without_sidecar_talks_to_mesh_pod() {
     require_root();
-    let mut m = SidecarMesh::start(&[PodSpec::plain("plain", &[]), PodSpec::mesh("server", &[8080])]).expect("mesh");
+    let mut m = SidecarMesh::start(&[
+        PodSpec::plain("plain", &[]),
+        PodSpec::mesh("server", &[8080]),
+    ])
+    .expect("mesh");
     let (plain, server) = (m.pod("plain").clone(), m.pod("server").clone());
     let accel = Accel::start(&m.mesh, true, &[Workload::on(&server)]).expect("agent");
-    let _http = m.app("server", &["http-server", "--listen", "0.0.0.0:8080"]).unwrap();
+    m.serve("server", &["http-server", "--listen", "0.0.0.0:8080"])
+        .unwrap();
     let target = format!("{}:8080", server.ip);
     let c0 = counters(&accel);
-    let load = http_load(&mut m, "plain", &target, &["--requests", "3000", "--connections", "2", "--progress-ms", "100"]);
+    let load = http_load(
+        &mut m,
+        "plain",
+        &target,
+        &[
+            "--requests",
+            "3000",
+            "--connections",
+            "2",
+            "--progress-ms",
+            "100",
+        ],
+    );
     // Look at the sockhash while the keep-alive connections are open.
     let plain_ns = plain.netns_cookie().unwrap().to_string();
     let server_ns = server.netns_cookie().unwrap().to_string();
@@ -96,7 +152,10 @@ fn pod_without_sidecar_talks_to_mesh_pod() {
     for _ in 0..50 {
         let s = accel.status().unwrap();
         let by = s["sockets_by_netns"].as_object().unwrap().clone();
-        assert!(!by.contains_key(&plain_ns), "a socket of the plain pod entered the sockhash: {s}");
+        assert!(
+            !by.contains_key(&plain_ns),
+            "a socket of the plain pod entered the sockhash: {s}"
+        );
         seen_server = seen_server.max(by.get(&server_ns).and_then(|v| v.as_u64()).unwrap_or(0));
         if seen_server >= 4 {
             break;
@@ -107,7 +166,10 @@ fn pod_without_sidecar_talks_to_mesh_pod() {
     assert_eq!(v["errors"], 0, "{v}");
     let c1 = counters(&accel);
     // Envoy's inbound passthrough leg (127.0.0.6 → app) inside the server pod is accelerated.
-    assert!(seen_server >= 4, "the server pod's leg 3 sockets were in the sockhash (saw {seen_server})");
+    assert!(
+        seen_server >= 4,
+        "the server pod's leg 3 sockets were in the sockhash (saw {seen_server})"
+    );
     assert!(delta(&c1, &c0, "redirect_msgs") >= 2 * 3000, "{c1}");
 }
 
@@ -115,32 +177,85 @@ fn pod_without_sidecar_talks_to_mesh_pod() {
 #[test]
 fn disabled_workload_and_excluded_inbound_port_stay_on_tcp() {
     require_root();
-    let mut m = SidecarMesh::start(&[PodSpec::mesh("client", &[]), PodSpec::mesh("server", &[8080, 9090])]).expect("mesh");
+    let mut m = SidecarMesh::start(&[
+        PodSpec::mesh("client", &[]),
+        PodSpec::mesh("server", &[8080, 9090]),
+    ])
+    .expect("mesh");
     let (client, server) = (m.pod("client").clone(), m.pod("server").clone());
-    let mut accel = Accel::start(&m.mesh, true, &[Workload::on(&client), Workload::off(&server)]).expect("agent");
-    let _h1 = m.app("server", &["http-server", "--listen", "0.0.0.0:8080"]).unwrap();
-    let _h2 = m.app("server", &["http-server", "--listen", "0.0.0.0:9090"]).unwrap();
+    let mut accel = Accel::start(
+        &m.mesh,
+        true,
+        &[Workload::on(&client), Workload::off(&server)],
+    )
+    .expect("agent");
+    m.serve("server", &["http-server", "--listen", "0.0.0.0:8080"])
+        .unwrap();
+    m.serve("server", &["http-server", "--listen", "0.0.0.0:9090"])
+        .unwrap();
     let server_ns = server.netns_cookie().unwrap().to_string();
 
     let c0 = counters(&accel);
-    let v = report(http_load(&mut m, "client", &format!("{}:8080", server.ip), &["--requests", "500"]), "server disabled");
+    let v = report(
+        http_load(
+            &mut m,
+            "client",
+            &format!("{}:8080", server.ip),
+            &["--requests", "500"],
+        ),
+        "server disabled",
+    );
     assert_eq!(v["errors"], 0);
     let c1 = counters(&accel);
-    assert_eq!(delta(&c1, &c0, "inserted"), 3, "only the client pod's sockets: {c1}");
-    assert!(!accel.status().unwrap()["sockets_by_netns"].as_object().unwrap().contains_key(&server_ns));
+    assert_eq!(
+        delta(&c1, &c0, "inserted"),
+        3,
+        "only the client pod's sockets: {c1}"
+    );
+    assert!(
+        !accel.status().unwrap()["sockets_by_netns"]
+            .as_object()
+            .unwrap()
+            .contains_key(&server_ns)
+    );
 
     let mut s = Workload::on(&server);
     s.exclude_inbound_ports = vec![9090];
-    accel.set_workloads(true, &[Workload::on(&client), s]).unwrap();
+    accel
+        .set_workloads(true, &[Workload::on(&client), s])
+        .unwrap();
     let c1 = counters(&accel);
-    let v = report(http_load(&mut m, "client", &format!("{}:9090", server.ip), &["--requests", "500"]), "port excluded");
+    let v = report(
+        http_load(
+            &mut m,
+            "client",
+            &format!("{}:9090", server.ip),
+            &["--requests", "500"],
+        ),
+        "port excluded",
+    );
     assert_eq!(v["errors"], 0);
     let c2 = counters(&accel);
-    assert_eq!(delta(&c2, &c1, "skip_excluded_port"), 1, "the app's socket on 9090 is never inserted: {c2}");
-    assert!(delta(&c2, &c1, "fallback_no_peer") >= 1, "Envoy's 127.0.0.6 leg to 9090 stays on TCP: {c2}");
+    assert_eq!(
+        delta(&c2, &c1, "skip_excluded_port"),
+        1,
+        "the app's socket on 9090 is never inserted: {c2}"
+    );
+    assert!(
+        delta(&c2, &c1, "fallback_no_peer") >= 1,
+        "Envoy's 127.0.0.6 leg to 9090 stays on TCP: {c2}"
+    );
     // Port 8080 of the same workload is accelerated on all legs.
     let c2 = counters(&accel);
-    report(http_load(&mut m, "client", &format!("{}:8080", server.ip), &["--requests", "500"]), "8080");
+    report(
+        http_load(
+            &mut m,
+            "client",
+            &format!("{}:8080", server.ip),
+            &["--requests", "500"],
+        ),
+        "8080",
+    );
     let c3 = counters(&accel);
     assert_eq!(delta(&c3, &c2, "inserted"), 6, "{c3}");
     assert_eq!(delta(&c3, &c2, "fallback_no_peer"), 0, "{c3}");
@@ -151,27 +266,53 @@ fn disabled_workload_and_excluded_inbound_port_stay_on_tcp() {
 #[test]
 fn disabling_a_workload_under_keepalive_load_fails_no_request() {
     require_root();
-    let mut m = SidecarMesh::start(&[PodSpec::mesh("client", &[]), PodSpec::mesh("server", &[8080])]).expect("mesh");
+    let mut m = SidecarMesh::start(&[
+        PodSpec::mesh("client", &[]),
+        PodSpec::mesh("server", &[8080]),
+    ])
+    .expect("mesh");
     let (client, server) = (m.pod("client").clone(), m.pod("server").clone());
-    let mut accel = Accel::start(&m.mesh, true, &[Workload::on(&client), Workload::on(&server)]).expect("agent");
-    let _http = m.app("server", &["http-server", "--listen", "0.0.0.0:8080"]).unwrap();
+    let mut accel = Accel::start(
+        &m.mesh,
+        true,
+        &[Workload::on(&client), Workload::on(&server)],
+    )
+    .expect("agent");
+    m.serve("server", &["http-server", "--listen", "0.0.0.0:8080"])
+        .unwrap();
     let c0 = counters(&accel);
-    let load = http_load(&mut m, "client", &format!("{}:8080", server.ip), &["--requests", "20000", "--rate", "4000"]);
+    let load = http_load(
+        &mut m,
+        "client",
+        &format!("{}:8080", server.ip),
+        &["--requests", "20000", "--rate", "4000"],
+    );
     let redirected = |a: &Accel| counters(a)["redirect_msgs"].as_u64().unwrap();
     let start = redirected(&accel);
     let t = std::time::Instant::now();
     while redirected(&accel) < start + 3000 {
-        assert!(t.elapsed() < Duration::from_secs(20), "load is not being redirected");
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "load is not being redirected"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
-    accel.set_workloads(true, &[Workload::on(&client), Workload::off(&server)]).unwrap();
+    accel
+        .set_workloads(true, &[Workload::on(&client), Workload::off(&server)])
+        .unwrap();
     let tcp_before = counters(&accel)["tcp_msgs"].as_u64().unwrap();
     let v = report(load, "disabled under load");
     assert_eq!(v["errors"], 0, "{v}");
     assert_eq!(v["requests"], 20000, "{v}");
     let c1 = counters(&accel);
-    assert!(delta(&c1, &c0, "fallback_disabled") >= 2, "redirecting senders fell back: {c1}");
-    assert!(c1["tcp_msgs"].as_u64().unwrap() > tcp_before + 1000, "the rest of the requests went over TCP: {c1}");
+    assert!(
+        delta(&c1, &c0, "fallback_disabled") >= 2,
+        "redirecting senders fell back: {c1}"
+    );
+    assert!(
+        c1["tcp_msgs"].as_u64().unwrap() > tcp_before + 1000,
+        "the rest of the requests went over TCP: {c1}"
+    );
 }
 
 /// Envoy is killed and restarted in the client pod while load runs: the load reconnects, the
@@ -179,23 +320,54 @@ fn disabling_a_workload_under_keepalive_load_fails_no_request() {
 #[test]
 fn envoy_restart_under_load_recovers() {
     require_root();
-    let mut m = SidecarMesh::start(&[PodSpec::mesh("client", &[]), PodSpec::mesh("server", &[8080])]).expect("mesh");
+    let mut m = SidecarMesh::start(&[
+        PodSpec::mesh("client", &[]),
+        PodSpec::mesh("server", &[8080]),
+    ])
+    .expect("mesh");
     let (client, server) = (m.pod("client").clone(), m.pod("server").clone());
-    let accel = Accel::start(&m.mesh, true, &[Workload::on(&client), Workload::on(&server)]).expect("agent");
-    let _http = m.app("server", &["http-server", "--listen", "0.0.0.0:8080"]).unwrap();
+    let accel = Accel::start(
+        &m.mesh,
+        true,
+        &[Workload::on(&client), Workload::on(&server)],
+    )
+    .expect("agent");
+    m.serve("server", &["http-server", "--listen", "0.0.0.0:8080"])
+        .unwrap();
     let target = format!("{}:8080", server.ip);
-    let load = http_load(&mut m, "client", &target, &["--duration-ms", "4000", "--connections", "2", "--rate", "2000"]);
+    let load = http_load(
+        &mut m,
+        "client",
+        &target,
+        &[
+            "--duration-ms",
+            "4000",
+            "--connections",
+            "2",
+            "--rate",
+            "2000",
+        ],
+    );
     std::thread::sleep(Duration::from_millis(1000));
     m.restart_envoy("client").expect("restart envoy");
     let out = wait_output_timeout(load, Duration::from_secs(60)).unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     let v: Value = serde_json::from_str(text.lines().last().unwrap()).unwrap();
     eprintln!("load across an Envoy restart: {v}");
-    assert!(v["reconnects"].as_u64().unwrap() >= 1, "the restart broke the connections: {v}");
-    assert!(v["requests"].as_u64().unwrap() > v["errors"].as_u64().unwrap() * 10, "{v}");
+    assert!(
+        v["reconnects"].as_u64().unwrap() >= 1,
+        "the restart broke the connections: {v}"
+    );
+    assert!(
+        v["requests"].as_u64().unwrap() > v["errors"].as_u64().unwrap() * 10,
+        "{v}"
+    );
     // After the restart: a fresh load is fully correct and accelerated on all legs.
     let c0 = counters(&accel);
-    let v = report(http_load(&mut m, "client", &target, &["--requests", "2000"]), "after restart");
+    let v = report(
+        http_load(&mut m, "client", &target, &["--requests", "2000"]),
+        "after restart",
+    );
     assert_eq!(v["errors"], 0);
     let c1 = counters(&accel);
     assert_eq!(delta(&c1, &c0, "inserted"), 6, "{c1}");
@@ -210,7 +382,10 @@ fn envoy_restart_under_load_recovers() {
         if s["sockets"] == 0 && s["sockets_by_netns"].as_object().unwrap().is_empty() {
             break;
         }
-        assert!(t.elapsed() < Duration::from_secs(10), "sockets left in the sockhash: {s}");
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "sockets left in the sockhash: {s}"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
 }

@@ -1,8 +1,6 @@
 //! Istio's sidecar capture rules (REDIRECT mode), as istio-cni renders them for a pod: the `nat`
 //! table in iptables-restore syntax. Defaults are Istio's; the fields map to Istio's pod
 //! annotations (`traffic.sidecar.istio.io/*`).
-use std::fmt::Write as _;
-
 /// Which inbound ports are captured.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum InboundPorts {
@@ -66,12 +64,26 @@ impl CaptureConfig {
             r.push_str(&line);
             r.push('\n');
         };
-        for chain in ["ISTIO_INBOUND", "ISTIO_REDIRECT", "ISTIO_IN_REDIRECT", "ISTIO_OUTPUT"] {
+        for chain in [
+            "ISTIO_INBOUND",
+            "ISTIO_REDIRECT",
+            "ISTIO_IN_REDIRECT",
+            "ISTIO_OUTPUT",
+        ] {
             add(format!("-N {chain}"));
         }
-        add(format!("-A ISTIO_INBOUND -p tcp --dport {} -j RETURN", self.tunnel_port));
-        add(format!("-A ISTIO_REDIRECT -p tcp -j REDIRECT --to-ports {}", self.proxy_port));
-        add(format!("-A ISTIO_IN_REDIRECT -p tcp -j REDIRECT --to-ports {}", self.inbound_capture_port));
+        add(format!(
+            "-A ISTIO_INBOUND -p tcp --dport {} -j RETURN",
+            self.tunnel_port
+        ));
+        add(format!(
+            "-A ISTIO_REDIRECT -p tcp -j REDIRECT --to-ports {}",
+            self.proxy_port
+        ));
+        add(format!(
+            "-A ISTIO_IN_REDIRECT -p tcp -j REDIRECT --to-ports {}",
+            self.inbound_capture_port
+        ));
         add("-A PREROUTING -p tcp -j ISTIO_INBOUND".into());
         match &self.inbound_ports {
             InboundPorts::All => {
@@ -82,7 +94,9 @@ impl CaptureConfig {
             }
             InboundPorts::Only(ports) => {
                 for p in ports {
-                    add(format!("-A ISTIO_INBOUND -p tcp --dport {p} -j ISTIO_IN_REDIRECT"));
+                    add(format!(
+                        "-A ISTIO_INBOUND -p tcp --dport {p} -j ISTIO_IN_REDIRECT"
+                    ));
                 }
             }
         }
@@ -99,9 +113,13 @@ impl CaptureConfig {
                 self.tunnel_port
             ));
             if !loopback {
-                add(format!("-A ISTIO_OUTPUT -o lo -m owner ! --{kind}-owner {id} -j RETURN"));
+                add(format!(
+                    "-A ISTIO_OUTPUT -o lo -m owner ! --{kind}-owner {id} -j RETURN"
+                ));
             }
-            add(format!("-A ISTIO_OUTPUT -m owner --{kind}-owner {id} -j RETURN"));
+            add(format!(
+                "-A ISTIO_OUTPUT -m owner --{kind}-owner {id} -j RETURN"
+            ));
         }
         add("-A ISTIO_OUTPUT -d 127.0.0.1/32 -j RETURN".into());
         for c in &self.exclude_outbound_cidrs {
@@ -115,7 +133,7 @@ impl CaptureConfig {
                 }
             }
         }
-        let _ = write!(r, "COMMIT\n");
+        r.push_str("COMMIT\n");
         r
     }
 }

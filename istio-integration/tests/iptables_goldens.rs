@@ -7,16 +7,25 @@ fn golden(name: &str) -> String {
     let dir = std::env::var_os("MESHACCEL_FIXTURES")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/fixtures"));
-    let path = dir.join("iptables/istio-cni-sidecar").join(format!("{name}.txt.golden"));
-    std::fs::read_to_string(&path)
-        .unwrap_or_else(|e| panic!("{}: {e} (set MESHACCEL_FIXTURES to the shared fixtures)", path.display()))
+    let path = dir
+        .join("iptables/istio-cni-sidecar")
+        .join(format!("{name}.txt.golden"));
+    std::fs::read_to_string(&path).unwrap_or_else(|e| {
+        panic!(
+            "{}: {e} (set MESHACCEL_FIXTURES to the shared fixtures)",
+            path.display()
+        )
+    })
 }
 
 #[track_caller]
 fn same(cfg: &CaptureConfig, name: &str) {
     let ours = cfg.render_nat();
     let theirs = golden(name);
-    assert!(ours == theirs, "{name}: rendered rules differ from Istio's golden\n--- ours\n{ours}--- istio\n{theirs}");
+    assert!(
+        ours == theirs,
+        "{name}: rendered rules differ from Istio's golden\n--- ours\n{ours}--- istio\n{theirs}"
+    );
 }
 
 #[test]
@@ -37,7 +46,11 @@ fn include_inbound_and_exclude_outbound_ports_equal_istio() {
 
 #[test]
 fn custom_proxy_uid_equals_istio() {
-    let cfg = CaptureConfig { proxy_uid: 1000670000, proxy_gid: 1000670001, ..Default::default() };
+    let cfg = CaptureConfig {
+        proxy_uid: 1000670000,
+        proxy_gid: 1000670001,
+        ..Default::default()
+    };
     same(&cfg, "custom-uid");
 }
 

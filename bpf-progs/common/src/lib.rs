@@ -128,7 +128,11 @@ impl PairKey {
     /// The key the other socket of this connection is stored under.
     pub const fn peer(&self) -> Self {
         let mut peer = *self;
-        peer.role = if self.role == ROLE_CLIENT { ROLE_SERVER } else { ROLE_CLIENT };
+        peer.role = if self.role == ROLE_CLIENT {
+            ROLE_SERVER
+        } else {
+            ROLE_CLIENT
+        };
         peer
     }
 }
@@ -196,7 +200,13 @@ const _: () = assert!(size_of::<PortKey>() == 16);
 
 impl PortKey {
     pub const fn new(netns_cookie: u64, port: u16, direction: u8) -> Self {
-        Self { netns_cookie, port, direction, _pad0: 0, _pad1: 0 }
+        Self {
+            netns_cookie,
+            port,
+            direction,
+            _pad0: 0,
+            _pad1: 0,
+        }
     }
 }
 
@@ -254,7 +264,14 @@ mod tests {
 
     #[test]
     fn peer_flips_role_only() {
-        let k = PairKey { netns_cookie: 7, client_ip_be: v4_mapped(1), client_port: 5, client_seq: 9, server_seq: 11, role: ROLE_CLIENT };
+        let k = PairKey {
+            netns_cookie: 7,
+            client_ip_be: v4_mapped(1),
+            client_port: 5,
+            client_seq: 9,
+            server_seq: 11,
+            role: ROLE_CLIENT,
+        };
         assert_eq!(k.peer().role, ROLE_SERVER);
         assert_eq!(k.peer().peer(), k);
         assert_ne!(k.peer(), k);

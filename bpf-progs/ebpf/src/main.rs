@@ -25,9 +25,9 @@ mod progs {
         programs::{SkMsgContext, SockOpsContext},
     };
     use meshaccel_common::{
-        Config, DIR_INBOUND, DIR_OUTBOUND, POLICY_ENABLED, PairKey, PeerInfo, PortKey,
-        ROLE_CLIENT, ROLE_SERVER, STATE_REDIRECT, STATE_TCP, STATE_UNDECIDED, SockState,
-        WorkloadPolicy, capacity, counter, is_loopback, port_from_be_field, v4_mapped,
+        Config, DIR_INBOUND, DIR_OUTBOUND, POLICY_ENABLED, PairKey, PeerInfo, PortKey, ROLE_CLIENT,
+        ROLE_SERVER, STATE_REDIRECT, STATE_TCP, STATE_UNDECIDED, SockState, WorkloadPolicy,
+        capacity, counter, is_loopback, port_from_be_field, v4_mapped,
     };
 
     const SOCKS_MAX: usize = capacity::SOCKS as usize;
@@ -133,7 +133,10 @@ mod progs {
         // Every address field is read, whatever the family: loads chosen by a branch get merged
         // by LLVM into one load through ctx + variable offset, which the verifier rejects.
         let (l4, r4) = (rd(&raw const ops.local_ip4), rd(&raw const ops.remote_ip4));
-        let (l6, r6) = (ip6(&raw const ops.local_ip6), ip6(&raw const ops.remote_ip6));
+        let (l6, r6) = (
+            ip6(&raw const ops.local_ip6),
+            ip6(&raw const ops.remote_ip6),
+        );
         let (local_ip, remote_ip) = match ops.family {
             AF_INET => (v4_mapped(l4), v4_mapped(r4)),
             AF_INET6 => (l6, r6),
@@ -162,7 +165,13 @@ mod progs {
         let (client_ip, client_port, client_seq, server_seq, role) = if active {
             (local_ip, local_port, ops.snd_nxt, ops.rcv_nxt, ROLE_CLIENT)
         } else {
-            (remote_ip, remote_port, ops.rcv_nxt, ops.snd_nxt, ROLE_SERVER)
+            (
+                remote_ip,
+                remote_port,
+                ops.rcv_nxt,
+                ops.snd_nxt,
+                ROLE_SERVER,
+            )
         };
         let key = PairKey {
             // Loopback addresses repeat in every pod: name the netns too.
@@ -178,10 +187,21 @@ mod progs {
         if sk.is_null() {
             return Err(());
         }
-        if let Err(e) =
-            MESHACCEL_PEERS.insert(key, PeerInfo { netns_cookie: netns }, BPF_NOEXIST.into())
-        {
-            count(if e == -EEXIST { counter::INSERT_COLLISION } else { counter::INSERT_FAILED }, 1);
+        if let Err(e) = MESHACCEL_PEERS.insert(
+            key,
+            PeerInfo {
+                netns_cookie: netns,
+            },
+            BPF_NOEXIST.into(),
+        ) {
+            count(
+                if e == -EEXIST {
+                    counter::INSERT_COLLISION
+                } else {
+                    counter::INSERT_FAILED
+                },
+                1,
+            );
             return Err(());
         }
         let init = SockState {
@@ -212,7 +232,14 @@ mod progs {
         {
             let _ = MESHACCEL_PEERS.remove(key);
             unsafe { (*st).state = STATE_TCP };
-            count(if e == -EEXIST { counter::INSERT_COLLISION } else { counter::INSERT_FAILED }, 1);
+            count(
+                if e == -EEXIST {
+                    counter::INSERT_COLLISION
+                } else {
+                    counter::INSERT_FAILED
+                },
+                1,
+            );
             return Err(());
         }
         // Ask for a callback at TCP_CLOSE so the PEERS entry goes with the socket.

@@ -52,7 +52,10 @@ struct Phase {
 fn run_load(m: &mut SidecarMesh, stop_file: &Path, a: &Args) -> anyhow::Result<Phase> {
     let target = format!("{}:8080", m.pod("server").ip);
     let pods = ["client", "server"];
-    let before: Vec<_> = pods.iter().map(|p| m.pod(p).tcp_counters()).collect::<Result<_, _>>()?;
+    let before: Vec<_> = pods
+        .iter()
+        .map(|p| m.pod(p).tcp_counters())
+        .collect::<Result<_, _>>()?;
     let child = m.app(
         "client",
         &[
@@ -102,13 +105,16 @@ fn run(a: &Args) -> anyhow::Result<()> {
     require_root();
     eprintln!("[demo] starting two pods with Istio's capture rules and Envoy sidecars (mTLS)");
     let mut m = SidecarMesh::start_with(
-        &[PodSpec::mesh("client", &[]), PodSpec::mesh("server", &[8080])],
+        &[
+            PodSpec::mesh("client", &[]),
+            PodSpec::mesh("server", &[8080]),
+        ],
         Rules::Generated,
     )?;
     let wl = [Workload::on(m.pod("client")), Workload::on(m.pod("server"))];
     eprintln!("[demo] starting the meshaccel agent (switch off)");
     let mut accel = Accel::start(&m.mesh, false, &wl)?;
-    let _server = m.app("server", &["http-server", "--listen", "0.0.0.0:8080"])?;
+    m.serve("server", &["http-server", "--listen", "0.0.0.0:8080"])?;
     let stop_file = m.dir().join("stop");
     // Ctrl-C: tell the running load to stop (it polls this file), then unwind and clean up.
     let stop = stop_file.clone();
@@ -139,19 +145,35 @@ fn run(a: &Args) -> anyhow::Result<()> {
     let c = accel.status()?;
     let (off, on) = (median(off), median(on));
     println!();
-    println!("meshaccel demo: client app → Envoy → (mTLS) → Envoy → server app, HTTP/1.1 keep-alive,");
-    println!("{} B responses, {} connection(s), median of {} interleaved rounds", a.size, a.connections, a.rounds);
+    println!(
+        "meshaccel demo: client app → Envoy → (mTLS) → Envoy → server app, HTTP/1.1 keep-alive,"
+    );
+    println!(
+        "{} B responses, {} connection(s), median of {} interleaved rounds",
+        a.size, a.connections, a.rounds
+    );
     println!();
-    println!("| {:<22} | {:>12} | {:>12} | {:>8} |", "", "off", "on", "on/off");
+    println!(
+        "| {:<22} | {:>12} | {:>12} | {:>8} |",
+        "", "off", "on", "on/off"
+    );
     println!("|{:-<24}|{:->14}|{:->14}|{:->10}|", "", "", "", "");
     let row = |name: &str, x: f64, y: f64, prec: usize| {
-        println!("| {name:<22} | {x:>12.prec$} | {y:>12.prec$} | {:>8.2} |", y / x);
+        println!(
+            "| {name:<22} | {x:>12.prec$} | {y:>12.prec$} | {:>8.2} |",
+            y / x
+        );
     };
     row("requests", off.requests as f64, on.requests as f64, 0);
     row("p50 latency (µs)", off.p50_us, on.p50_us, 1);
     row("p99 latency (µs)", off.p99_us, on.p99_us, 1);
     row("requests per second", off.qps, on.qps, 0);
-    row("TCP segments / request", off.segs_per_req, on.segs_per_req, 2);
+    row(
+        "TCP segments / request",
+        off.segs_per_req,
+        on.segs_per_req,
+        2,
+    );
     println!();
     println!(
         "kernel counters: {} messages and {} bytes redirected, {} sockets paired, {} fell back to TCP",
@@ -160,7 +182,9 @@ fn run(a: &Args) -> anyhow::Result<()> {
         c["counters"]["inserted"],
         c["counters"]["fallback_no_peer"].as_u64().unwrap_or(0)
             + c["counters"]["fallback_disabled"].as_u64().unwrap_or(0)
-            + c["counters"]["fallback_redirect_failed"].as_u64().unwrap_or(0)
+            + c["counters"]["fallback_redirect_failed"]
+                .as_u64()
+                .unwrap_or(0)
     );
     eprintln!("[demo] cleaning up");
     drop(accel);

@@ -170,7 +170,14 @@ impl Read for Patient<'_> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         loop {
             match (&*self.0).read(buf) {
-                Err(e) if matches!(e.kind(), io::ErrorKind::Interrupted | io::ErrorKind::WouldBlock) => continue,
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::Interrupted | io::ErrorKind::WouldBlock
+                    ) =>
+                {
+                    continue;
+                }
                 r => return r,
             }
         }
@@ -188,9 +195,17 @@ impl Read for PatientUntil {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         loop {
             match (&self.conn).read(buf) {
-                Err(e) if matches!(e.kind(), io::ErrorKind::Interrupted | io::ErrorKind::WouldBlock) => {
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::Interrupted | io::ErrorKind::WouldBlock
+                    ) =>
+                {
                     if Instant::now() >= self.deadline {
-                        return Err(io::Error::new(io::ErrorKind::TimedOut, "response timed out"));
+                        return Err(io::Error::new(
+                            io::ErrorKind::TimedOut,
+                            "response timed out",
+                        ));
                     }
                 }
                 r => return r,
@@ -569,7 +584,9 @@ fn pingpong(to: SocketAddrV4, size: usize, count: usize) -> anyhow::Result<()> {
     for _ in 0..count {
         let t = Instant::now();
         conn.write_all(&msg)?;
-        Patient(&conn).read_exact(&mut back).context("reading the echo")?;
+        Patient(&conn)
+            .read_exact(&mut back)
+            .context("reading the echo")?;
         rtts.push(t.elapsed().as_nanos() as f64 / 1000.0);
     }
     rtts.sort_by(f64::total_cmp);
@@ -605,7 +622,8 @@ fn http_conn(conn: TcpStream) {
             Ok(None) => break Ok(()),
             Err(e) => {
                 if e.kind() == io::ErrorKind::InvalidData {
-                    let _ = write_response(&conn, 400, "Bad Request", None, b"bad request\n", false);
+                    let _ =
+                        write_response(&conn, 400, "Bad Request", None, b"bad request\n", false);
                 }
                 break Err(e);
             }
@@ -647,7 +665,14 @@ fn http_request(
         Ok(Framing::UntilEof) => Framing::Length(0),
         Ok(framing) => framing,
         Err(e) => {
-            write_response(conn, 400, "Bad Request", None, format!("{e}\n").as_bytes(), false)?;
+            write_response(
+                conn,
+                400,
+                "Bad Request",
+                None,
+                format!("{e}\n").as_bytes(),
+                false,
+            )?;
             return Ok(false);
         }
     };
@@ -670,7 +695,14 @@ fn http_request(
     })?;
     if echo {
         if too_big {
-            write_response(conn, 413, "Content Too Large", None, b"body too large\n", false)?;
+            write_response(
+                conn,
+                413,
+                "Content Too Large",
+                None,
+                b"body too large\n",
+                false,
+            )?;
             return Ok(false);
         }
         let crc = crc32fast::hash(&body);
@@ -709,7 +741,9 @@ fn http_request(
 }
 
 fn response_head(status: u16, reason: &str, crc: Option<u32>, len: u64, keep: bool) -> String {
-    let crc = crc.map(|c| format!("x-crc32: {c:08x}\r\n")).unwrap_or_default();
+    let crc = crc
+        .map(|c| format!("x-crc32: {c:08x}\r\n"))
+        .unwrap_or_default();
     let close = if keep { "" } else { "connection: close\r\n" };
     format!(
         "HTTP/1.1 {status} {reason}\r\ncontent-length: {len}\r\n\
@@ -977,7 +1011,9 @@ impl Load {
             }
             if let (Some(expect), None) = (expect, mismatch) {
                 let at = len as usize;
-                let want = expect.get(at..(at + piece.len()).min(expect.len())).unwrap_or(&[]);
+                let want = expect
+                    .get(at..(at + piece.len()).min(expect.len()))
+                    .unwrap_or(&[]);
                 // Slice comparison first: memcmp, also fast in debug builds.
                 if piece.get(..want.len()) != Some(want) || want.len() < piece.len() {
                     let j = piece.iter().zip(want).position(|(a, b)| a != b);
