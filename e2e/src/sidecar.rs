@@ -273,7 +273,7 @@ impl SidecarMesh {
 }
 
 /// Waits until Envoy's admin says LIVE (30 s), failing early with its log if it exits.
-fn wait_live(pod: &Pod, admin: u16, log: &Path, child: &mut Child) -> anyhow::Result<()> {
+pub fn wait_live(pod: &Pod, admin: u16, log: &Path, child: &mut Child) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let out = pod

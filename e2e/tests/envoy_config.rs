@@ -643,40 +643,6 @@ fn stat(stats: &HashMap<String, u64>, pod: &str, name: &str) -> u64 {
     })
 }
 
-fn wait_envoy_live(pod: &Pod, admin_port: u16, log: &Path, child: &mut Child) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let out = pod
-            .netns_command("curl")
-            .args([
-                "-s",
-                "--max-time",
-                "2",
-                &format!("http://127.0.0.1:{admin_port}/ready"),
-            ])
-            .output()
-            .expect("curl /ready");
-        if String::from_utf8_lossy(&out.stdout).trim() == "LIVE" {
-            return;
-        }
-        if let Ok(Some(status)) = child.try_wait() {
-            panic!(
-                "envoy in pod {} exited ({status}):\n{}",
-                pod.name,
-                fs::read_to_string(log).unwrap_or_default()
-            );
-        }
-        if Instant::now() > deadline {
-            panic!(
-                "envoy in pod {} not LIVE within 30 s:\n{}",
-                pod.name,
-                fs::read_to_string(log).unwrap_or_default()
-            );
-        }
-        thread::sleep(Duration::from_millis(100));
-    }
-}
-
 /// Established TCP sockets in `pod` as (local, peer) strings, from `ss`.
 fn sockets(pod: &Pod) -> Vec<(String, String)> {
     let out = pod
@@ -754,7 +720,7 @@ fn two_sidecars_carry_mtls_traffic_between_pods() {
         let mut child = mesh
             .spawn_cmd(pod, Some(envoy::PROXY_UID), cmd)
             .expect("spawning envoy");
-        wait_envoy_live(pod, ADMIN, &log, &mut child);
+        meshaccel_e2e::sidecar::wait_live(pod, ADMIN, &log, &mut child).expect("envoy LIVE");
         envoys.push(child);
     }
     let dump_logs = || {
