@@ -1,15 +1,21 @@
-//! The agent loop: keep the maps equal to the desired state computed from the workloads file.
+//! The agent: sources (the static workloads file; Kubernetes and xDS plug in the same way) each
+//! keep their last good contribution in [`Shared`]; one reconciler merges them, computes the
+//! desired state and makes the maps equal to it.
 use std::{
     path::{Path, PathBuf},
+    sync::{Arc, Mutex},
     time::{Duration, SystemTime},
 };
 
-use tokio::signal::unix::{SignalKind, signal};
+use tokio::{
+    signal::unix::{SignalKind, signal},
+    sync::Notify,
+};
 use tracing::{error, info, info_span, warn};
 
 use crate::{
     dataplane::Dataplane,
-    desired::{self, DesiredState},
+    desired::{self, DesiredState, Inputs, NetnsRef},
     error::Result,
     netns,
     workloads::WorkloadsFile,
@@ -18,11 +24,61 @@ use crate::{
 pub struct AgentConfig {
     pub cgroup: PathBuf,
     pub bpffs: PathBuf,
-    pub workloads: PathBuf,
-    /// How often the file is checked for changes, and the state re-resolved (netns paths can be
-    /// recreated with a new namespace behind them).
+    /// The static workloads file, if any.
+    pub workloads: Option<PathBuf>,
+    /// How often the file is checked for changes.
     pub poll: Duration,
+    /// How often everything is re-resolved and re-applied (netns paths can be recreated with a
+    /// new namespace behind them; someone may have edited the maps).
     pub resync: Duration,
+}
+
+/// The last good contribution of each source.
+#[derive(Clone, Debug, Default)]
+pub struct SourceState {
+    /// From the static workloads file, netns already resolved to cookies.
+    pub static_file: Option<Inputs>,
+    /// From Kubernetes (node-local pods).
+    pub kube: Option<Inputs>,
+}
+
+impl SourceState {
+    /// All sources merged: the global switch is off if the static file turns it off.
+    pub fn merged(&self) -> Inputs {
+        let mut out = Inputs {
+            enabled: self.static_file.as_ref().is_none_or(|s| s.enabled),
+            workloads: Vec::new(),
+        };
+        for src in [&self.static_file, &self.kube].into_iter().flatten() {
+            out.workloads.extend(src.workloads.iter().cloned());
+        }
+        out
+    }
+}
+
+/// State shared by the sources, the reconciler and (later) the HTTP endpoints.
+#[derive(Default)]
+pub struct Shared {
+    sources: Mutex<SourceState>,
+    changed: Notify,
+    /// Set once the first reconcile after start succeeded.
+    synced: std::sync::atomic::AtomicBool,
+}
+
+impl Shared {
+    /// Lets a source change its contribution and wakes the reconciler.
+    pub fn update(&self, f: impl FnOnce(&mut SourceState)) {
+        f(&mut self.sources.lock().expect("sources lock"));
+        self.changed.notify_one();
+    }
+
+    pub fn snapshot(&self) -> SourceState {
+        self.sources.lock().expect("sources lock").clone()
+    }
+
+    pub fn synced(&self) -> bool {
+        self.synced.load(std::sync::atomic::Ordering::Acquire)
+    }
 }
 
 /// File identity used to notice changes (atomic renames included).
@@ -32,57 +88,99 @@ fn stamp(path: &Path) -> Option<(SystemTime, u64, u64)> {
     Some((m.modified().ok()?, m.len(), m.ino()))
 }
 
-/// Reads, validates and resolves the workloads file into the desired state.
-pub fn load_desired(path: &Path) -> Result<DesiredState> {
+/// Reads, validates and resolves the workloads file: the file is taken whole or not at all.
+pub fn load_static(path: &Path) -> Result<Inputs> {
     let file = WorkloadsFile::load(path)?;
-    desired::from_static(&file, netns::cookie_of_path)
+    let mut inputs = Inputs::from_static(&file);
+    // Resolve here, so that a bad entry rejects this file only, not the other sources.
+    let resolved = desired::compute(&inputs, netns::cookie_of_path)?;
+    for w in &mut inputs.workloads {
+        if let Some((cookie, _)) = resolved.names.iter().find(|(_, id)| **id == w.id) {
+            w.netns = NetnsRef::Cookie(*cookie);
+        }
+    }
+    Ok(inputs)
 }
 
-fn sync(dp: &mut Dataplane, path: &Path, last_good: &mut Option<DesiredState>, why: &str) {
+/// Loads `path` into the static source, keeping the last good contribution on error.
+fn reload_static(shared: &Shared, path: &Path, why: &str) {
+    match load_static(path) {
+        Ok(inputs) => {
+            let changed = shared.snapshot().static_file.as_ref() != Some(&inputs);
+            if changed || why == "start" {
+                info!(
+                    trigger = why,
+                    workloads = inputs.workloads.len(),
+                    "workloads file loaded"
+                );
+            }
+            shared.update(|s| s.static_file = Some(inputs));
+        }
+        Err(e) => {
+            let kept = shared.snapshot().static_file.is_some();
+            error!(trigger = why, error = %e, kept_last_good = kept, "workloads file rejected");
+        }
+    }
+}
+
+/// Computes the desired state from all sources and applies it.
+fn reconcile(dp: &mut Dataplane, shared: &Shared, why: &str) -> Option<DesiredState> {
     let _span = info_span!("reconcile", trigger = why).entered();
     let started = std::time::Instant::now();
-    match load_desired(path) {
-        Ok(d) => match dp.reconcile(&d) {
-            Ok(plan) => {
-                if !plan.is_empty() || last_good.is_none() {
-                    info!(
-                        workloads = d.workloads.len(),
-                        excluded_ports = d.excluded_ports.len(),
-                        enabled = d.enabled,
-                        upserts = plan.upsert_workloads.len(),
-                        removals = plan.remove_workloads.len(),
-                        config_changed = plan.config.is_some(),
-                        took_us = started.elapsed().as_micros() as u64,
-                        "maps in sync"
-                    );
-                }
-                *last_good = Some(d);
-            }
-            Err(e) => error!(error = %e, "applying the desired state failed; will retry"),
-        },
+    let desired = match desired::compute(&shared.snapshot().merged(), netns::cookie_of_path) {
+        Ok(d) => d,
         Err(e) => {
-            // Keep what the maps hold (the last good state) and say exactly what is wrong.
-            if last_good.is_some() {
-                error!(error = %e, "workloads file rejected; keeping the last good state");
-            } else {
-                error!(error = %e, "workloads file rejected; no state applied yet");
+            error!(error = %e, "cannot compute the desired state; the maps keep the last good state");
+            return None;
+        }
+    };
+    match dp.reconcile(&desired) {
+        Ok(plan) => {
+            let first = !shared.synced();
+            if !plan.is_empty() || first {
+                info!(
+                    workloads = desired.workloads.len(),
+                    excluded_ports = desired.excluded_ports.len(),
+                    enabled = desired.enabled,
+                    upserts = plan.upsert_workloads.len(),
+                    removals = plan.remove_workloads.len(),
+                    config_changed = plan.config.is_some(),
+                    took_us = started.elapsed().as_micros() as u64,
+                    "maps in sync"
+                );
             }
+            shared
+                .synced
+                .store(true, std::sync::atomic::Ordering::Release);
+            Some(desired)
+        }
+        Err(e) => {
+            error!(error = %e, "applying the desired state failed; will retry");
+            None
         }
     }
 }
 
 pub async fn run(cfg: AgentConfig) -> Result<()> {
+    let shared = Arc::new(Shared::default());
+    run_with(cfg, shared).await
+}
+
+/// Runs the agent with a caller-made [`Shared`] (other sources and endpoints hold it too).
+pub async fn run_with(cfg: AgentConfig, shared: Arc<Shared>) -> Result<()> {
     let mut dp = Dataplane::install_or_adopt(&cfg.cgroup, &cfg.bpffs)?;
     info!(
         adopted = dp.adopted,
         cgroup = %cfg.cgroup.display(),
         bpffs = %cfg.bpffs.display(),
-        workloads = %cfg.workloads.display(),
+        workloads = ?cfg.workloads,
         "agent started"
     );
-    let mut last_good = None;
-    sync(&mut dp, &cfg.workloads, &mut last_good, "start");
-    let mut seen = stamp(&cfg.workloads);
+    if let Some(path) = &cfg.workloads {
+        reload_static(&shared, path, "start");
+    }
+    reconcile(&mut dp, &shared, "start");
+    let mut seen = cfg.workloads.as_deref().and_then(stamp);
     let mut hup = signal(SignalKind::hangup()).expect("SIGHUP handler");
     let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
     let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
@@ -92,18 +190,95 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
     loop {
         tokio::select! {
             _ = poll.tick() => {
-                let now = stamp(&cfg.workloads);
-                if now != seen {
-                    seen = now;
-                    sync(&mut dp, &cfg.workloads, &mut last_good, "file changed");
+                if let Some(path) = &cfg.workloads {
+                    let now = stamp(path);
+                    if now != seen {
+                        seen = now;
+                        reload_static(&shared, path, "file changed");
+                    }
                 }
             }
-            _ = resync.tick() => sync(&mut dp, &cfg.workloads, &mut last_good, "resync"),
-            _ = hup.recv() => sync(&mut dp, &cfg.workloads, &mut last_good, "SIGHUP"),
+            _ = shared.changed.notified() => { reconcile(&mut dp, &shared, "source changed"); }
+            _ = resync.tick() => {
+                if let Some(path) = &cfg.workloads {
+                    reload_static(&shared, path, "resync");
+                }
+                reconcile(&mut dp, &shared, "resync");
+            }
+            _ = hup.recv() => {
+                if let Some(path) = &cfg.workloads {
+                    reload_static(&shared, path, "SIGHUP");
+                }
+            }
             _ = term.recv() => break,
             _ = int.recv() => break,
         }
     }
     warn!("agent stopping; acceleration stays in place (pinned) for the next agent");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::desired::WorkloadSpec;
+
+    fn spec(id: &str, cookie: u64) -> WorkloadSpec {
+        WorkloadSpec {
+            id: id.into(),
+            netns: NetnsRef::Cookie(cookie),
+            enabled: true,
+            exclude_inbound_ports: vec![],
+            exclude_outbound_ports: vec![],
+        }
+    }
+
+    #[test]
+    fn sources_merge_and_the_static_switch_wins() {
+        let mut s = SourceState::default();
+        assert!(
+            s.merged().enabled,
+            "no source: on, with nothing to accelerate"
+        );
+        s.kube = Some(Inputs {
+            enabled: true,
+            workloads: vec![spec("ns/k", 1)],
+        });
+        s.static_file = Some(Inputs {
+            enabled: false,
+            workloads: vec![spec("ns/s", 2)],
+        });
+        let m = s.merged();
+        assert!(!m.enabled);
+        assert_eq!(
+            m.workloads
+                .iter()
+                .map(|w| w.id.as_str())
+                .collect::<Vec<_>>(),
+            ["ns/s", "ns/k"]
+        );
+    }
+
+    #[test]
+    fn a_bad_static_file_names_the_entry() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("w.yaml");
+        std::fs::write(
+            &p,
+            "workloads:\n  - name: gone\n    netns: /nonexistent/netns\n",
+        )
+        .unwrap();
+        let e = load_static(&p).unwrap_err().to_string();
+        assert!(
+            e.contains("default/gone") && e.contains("/nonexistent/netns"),
+            "{e}"
+        );
+        std::fs::write(
+            &p,
+            "workloads:\n  - name: me\n    netns: /proc/self/ns/net\n",
+        )
+        .unwrap();
+        let ok = load_static(&p).unwrap();
+        assert!(matches!(ok.workloads[0].netns, NetnsRef::Cookie(c) if c != 0));
+    }
 }

@@ -31,26 +31,81 @@ pub fn workload_id(id: &str) -> u32 {
     })
 }
 
-/// Desired state from the static workloads file. `cookie_of` resolves a netns path (the only
-/// side effect, passed in so this stays a pure function under test).
-pub fn from_static(
-    file: &WorkloadsFile,
+/// Where a workload's network namespace is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum NetnsRef {
+    /// A netns file (/run/netns/NAME, /proc/PID/ns/net): resolved to its cookie at compute time.
+    Path(std::path::PathBuf),
+    /// Already known (e.g. learned on a node).
+    Cookie(u64),
+}
+
+/// One local workload (a pod: one netns), whatever source it came from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WorkloadSpec {
+    /// `namespace/name`.
+    pub id: String,
+    pub netns: NetnsRef,
+    pub enabled: bool,
+    pub exclude_inbound_ports: Vec<u16>,
+    pub exclude_outbound_ports: Vec<u16>,
+}
+
+/// Everything the desired state is computed from. Sources (the static file, Kubernetes, xDS)
+/// each contribute workloads; the global switch is on unless a source turns it off.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Inputs {
+    pub enabled: bool,
+    pub workloads: Vec<WorkloadSpec>,
+}
+
+impl Inputs {
+    /// The static workloads file's contribution.
+    pub fn from_static(file: &WorkloadsFile) -> Self {
+        Self {
+            enabled: file.enabled,
+            workloads: file
+                .workloads
+                .iter()
+                .map(|w| WorkloadSpec {
+                    id: w.id(),
+                    netns: NetnsRef::Path(w.netns.clone()),
+                    enabled: w.enabled,
+                    exclude_inbound_ports: w.exclude_inbound_ports.clone(),
+                    exclude_outbound_ports: w.exclude_outbound_ports.clone(),
+                })
+                .collect(),
+        }
+    }
+}
+
+/// The desired map contents. `cookie_of` resolves a netns path (the only side effect, passed in
+/// so this stays a pure function under test). A netns claimed by two workloads is an error
+/// naming both.
+pub fn compute(
+    inputs: &Inputs,
     mut cookie_of: impl FnMut(&Path) -> std::io::Result<u64>,
 ) -> Result<DesiredState> {
     let mut out = DesiredState {
-        enabled: file.enabled,
+        enabled: inputs.enabled,
         ..Default::default()
     };
-    for w in &file.workloads {
-        let cookie = cookie_of(&w.netns).map_err(|e| Error::Netns {
-            entry: w.id(),
-            netns: w.netns.clone(),
-            message: e.to_string(),
-        })?;
-        if let Some(other) = out.names.insert(cookie, w.id()) {
+    for w in &inputs.workloads {
+        let cookie = match &w.netns {
+            NetnsRef::Cookie(c) => *c,
+            NetnsRef::Path(p) => cookie_of(p).map_err(|e| Error::Netns {
+                entry: w.id.clone(),
+                netns: p.clone(),
+                message: e.to_string(),
+            })?,
+        };
+        if let Some(other) = out.names.insert(cookie, w.id.clone()) {
             return Err(Error::Netns {
-                entry: w.id(),
-                netns: w.netns.clone(),
+                entry: w.id.clone(),
+                netns: match &w.netns {
+                    NetnsRef::Path(p) => p.clone(),
+                    NetnsRef::Cookie(c) => format!("cookie:{c}").into(),
+                },
                 message: format!("is the same network namespace as {other}'s"),
             });
         }
@@ -61,7 +116,7 @@ pub fn from_static(
             cookie,
             WorkloadPolicy {
                 flags: POLICY_ENABLED,
-                workload_id: workload_id(&w.id()),
+                workload_id: workload_id(&w.id),
             },
         );
         for &p in &w.exclude_inbound_ports {
@@ -74,6 +129,14 @@ pub fn from_static(
         }
     }
     Ok(out)
+}
+
+/// Desired state from the static workloads file alone.
+pub fn from_static(
+    file: &WorkloadsFile,
+    cookie_of: impl FnMut(&Path) -> std::io::Result<u64>,
+) -> Result<DesiredState> {
+    compute(&Inputs::from_static(file), cookie_of)
 }
 
 #[cfg(test)]

@@ -44,7 +44,7 @@ enum Command {
         bpffs: PathBuf,
         /// Static workloads file (YAML); re-read when it changes and on SIGHUP.
         #[arg(long, env = "MESHACCEL_WORKLOADS")]
-        workloads: PathBuf,
+        workloads: Option<PathBuf>,
         /// How often to check the workloads file for changes, in milliseconds.
         #[arg(long, env = "MESHACCEL_POLL_MS", default_value_t = 500, value_parser = clap::value_parser!(u64).range(10..=60_000))]
         poll_ms: u64,
