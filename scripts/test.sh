@@ -8,6 +8,8 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
 eval "$(scripts/env.sh)"
 scripts/install-envoy.sh >/dev/null
+export MESHACCEL_KUBE_APISERVER=${MESHACCEL_KUBE_APISERVER:-$(scripts/install-kube.sh)}
+export MESHACCEL_HELM=${MESHACCEL_HELM:-$(scripts/install-helm.sh)}
 export MESHACCEL_FIXTURES=${MESHACCEL_FIXTURES:-$(cd "$ROOT/.." && pwd)/shared/fixtures}
 [ -d "$MESHACCEL_FIXTURES" ] || { echo "[test] fixtures not found at $MESHACCEL_FIXTURES (set MESHACCEL_FIXTURES)" >&2; exit 1; }
 echo "[test] building the workspace (eBPF programs included)" >&2

@@ -28,6 +28,8 @@ pub struct AgentConfig {
     pub workloads: Option<PathBuf>,
     /// How often the file is checked for changes.
     pub poll: Duration,
+    /// Options for a fresh install (ignored when pinned maps are adopted).
+    pub install: crate::dataplane::InstallOptions,
     /// How often everything is re-resolved and re-applied (netns paths can be recreated with a
     /// new namespace behind them; someone may have edited the maps).
     pub resync: Duration,
@@ -40,17 +42,26 @@ pub struct SourceState {
     pub static_file: Option<Inputs>,
     /// From Kubernetes (node-local pods).
     pub kube: Option<Inputs>,
+    /// From istiod (xDS): the last good snapshot; its capture ports and passthrough addresses
+    /// override the static file's (see [`crate::xds::apply`]).
+    pub xds: Option<istio_integration::xds::XdsSnapshot>,
 }
 
 impl SourceState {
     /// All sources merged: the global switch is off if the static file turns it off.
     pub fn merged(&self) -> Inputs {
+        let base = self.static_file.clone().unwrap_or_default();
         let mut out = Inputs {
             enabled: self.static_file.as_ref().is_none_or(|s| s.enabled),
+            scope: base.scope,
+            capture: base.capture,
             workloads: Vec::new(),
         };
         for src in [&self.static_file, &self.kube].into_iter().flatten() {
             out.workloads.extend(src.workloads.iter().cloned());
+        }
+        if let Some(x) = &self.xds {
+            crate::xds::apply(x, &mut out.capture);
         }
         out
     }
@@ -63,6 +74,11 @@ pub struct Shared {
     changed: Notify,
     /// Set once the first reconcile after start succeeded.
     synced: std::sync::atomic::AtomicBool,
+    /// The Kubernetes source: 0 = not configured, 1 = not in sync (starting, or the API server
+    /// is unreachable: the last good state is kept), 2 = in sync.
+    kube_state: std::sync::atomic::AtomicU8,
+    /// Metrics and readiness of the sources (see [`crate::metrics`]), served on `/metrics`.
+    pub metrics: crate::metrics::Metrics,
 }
 
 impl Shared {
@@ -78,6 +94,27 @@ impl Shared {
 
     pub fn synced(&self) -> bool {
         self.synced.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Whether the Kubernetes source is in sync with the API server (true when the agent runs
+    /// without Kubernetes). For /readyz.
+    pub fn kube_ready(&self) -> bool {
+        self.kube_state.load(std::sync::atomic::Ordering::Acquire) != 1
+    }
+
+    /// Whether the agent has a Kubernetes source (`--node-name`).
+    pub fn kube_configured(&self) -> bool {
+        self.kube_state.load(std::sync::atomic::Ordering::Acquire) != 0
+    }
+
+    /// Set by the Kubernetes source (which thereby counts as configured).
+    pub fn set_kube_ready(&self, ready: bool) {
+        self.metrics
+            .source_synced(crate::metrics::Source::Kubernetes, ready);
+        self.kube_state.store(
+            if ready { 2 } else { 1 },
+            std::sync::atomic::Ordering::Release,
+        );
     }
 }
 
@@ -115,8 +152,14 @@ fn reload_static(shared: &Shared, path: &Path, why: &str) {
                 );
             }
             shared.update(|s| s.static_file = Some(inputs));
+            shared
+                .metrics
+                .source_synced(crate::metrics::Source::StaticFile, true);
         }
         Err(e) => {
+            shared
+                .metrics
+                .source_error(crate::metrics::Source::StaticFile);
             let kept = shared.snapshot().static_file.is_some();
             error!(trigger = why, error = %e, kept_last_good = kept, "workloads file rejected");
         }
@@ -131,6 +174,7 @@ fn reconcile(dp: &mut Dataplane, shared: &Shared, why: &str) -> Option<DesiredSt
         Ok(d) => d,
         Err(e) => {
             error!(error = %e, "cannot compute the desired state; the maps keep the last good state");
+            shared.metrics.reconciled(started.elapsed(), None);
             return None;
         }
     };
@@ -152,10 +196,12 @@ fn reconcile(dp: &mut Dataplane, shared: &Shared, why: &str) -> Option<DesiredSt
             shared
                 .synced
                 .store(true, std::sync::atomic::Ordering::Release);
+            shared.metrics.reconciled(started.elapsed(), Some(&desired));
             Some(desired)
         }
         Err(e) => {
             error!(error = %e, "applying the desired state failed; will retry");
+            shared.metrics.reconciled(started.elapsed(), None);
             None
         }
     }
@@ -168,7 +214,7 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
 
 /// Runs the agent with a caller-made [`Shared`] (other sources and endpoints hold it too).
 pub async fn run_with(cfg: AgentConfig, shared: Arc<Shared>) -> Result<()> {
-    let mut dp = Dataplane::install_or_adopt(&cfg.cgroup, &cfg.bpffs)?;
+    let mut dp = Dataplane::install_or_adopt(&cfg.cgroup, &cfg.bpffs, &cfg.install)?;
     info!(
         adopted = dp.adopted,
         cgroup = %cfg.cgroup.display(),
@@ -200,6 +246,10 @@ pub async fn run_with(cfg: AgentConfig, shared: Arc<Shared>) -> Result<()> {
             }
             _ = shared.changed.notified() => { reconcile(&mut dp, &shared, "source changed"); }
             _ = resync.tick() => {
+                if !Dataplane::is_installed(&cfg.bpffs) {
+                    warn!(bpffs = %cfg.bpffs.display(), "meshaccel was uninstalled (the pins are gone): stopping");
+                    break;
+                }
                 if let Some(path) = &cfg.workloads {
                     reload_static(&shared, path, "resync");
                 }
@@ -243,10 +293,12 @@ mod tests {
         s.kube = Some(Inputs {
             enabled: true,
             workloads: vec![spec("ns/k", 1)],
+            ..Default::default()
         });
         s.static_file = Some(Inputs {
             enabled: false,
             workloads: vec![spec("ns/s", 2)],
+            ..Default::default()
         });
         let m = s.merged();
         assert!(!m.enabled);

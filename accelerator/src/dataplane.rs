@@ -11,22 +11,23 @@ use std::{
 };
 
 use aya::{
-    Ebpf,
-    maps::{Array, HashMap, Map, MapData, PerCpuArray, SockHash},
+    maps::{Array, HashMap, Map, MapData, PerCpuArray, PerCpuHashMap, SockHash},
     programs::{
         CgroupAttachMode, SkMsg, SockOps,
         links::{FdLink, LinkInfo, PinnedLink},
     },
 };
-use meshaccel_common::{Config, PairKey, PeerInfo, PortKey, WorkloadPolicy, counter, names};
+use meshaccel_common::{
+    Config, PairKey, PeerInfo, PortKey, WorkloadPolicy, WorkloadStats, counter, names,
+};
 
 use crate::error::{Error, Result};
 
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 const SOCK_OPS_LINK: &str = "links/sock_ops";
 
-/// The eBPF object built by build.rs.
-static EBPF_OBJECT: &[u8] =
+/// The eBPF object built by build.rs (also loaded by `doctor` to probe the kernel).
+pub(crate) static EBPF_OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/meshaccel-ebpf"));
 
 fn map_err(name: &'static str, op: &'static str) -> impl FnOnce(aya::maps::MapError) -> Error {
@@ -44,6 +45,18 @@ pub struct Dataplane {
     pub ports: HashMap<MapData, PortKey, u32>,
     pub config: Array<MapData, Config>,
     pub stats: PerCpuArray<MapData, u64>,
+    pub wl_stats: PerCpuHashMap<MapData, u64, WorkloadStats>,
+}
+
+/// Traffic of one workload (its netns), summed over CPUs.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct WorkloadTraffic {
+    /// Sockets of this workload in the sockhash.
+    pub sockets: usize,
+    pub redirect_msgs: u64,
+    pub redirect_bytes: u64,
+    pub tcp_msgs: u64,
+    pub tcp_bytes: u64,
 }
 
 /// What `status` reports about the kernel state.
@@ -56,6 +69,8 @@ pub struct KernelStatus {
     pub sockets: usize,
     /// Sockets with meshaccel state, by the netns cookie of their workload.
     pub sockets_by_netns: BTreeMap<String, usize>,
+    /// Per workload (netns cookie): sockets and bytes.
+    pub workloads: BTreeMap<String, WorkloadTraffic>,
     pub workloads_enabled: usize,
     pub excluded_ports: usize,
     pub counters: BTreeMap<&'static str, u64>,
@@ -158,6 +173,155 @@ fn open_map(bpffs: &Path, name: &'static str, wrap: fn(MapData) -> Map) -> Resul
     Ok(wrap(data))
 }
 
+/// How the agent found the kernel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Outcome {
+    Installed,
+    Adopted,
+    Upgraded,
+}
+
+/// Options that apply when the maps are created (not when pinned ones are adopted).
+#[derive(Debug, Clone, Default)]
+pub struct InstallOptions {
+    /// Sockets the sockhash can hold (default `capacity::SOCKS`). When it is full, new
+    /// connections stay on TCP (counted as insert failures).
+    pub sockhash_capacity: Option<u32>,
+    /// Replace pinned programs even when they are this version's (a forced upgrade: reload
+    /// after a kernel or configuration change, and how tests exercise the upgrade path).
+    pub replace_programs: bool,
+}
+
+/// Map type and key/value sizes this version expects, to refuse pinned maps of an incompatible
+/// version before anything is replaced.
+fn expected_maps() -> [(&'static str, u32, usize, usize); 8] {
+    use aya::maps::MapType::*;
+    use std::mem::size_of;
+    [
+        (names::SOCKS, SockHash as u32, size_of::<PairKey>(), 4),
+        (
+            names::PEERS,
+            Hash as u32,
+            size_of::<PairKey>(),
+            size_of::<PeerInfo>(),
+        ),
+        (
+            names::STATE,
+            SkStorage as u32,
+            4,
+            size_of::<meshaccel_common::SockState>(),
+        ),
+        (
+            names::WORKLOADS,
+            Hash as u32,
+            8,
+            size_of::<WorkloadPolicy>(),
+        ),
+        (names::PORTS, Hash as u32, size_of::<PortKey>(), 4),
+        (names::CONFIG, Array as u32, 4, size_of::<Config>()),
+        (names::STATS, PerCpuArray as u32, 4, 8),
+        (
+            names::WL_STATS,
+            PerCpuHash as u32,
+            8,
+            size_of::<WorkloadStats>(),
+        ),
+    ]
+}
+
+fn check_pinned_maps(bpffs: &Path) -> Result<()> {
+    for (name, ty, key, value) in expected_maps() {
+        let Ok(md) = MapData::from_pin(pin_path(bpffs, name)) else {
+            continue;
+        };
+        let info = md.info().map_err(map_err(name, "info"))?;
+        let have = (
+            info.map_type().map(|t| t as u32).unwrap_or(u32::MAX),
+            info.key_size() as usize,
+            info.value_size() as usize,
+        );
+        if have != (ty, key, value) {
+            return Err(Error::Load {
+                message: format!(
+                    "the pinned map {name} under {} is another version's (type/key/value {have:?}, this version needs {:?}): run `meshaccel uninstall --bpffs {}` (live connections continue on TCP), then start the agent again",
+                    bpffs.display(),
+                    (ty, key, value),
+                    bpffs.display()
+                ),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// BPF_OBJ_GET: a new fd on a pinned object.
+fn obj_get(path: &Path) -> std::io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd as _;
+    #[repr(C)]
+    struct ObjGetAttr {
+        pathname: u64,
+        bpf_fd: u32,
+        file_flags: u32,
+    }
+    const BPF_OBJ_GET: libc::c_long = 7;
+    let c = CString::new(path.as_os_str().as_bytes())?;
+    let attr = ObjGetAttr {
+        pathname: c.as_ptr() as u64,
+        bpf_fd: 0,
+        file_flags: 0,
+    };
+    // SAFETY: bpf(2) with a correctly sized, initialised attr for BPF_OBJ_GET.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_GET,
+            &attr as *const ObjGetAttr,
+            std::mem::size_of::<ObjGetAttr>(),
+        )
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: the kernel returned a new fd that nothing else owns.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// BPF_LINK_UPDATE: atomically swap the program behind a link.
+fn link_update(
+    link: std::os::fd::BorrowedFd<'_>,
+    prog: std::os::fd::BorrowedFd<'_>,
+) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd as _;
+    #[repr(C)]
+    struct LinkUpdateAttr {
+        link_fd: u32,
+        new_prog_fd: u32,
+        flags: u32,
+        old_prog_fd: u32,
+    }
+    const BPF_LINK_UPDATE: libc::c_long = 29;
+    let attr = LinkUpdateAttr {
+        link_fd: link.as_raw_fd() as u32,
+        new_prog_fd: prog.as_raw_fd() as u32,
+        flags: 0,
+        old_prog_fd: 0,
+    };
+    // SAFETY: bpf(2) with a correctly sized, initialised attr for BPF_LINK_UPDATE.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_LINK_UPDATE,
+            &attr as *const LinkUpdateAttr,
+            std::mem::size_of::<LinkUpdateAttr>(),
+        )
+    };
+    if rc < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
 impl Dataplane {
     /// Whether an agent has installed meshaccel under `bpffs`.
     pub fn is_installed(bpffs: &Path) -> bool {
@@ -165,68 +329,162 @@ impl Dataplane {
     }
 
     /// Loads and attaches the programs to `cgroup`, pinning maps and the link under `bpffs`; or,
-    /// when they are pinned already, adopts them without attaching twice.
-    pub fn install_or_adopt(cgroup: &Path, bpffs: &Path) -> Result<Self> {
+    /// when they are pinned already, adopts them without attaching twice; or, when the pinned
+    /// programs are another version's, replaces the programs in place (the pinned maps, and with
+    /// them every socket's state and decision, stay).
+    pub fn install_or_adopt(cgroup: &Path, bpffs: &Path, opts: &InstallOptions) -> Result<Self> {
         ensure_bpffs(bpffs)?;
-        if Self::is_installed(bpffs) {
-            let mut dp = Self::open(bpffs)?;
-            dp.adopted = true;
-            tracing::info!(bpffs = %bpffs.display(), "adopted the pinned programs and maps");
-            return Ok(dp);
+        let outcome = Self::load_and_attach(cgroup, bpffs, opts)?;
+        let mut dp = Self::open(bpffs)?;
+        dp.adopted = outcome != Outcome::Installed;
+        match outcome {
+            Outcome::Installed => {
+                tracing::info!(cgroup = %cgroup.display(), bpffs = %bpffs.display(), "attached and pinned")
+            }
+            Outcome::Adopted => {
+                tracing::info!(bpffs = %bpffs.display(), "adopted the pinned programs and maps")
+            }
+            Outcome::Upgraded => {
+                tracing::info!(bpffs = %bpffs.display(), "replaced the pinned programs with this version's; maps and socket state kept")
+            }
         }
-        Self::install(cgroup, bpffs)?;
-        Self::open(bpffs)
+        Ok(dp)
     }
 
-    fn install(cgroup_path: &Path, bpffs: &Path) -> Result<()> {
+    fn load_and_attach(cgroup_path: &Path, bpffs: &Path, opts: &InstallOptions) -> Result<Outcome> {
         let load = |message: String| Error::Load { message };
-        let cgroup = std::fs::File::open(cgroup_path).map_err(|e| Error::Cgroup {
-            path: cgroup_path.into(),
-            message: e.to_string(),
-        })?;
-        if !crate::cgroup::is_cgroup2(cgroup_path) {
-            return Err(Error::Cgroup {
-                path: cgroup_path.into(),
-                message: "is not a cgroup v2 folder (sock_ops attaches to cgroup v2 only)".into(),
-            });
-        }
-        let mut ebpf = Ebpf::load(EBPF_OBJECT).map_err(|e| load(format!("{e:#}")))?;
+        let installed = Self::is_installed(bpffs);
+        check_pinned_maps(bpffs)?;
         for sub in ["maps", "links"] {
             std::fs::create_dir_all(bpffs.join(sub)).map_err(|e| Error::Bpffs {
                 path: bpffs.join(sub),
                 message: e.to_string(),
             })?;
         }
-        // Start switched off; the first reconcile sets the desired switch.
+        // Every map is reused from its pin when it exists, else created and pinned.
+        let paths: Vec<(&str, PathBuf)> = names::ALL
+            .iter()
+            .map(|n| (*n, pin_path(bpffs, n)))
+            .collect();
+        let mut loader = aya::EbpfLoader::new();
+        for (name, path) in &paths {
+            loader.map_pin_path(name, path.as_path());
+        }
+        if let Some(n) = opts.sockhash_capacity {
+            loader.map_max_entries(names::SOCKS, n);
+            loader.map_max_entries(names::PEERS, n);
+        }
+        let mut ebpf = loader
+            .load(EBPF_OBJECT)
+            .map_err(|e| load(format!("{e:#}")))?;
         {
             let mut cfg: Array<&mut MapData, Config> = ebpf
                 .map_mut(names::CONFIG)
                 .ok_or_else(|| load(format!("the object has no map {}", names::CONFIG)))?
                 .try_into()
                 .map_err(map_err(names::CONFIG, "open"))?;
-            cfg.set(
-                0,
-                Config {
-                    enabled: 0,
-                    epoch: 1,
-                },
-                0,
-            )
-            .map_err(map_err(names::CONFIG, "init"))?;
-        }
-        for name in names::ALL {
-            let map = ebpf
-                .map(name)
-                .ok_or_else(|| load(format!("the object has no map {name}")))?;
-            let path = pin_path(bpffs, name);
-            if path.exists() {
-                continue;
+            // A new config array is all zero: start switched off at epoch 1; the first
+            // reconcile sets the desired switch.
+            if cfg
+                .get(&0, 0)
+                .map_err(map_err(names::CONFIG, "read"))?
+                .epoch
+                == 0
+            {
+                cfg.set(
+                    0,
+                    Config {
+                        enabled: 0,
+                        epoch: 1,
+                        ..Config::default()
+                    },
+                    0,
+                )
+                .map_err(map_err(names::CONFIG, "init"))?;
             }
-            map.pin(&path).map_err(|e| Error::Bpffs {
-                path: path.clone(),
-                message: format!("pinning: {e}"),
-            })?;
         }
+        let msg: &mut SkMsg = ebpf
+            .program_mut(names::PROG_SK_MSG)
+            .ok_or_else(|| load(format!("no program {}", names::PROG_SK_MSG)))?
+            .try_into()
+            .map_err(|e| load(format!("{e}")))?;
+        msg.load()
+            .map_err(|e| load(format!("{}: {e:#}", names::PROG_SK_MSG)))?;
+        let ops: &mut SockOps = ebpf
+            .program_mut(names::PROG_SOCK_OPS)
+            .ok_or_else(|| load(format!("no program {}", names::PROG_SOCK_OPS)))?
+            .try_into()
+            .map_err(|e| load(format!("{e}")))?;
+        ops.load()
+            .map_err(|e| load(format!("{}: {e:#}", names::PROG_SOCK_OPS)))?;
+        let our_tag = ops.info().map_err(|e| load(format!("{e}")))?.tag();
+
+        let link_path = bpffs.join(SOCK_OPS_LINK);
+        let outcome = if installed {
+            let link: FdLink = PinnedLink::from_pin(&link_path)
+                .map_err(|e| Error::Bpffs {
+                    path: link_path.clone(),
+                    message: format!("opening the pinned link: {e}"),
+                })?
+                .into();
+            let prog_id = link
+                .info()
+                .map_err(|e| load(format!("link info: {e}")))?
+                .program_id();
+            let pinned_tag = aya::programs::loaded_programs()
+                .filter_map(|p| p.ok())
+                .find(|p| p.id() == prog_id)
+                .map(|p| p.tag());
+            if pinned_tag == Some(our_tag) && !opts.replace_programs {
+                return Ok(Outcome::Adopted);
+            }
+            // Another version: swap the sock_ops program under the same link (atomic), then
+            // make ours the sockhash's sk_msg program. Sockets already in the sockhash keep the
+            // sk_msg program they were inserted with; both versions share the pinned state.
+            let ops_fd = ops.fd().map_err(|e| load(format!("{e}")))?;
+            let link_fd = obj_get(&link_path).map_err(|e| Error::Bpffs {
+                path: link_path.clone(),
+                message: format!("opening the pinned link: {e}"),
+            })?;
+            link_update(
+                std::os::fd::AsFd::as_fd(&link_fd),
+                std::os::fd::AsFd::as_fd(ops_fd),
+            )
+            .map_err(|e| {
+                load(format!(
+                    "replacing the sock_ops program of the pinned link: {e}"
+                ))
+            })?;
+            Outcome::Upgraded
+        } else {
+            let cgroup = std::fs::File::open(cgroup_path).map_err(|e| Error::Cgroup {
+                path: cgroup_path.into(),
+                message: e.to_string(),
+            })?;
+            if !crate::cgroup::is_cgroup2(cgroup_path) {
+                return Err(Error::Cgroup {
+                    path: cgroup_path.into(),
+                    message: "is not a cgroup v2 folder (sock_ops attaches to cgroup v2 only)"
+                        .into(),
+                });
+            }
+            let link_id =
+                ops.attach(&cgroup, CgroupAttachMode::Single)
+                    .map_err(|e| Error::Cgroup {
+                        path: cgroup_path.into(),
+                        message: format!("attaching sock_ops: {e:#}"),
+                    })?;
+            let link: FdLink = ops
+                .take_link(link_id)
+                .map_err(|e| load(format!("{e}")))?
+                .try_into()
+                .map_err(|e| load(format!("sock_ops link is not a bpf_link: {e}")))?;
+            link.pin(&link_path).map_err(|e| Error::Bpffs {
+                path: link_path.clone(),
+                message: format!("pinning the sock_ops link: {e}"),
+            })?;
+            Outcome::Installed
+        };
         let socks: SockHash<&MapData, PairKey> = ebpf
             .map(names::SOCKS)
             .ok_or_else(|| load("no sockhash".into()))?
@@ -241,38 +499,12 @@ impl Dataplane {
             .ok_or_else(|| load(format!("no program {}", names::PROG_SK_MSG)))?
             .try_into()
             .map_err(|e| load(format!("{e}")))?;
-        msg.load()
-            .map_err(|e| load(format!("{}: {e:#}", names::PROG_SK_MSG)))?;
         let msg_link = msg
             .attach(&socks_fd)
             .map_err(|e| load(format!("attaching sk_msg: {e:#}")))?;
         // The map keeps the sk_msg program attached after we exit; forget our handle.
         std::mem::forget(msg.take_link(msg_link).map_err(|e| load(format!("{e}")))?);
-        let ops: &mut SockOps = ebpf
-            .program_mut(names::PROG_SOCK_OPS)
-            .ok_or_else(|| load(format!("no program {}", names::PROG_SOCK_OPS)))?
-            .try_into()
-            .map_err(|e| load(format!("{e}")))?;
-        ops.load()
-            .map_err(|e| load(format!("{}: {e:#}", names::PROG_SOCK_OPS)))?;
-        let link_id = ops
-            .attach(&cgroup, CgroupAttachMode::Single)
-            .map_err(|e| Error::Cgroup {
-                path: cgroup_path.into(),
-                message: format!("attaching sock_ops: {e:#}"),
-            })?;
-        let link: FdLink = ops
-            .take_link(link_id)
-            .map_err(|e| load(format!("{e}")))?
-            .try_into()
-            .map_err(|e| load(format!("sock_ops link is not a bpf_link: {e}")))?;
-        let path = bpffs.join(SOCK_OPS_LINK);
-        link.pin(&path).map_err(|e| Error::Bpffs {
-            path,
-            message: format!("pinning the sock_ops link: {e}"),
-        })?;
-        tracing::info!(cgroup = %cgroup_path.display(), bpffs = %bpffs.display(), "attached and pinned");
-        Ok(())
+        Ok(outcome)
     }
 
     /// Opens the pinned maps (for the agent, status and uninstall).
@@ -283,6 +515,7 @@ impl Dataplane {
         let ports = open_map(bpffs, names::PORTS, Map::HashMap)?;
         let config = open_map(bpffs, names::CONFIG, Map::Array)?;
         let stats = open_map(bpffs, names::STATS, Map::PerCpuArray)?;
+        let wl_stats = open_map(bpffs, names::WL_STATS, Map::PerCpuHashMap)?;
         Ok(Self {
             bpffs: bpffs.into(),
             adopted: false,
@@ -294,6 +527,9 @@ impl Dataplane {
             ports: ports.try_into().map_err(map_err(names::PORTS, "open"))?,
             config: config.try_into().map_err(map_err(names::CONFIG, "open"))?,
             stats: stats.try_into().map_err(map_err(names::STATS, "open"))?,
+            wl_stats: wl_stats
+                .try_into()
+                .map_err(map_err(names::WL_STATS, "open"))?,
         })
     }
 
@@ -356,9 +592,23 @@ impl Dataplane {
                 .entry(v.netns_cookie.to_string())
                 .or_insert(0) += 1;
         }
+        let mut workloads: BTreeMap<String, WorkloadTraffic> = BTreeMap::new();
+        for (netns, per_cpu) in self.wl_stats.iter().filter_map(|kv| kv.ok()) {
+            let w = workloads.entry(netns.to_string()).or_default();
+            for v in per_cpu.iter() {
+                w.redirect_msgs += v.redirect_msgs;
+                w.redirect_bytes += v.redirect_bytes;
+                w.tcp_msgs += v.tcp_msgs;
+                w.tcp_bytes += v.tcp_bytes;
+            }
+        }
+        for (netns, n) in &sockets_by_netns {
+            workloads.entry(netns.clone()).or_default().sockets = *n;
+        }
         Ok(KernelStatus {
             bpffs: self.bpffs.clone(),
             sockets_by_netns,
+            workloads,
             enabled: cfg.enabled != 0,
             epoch: cfg.epoch,
             sockets: self.socks.keys().filter(|k| k.is_ok()).count(),
@@ -372,28 +622,71 @@ impl Dataplane {
     }
 }
 
-/// What uninstall did.
+/// What uninstall did, and what is still draining.
 #[derive(Debug, serde::Serialize)]
 pub struct UninstallReport {
-    /// Sockets still in the sockhash: their connections now use TCP, and their unread redirected
-    /// bytes stay readable. The kernel frees the programs and maps when the last one closes.
-    pub sockets_draining: usize,
     pub removed_pins: Vec<PathBuf>,
+    /// True when no meshaccel program or map is left in the kernel (nothing to drain).
+    pub drained: bool,
+    /// Sockets still in a meshaccel sockhash: their connections use TCP now and their unread
+    /// redirected bytes stay readable; the kernel frees the programs and maps when the last of
+    /// them closes. Run uninstall again to check.
+    pub sockets_draining: usize,
+    /// Kernel ids of meshaccel programs and maps still alive (kept by those sockets).
+    pub programs_left: Vec<u32>,
+    pub maps_left: Vec<u32>,
 }
 
-/// Switches acceleration off, then removes every pin (the link pin last-but-one detaches
-/// sock_ops). Never deletes sockhash entries: that would drop receivers' unread redirected bytes.
-pub fn uninstall(bpffs: &Path) -> Result<UninstallReport> {
+/// meshaccel objects alive in the kernel: all of them by name, or only the given ids.
+fn leftovers(only: Option<&[u32]>) -> (Vec<u32>, Vec<u32>, usize) {
+    let keep = |id: u32| only.is_none_or(|ids| ids.contains(&id));
+    let progs: Vec<u32> = aya::programs::loaded_programs()
+        .filter_map(|p| p.ok())
+        .filter(|p| {
+            p.name_as_str()
+                .is_some_and(|n| n == names::PROG_SOCK_OPS || n == names::PROG_SK_MSG)
+        })
+        .map(|p| p.id())
+        .filter(|id| keep(*id))
+        .collect();
+    let mut maps = Vec::new();
+    let mut sockets = 0;
+    for m in aya::maps::loaded_maps().filter_map(|m| m.ok()) {
+        let Some(name) = m.name_as_str() else {
+            continue;
+        };
+        if !names::ALL.contains(&name) || !keep(m.id()) {
+            continue;
+        }
+        maps.push(m.id());
+        if name == names::SOCKS
+            && let Ok(md) = MapData::from_id(m.id())
+            && let Ok(h) = SockHash::<_, PairKey>::try_from(Map::SockHash(md))
+        {
+            sockets += h.keys().filter(|k| k.is_ok()).count();
+        }
+    }
+    (progs, maps, sockets)
+}
+
+/// Switches acceleration off, then removes every pin (removing the link pin detaches sock_ops).
+/// Never deletes sockhash entries: that would drop receivers' unread redirected bytes. Then
+/// waits up to `wait` for the kernel to free the programs and maps, which it does when the last
+/// accelerated connection closes. Run again, it reports (and waits for) whatever meshaccel
+/// objects are still alive.
+pub fn uninstall(bpffs: &Path, wait: std::time::Duration) -> Result<UninstallReport> {
     let mut removed = Vec::new();
-    let mut draining = 0;
+    let mut ours: Option<Vec<u32>> = None;
     match Dataplane::open(bpffs) {
         Ok(mut dp) => {
             let cfg = dp.config()?;
             dp.set_config(Config {
                 enabled: 0,
                 epoch: cfg.epoch.wrapping_add(1),
+                ..cfg
             })?;
-            draining = dp.socks.keys().filter(|k| k.is_ok()).count();
+            let st = dp.status()?;
+            ours = Some(st.map_ids.iter().chain(&st.prog_ids).copied().collect());
         }
         Err(Error::NotInstalled { .. }) => {}
         Err(e) => return Err(e),
@@ -416,8 +709,21 @@ pub fn uninstall(bpffs: &Path) -> Result<UninstallReport> {
     for sub in ["maps", "links"] {
         let _ = std::fs::remove_dir(bpffs.join(sub));
     }
-    Ok(UninstallReport {
-        sockets_draining: draining,
-        removed_pins: removed,
-    })
+    let deadline = std::time::Instant::now() + wait;
+    loop {
+        // The kernel frees maps from a workqueue: give it a moment even when nothing is open.
+        let (programs_left, maps_left, sockets) = leftovers(ours.as_deref());
+        if (programs_left.is_empty() && maps_left.is_empty())
+            || std::time::Instant::now() >= deadline
+        {
+            return Ok(UninstallReport {
+                removed_pins: removed,
+                drained: programs_left.is_empty() && maps_left.is_empty(),
+                sockets_draining: sockets,
+                programs_left,
+                maps_left,
+            });
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
 }

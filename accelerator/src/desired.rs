@@ -4,11 +4,14 @@ use std::{
     path::Path,
 };
 
-use meshaccel_common::{DIR_INBOUND, DIR_OUTBOUND, POLICY_ENABLED, PortKey, WorkloadPolicy};
+use meshaccel_common::{
+    Config, DIR_INBOUND, DIR_OUTBOUND, POLICY_ENABLED, PortKey, SCOPE_ALL, SCOPE_MESH,
+    WorkloadPolicy,
+};
 
 use crate::{
     error::{Error, Result},
-    workloads::WorkloadsFile,
+    workloads::{Capture, Scope, WorkloadsFile},
 };
 
 /// What the maps should hold. Only enabled workloads get entries; a workload that is absent
@@ -16,6 +19,8 @@ use crate::{
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct DesiredState {
     pub enabled: bool,
+    /// The kernel's global config, but the epoch (the reconciler owns it).
+    pub config: Config,
     /// netns cookie -> policy.
     pub workloads: BTreeMap<u64, WorkloadPolicy>,
     pub excluded_ports: BTreeSet<PortKey>,
@@ -56,7 +61,38 @@ pub struct WorkloadSpec {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Inputs {
     pub enabled: bool,
+    pub scope: Scope,
+    /// Istio's capture configuration (the static file's, or learned from xDS).
+    pub capture: Capture,
     pub workloads: Vec<WorkloadSpec>,
+}
+
+/// The kernel config for a scope and a capture configuration.
+pub fn kernel_config(enabled: bool, scope: Scope, capture: &Capture) -> Config {
+    let mut c = Config {
+        enabled: enabled.into(),
+        epoch: 0,
+        scope: match scope {
+            Scope::Mesh => SCOPE_MESH,
+            Scope::All => SCOPE_ALL,
+        },
+        outbound_port: capture.outbound_port.into(),
+        inbound_port: capture.inbound_port.into(),
+        passthrough_v4_be: 0,
+        passthrough_v6_be: [0; 4],
+    };
+    for a in &capture.passthrough_addresses {
+        match a {
+            std::net::IpAddr::V4(v4) => c.passthrough_v4_be = u32::from_ne_bytes(v4.octets()),
+            std::net::IpAddr::V6(v6) => {
+                let o = v6.octets();
+                for (i, w) in c.passthrough_v6_be.iter_mut().enumerate() {
+                    *w = u32::from_ne_bytes([o[4 * i], o[4 * i + 1], o[4 * i + 2], o[4 * i + 3]]);
+                }
+            }
+        }
+    }
+    c
 }
 
 impl Inputs {
@@ -64,6 +100,8 @@ impl Inputs {
     pub fn from_static(file: &WorkloadsFile) -> Self {
         Self {
             enabled: file.enabled,
+            scope: file.scope,
+            capture: file.capture.clone(),
             workloads: file
                 .workloads
                 .iter()
@@ -88,6 +126,7 @@ pub fn compute(
 ) -> Result<DesiredState> {
     let mut out = DesiredState {
         enabled: inputs.enabled,
+        config: kernel_config(inputs.enabled, inputs.scope, &inputs.capture),
         ..Default::default()
     };
     for w in &inputs.workloads {

@@ -36,6 +36,14 @@ pub enum Error {
         "nothing of meshaccel is pinned under {path}: start `meshaccel agent --bpffs {path}` first"
     )]
     NotInstalled { path: PathBuf },
+    #[error("state file {path}: {message}")]
+    State { path: PathBuf, message: String },
+    #[error("serving /metrics, /healthz and /readyz on {addr}: {source}")]
+    Http {
+        addr: std::net::SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

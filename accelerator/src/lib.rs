@@ -6,9 +6,16 @@ pub mod agent;
 pub mod cgroup;
 pub mod dataplane;
 pub mod desired;
+pub mod doctor;
 pub mod error;
+pub mod http;
+pub mod kube;
+pub mod metrics;
 pub mod netns;
 pub mod reconcile;
+pub mod statefile;
+pub mod status;
 pub mod workloads;
+pub mod xds;
 
 pub use error::{Error, Result};

@@ -1,9 +1,9 @@
-//! The `meshaccel` command: agent, status, uninstall.
-use std::{path::PathBuf, time::Duration};
+//! The `meshaccel` command: agent, status, doctor, uninstall.
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
-use meshaccel::{agent, cgroup, dataplane};
+use meshaccel::{agent, cgroup, dataplane, doctor, http, metrics, statefile, status};
 
 /// meshaccel: sidecar-bypass acceleration for Istio on one node (sock_ops + sk_msg).
 #[derive(Parser)]
@@ -32,6 +32,8 @@ enum Output {
 }
 
 #[derive(Subcommand)]
+// Parsed once at start: the size of the agent variant does not matter.
+#[allow(clippy::large_enum_variant)]
 enum Command {
     /// Load and attach the programs (or adopt the pinned ones) and keep the maps equal to the
     /// workloads file. Stopping the agent leaves acceleration in place.
@@ -51,11 +53,57 @@ enum Command {
         /// How often to re-resolve and re-apply the whole state, in seconds.
         #[arg(long, env = "MESHACCEL_RESYNC_SECS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
         resync_secs: u64,
+        /// Sockets the sockhash can hold when the agent creates it (two per accelerated
+        /// connection); when it is full, new connections stay on TCP. Pinned maps keep theirs.
+        #[arg(long, env = "MESHACCEL_SOCKHASH_CAPACITY", value_parser = clap::value_parser!(u32).range(2..=16_777_216))]
+        sockhash_capacity: Option<u32>,
+        /// Replace the pinned programs with this binary's even if they look the same (an upgrade
+        /// always replaces them; pinned maps and every socket's state stay).
+        #[arg(long, env = "MESHACCEL_REPLACE_PROGRAMS")]
+        replace_programs: bool,
+        /// Serve /metrics (Prometheus), /healthz and /readyz on this address, e.g. 0.0.0.0:9880
+        /// (port 0 picks a free port; the state file records it). Off when not given.
+        #[arg(long, env = "MESHACCEL_METRICS_ADDR")]
+        metrics_addr: Option<SocketAddr>,
+        /// Run folder for the agent's state file (workload names for `status`; not a bpffs).
+        #[arg(long, env = "MESHACCEL_STATE_DIR", default_value = statefile::DEFAULT_DIR)]
+        state_dir: PathBuf,
+        /// This node's name: accelerate the mesh pods Kubernetes schedules here (pods watched with
+        /// `spec.nodeName=NAME`; namespaces opt in with the label `meshaccel.io/enabled=true`).
+        /// Uses the in-cluster service account unless --kubeconfig is given.
+        #[arg(long, env = "MESHACCEL_NODE_NAME")]
+        node_name: Option<String>,
+        /// kubeconfig file for the Kubernetes API (default: in-cluster configuration).
+        #[arg(long, env = "MESHACCEL_KUBECONFIG", requires = "node_name")]
+        kubeconfig: Option<PathBuf>,
+        #[command(flatten)]
+        istiod: meshaccel::xds::IstiodArgs,
     },
-    /// Counters and the number of sockets in the sockhash.
+    /// Per workload: accelerated sockets and bytes; the global counters and the sockhash fill.
+    /// Reads the pinned maps (no agent needed) and the agent's state file for workload names.
     Status {
         #[arg(long, env = "MESHACCEL_BPFFS", default_value = "/sys/fs/bpf/meshaccel")]
         bpffs: PathBuf,
+        #[arg(long, short, env = "MESHACCEL_OUTPUT", value_enum, default_value_t = Output::Text)]
+        output: Output,
+        /// The agent's run folder (its state file names the workloads).
+        #[arg(long, env = "MESHACCEL_STATE_DIR", default_value = statefile::DEFAULT_DIR)]
+        state_dir: PathBuf,
+    },
+    /// Checks whether acceleration can work on this node (kernel support probed by loading
+    /// programs and creating maps, BTF, cgroup v2, bpffs, other sockmap programs, Istio capture
+    /// in pod network namespaces); prints what is wrong and how to fix it. Exits 1 when
+    /// acceleration cannot work.
+    Doctor {
+        /// cgroup v2 folder the agent attaches to (default: the cgroup v2 root from /proc/mounts).
+        #[arg(long, env = "MESHACCEL_CGROUP")]
+        cgroup: Option<PathBuf>,
+        #[arg(long, env = "MESHACCEL_BPFFS", default_value = "/sys/fs/bpf/meshaccel")]
+        bpffs: PathBuf,
+        /// A pod's network namespace (/proc/PID/ns/net or /run/netns/NAME) to check Istio's
+        /// capture rules in; repeatable.
+        #[arg(long)]
+        netns: Vec<PathBuf>,
         #[arg(long, short, env = "MESHACCEL_OUTPUT", value_enum, default_value_t = Output::Text)]
         output: Output,
     },
@@ -67,6 +115,13 @@ enum Command {
         bpffs: PathBuf,
         #[arg(long, short, env = "MESHACCEL_OUTPUT", value_enum, default_value_t = Output::Text)]
         output: Output,
+        /// The agent's run folder (its state file is removed too).
+        #[arg(long, env = "MESHACCEL_STATE_DIR", default_value = statefile::DEFAULT_DIR)]
+        state_dir: PathBuf,
+        /// How long to wait for live accelerated connections to close (the kernel frees
+        /// meshaccel's programs and maps after the last one); 0 reports at once.
+        #[arg(long, env = "MESHACCEL_UNINSTALL_WAIT_SECS", default_value_t = 10)]
+        wait_secs: u64,
     },
 }
 
@@ -93,6 +148,13 @@ fn main() -> anyhow::Result<()> {
             workloads,
             poll_ms,
             resync_secs,
+            sockhash_capacity,
+            replace_programs,
+            metrics_addr,
+            state_dir,
+            node_name,
+            kubeconfig,
+            istiod,
         } => {
             let cgroup = match cgroup {
                 Some(c) => c,
@@ -102,35 +164,83 @@ fn main() -> anyhow::Result<()> {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
-            rt.block_on(agent::run(agent::AgentConfig {
-                cgroup,
-                bpffs,
-                workloads,
-                poll: Duration::from_millis(poll_ms),
-                resync: Duration::from_secs(resync_secs),
-            }))?;
-        }
-        Command::Status { bpffs, output } => {
-            let st = dataplane::Dataplane::open(&bpffs)?.status()?;
-            match output {
-                Output::Json => println!("{}", serde_json::to_string(&st)?),
-                Output::Text => {
-                    println!("bpffs:            {}", st.bpffs.display());
-                    println!(
-                        "acceleration:     {}",
-                        if st.enabled { "on" } else { "off" }
-                    );
-                    println!("sockets:          {}", st.sockets);
-                    println!("workloads on:     {}", st.workloads_enabled);
-                    println!("excluded ports:   {}", st.excluded_ports);
-                    for (k, v) in &st.counters {
-                        println!("{k:<26}{v}");
-                    }
+            let shared = std::sync::Arc::new(agent::Shared::default());
+            shared
+                .metrics
+                .configure(&bpffs, Some(statefile::StateFile::new(&state_dir, &bpffs)));
+            if workloads.is_some() {
+                shared.metrics.require_source(metrics::Source::StaticFile);
+            }
+            if let Some(node) = node_name {
+                shared.metrics.require_source(metrics::Source::Kubernetes);
+                let opts = meshaccel::kube::KubeOptions::new(node, kubeconfig);
+                rt.block_on(meshaccel::kube::spawn(opts, shared.clone()))?;
+            }
+            if let Some(cfg) = istiod.config() {
+                let status = meshaccel::xds::status_path(&state_dir, &bpffs);
+                rt.spawn(meshaccel::xds::run(cfg, shared.clone(), status));
+            }
+            rt.block_on(async {
+                if let Some(addr) = metrics_addr {
+                    let (_, serve) = http::bind(addr, shared.clone()).await?;
+                    tokio::spawn(serve);
                 }
+                agent::run_with(
+                    agent::AgentConfig {
+                        cgroup,
+                        bpffs,
+                        workloads,
+                        poll: Duration::from_millis(poll_ms),
+                        resync: Duration::from_secs(resync_secs),
+                        install: meshaccel::dataplane::InstallOptions {
+                            sockhash_capacity,
+                            replace_programs,
+                        },
+                    },
+                    shared,
+                )
+                .await
+            })?;
+        }
+        Command::Status {
+            bpffs,
+            output,
+            state_dir,
+        } => {
+            let report = status::collect(&bpffs, &state_dir)?;
+            match output {
+                Output::Json => println!("{}", serde_json::to_string(&report)?),
+                Output::Text => print!("{}", report.render_text()),
             }
         }
-        Command::Uninstall { bpffs, output } => {
-            let r = dataplane::uninstall(&bpffs)?;
+        Command::Doctor {
+            cgroup,
+            bpffs,
+            netns,
+            output,
+        } => {
+            let report = doctor::run(&doctor::DoctorConfig {
+                cgroup,
+                bpffs,
+                netns,
+            });
+            match output {
+                Output::Json => println!("{}", serde_json::to_string(&report)?),
+                Output::Text => print!("{}", report.render_text()),
+            }
+            if !report.ok {
+                std::process::exit(1);
+            }
+        }
+        Command::Uninstall {
+            bpffs,
+            output,
+            state_dir,
+            wait_secs,
+        } => {
+            let r = dataplane::uninstall(&bpffs, Duration::from_secs(wait_secs))?;
+            statefile::remove(&state_dir, &bpffs)?;
+            meshaccel::xds::remove_status(&state_dir, &bpffs);
             match output {
                 Output::Json => println!("{}", serde_json::to_string(&r)?),
                 Output::Text => {
@@ -139,10 +249,14 @@ fn main() -> anyhow::Result<()> {
                         r.removed_pins.len(),
                         bpffs.display()
                     );
-                    if r.sockets_draining > 0 {
+                    if r.drained {
+                        println!("no meshaccel program or map is left in the kernel");
+                    } else {
                         println!(
-                            "{} sockets still open: they continue on TCP; the kernel frees meshaccel's programs and maps when they close",
-                            r.sockets_draining
+                            "still draining: {} sockets open ({} programs, {} maps kept alive by them); they continue on TCP without losing a byte, and the kernel frees the rest when they close. Run `meshaccel uninstall` again to check.",
+                            r.sockets_draining,
+                            r.programs_left.len(),
+                            r.maps_left.len()
                         );
                     }
                 }

@@ -1,7 +1,9 @@
 //! Diffs the desired map contents against what the kernel maps hold and applies the difference.
 use std::collections::{BTreeMap, BTreeSet};
 
-use meshaccel_common::{Config, POLICY_ENABLED, PortKey, WorkloadPolicy, names};
+use meshaccel_common::{
+    Config, POLICY_ENABLED, PortKey, SCOPE_ALL, WorkloadPolicy, WorkloadStats, names,
+};
 
 use crate::{
     dataplane::Dataplane,
@@ -15,6 +17,8 @@ pub struct ActualState {
     pub config: Config,
     pub workloads: BTreeMap<u64, WorkloadPolicy>,
     pub excluded_ports: BTreeSet<PortKey>,
+    /// Workloads that have a per-workload stats entry.
+    pub stats: BTreeSet<u64>,
 }
 
 /// The changes to make, in the order they are applied.
@@ -26,6 +30,9 @@ pub struct Plan {
     pub remove_ports: Vec<PortKey>,
     /// The config to write, if it changes.
     pub config: Option<Config>,
+    /// Per-workload stats entries to create (zeroed) and to delete.
+    pub add_stats: Vec<u64>,
+    pub remove_stats: Vec<u64>,
 }
 
 impl Plan {
@@ -67,20 +74,50 @@ pub fn plan(desired: &DesiredState, actual: &ActualState) -> Plan {
         .difference(&desired.excluded_ports)
         .copied()
         .collect();
-    let want_enabled = u32::from(desired.enabled);
-    if actual.config.enabled != 0 && want_enabled == 0 {
+    let want = Config {
+        epoch: actual.config.epoch,
+        ..desired.config
+    };
+    let have = actual.config;
+    // Turning off, narrowing the scope, or moving the capture can stop redirects.
+    if (have.enabled != 0 && want.enabled == 0)
+        || (have.scope == SCOPE_ALL && want.scope != SCOPE_ALL)
+        || (
+            have.outbound_port,
+            have.inbound_port,
+            have.passthrough_v4_be,
+            have.passthrough_v6_be,
+        ) != (
+            want.outbound_port,
+            want.inbound_port,
+            want.passthrough_v4_be,
+            want.passthrough_v6_be,
+        )
+    {
         stops = true;
     }
-    if stops || actual.config.enabled != want_enabled {
+    if stops || want != have {
         p.config = Some(Config {
-            enabled: want_enabled,
             epoch: if stops {
-                actual.config.epoch.wrapping_add(1)
+                have.epoch.wrapping_add(1)
             } else {
-                actual.config.epoch
+                have.epoch
             },
+            ..want
         });
     }
+    p.add_stats = desired
+        .workloads
+        .keys()
+        .filter(|k| !actual.stats.contains(k))
+        .copied()
+        .collect();
+    p.remove_stats = actual
+        .stats
+        .iter()
+        .filter(|k| !desired.workloads.contains_key(k))
+        .copied()
+        .collect();
     p
 }
 
@@ -102,12 +139,36 @@ impl Dataplane {
             a.excluded_ports
                 .insert(k.map_err(map_err(names::PORTS, "iterate"))?);
         }
+        for k in self.wl_stats.keys() {
+            a.stats
+                .insert(k.map_err(map_err(names::WL_STATS, "iterate"))?);
+        }
         Ok(a)
     }
 
     /// Applies a plan: additions first, then removals, then the config (with the epoch) last, so
     /// a sender that re-checks on the new epoch already sees the new policy.
     pub fn apply(&mut self, plan: &Plan) -> Result<()> {
+        for k in &plan.add_stats {
+            let zero = aya::maps::PerCpuValues::try_from(vec![
+                WorkloadStats::default();
+                aya::util::nr_cpus().map_err(
+                    |(_, e)| Error::Map {
+                        name: names::WL_STATS,
+                        op: "count cpus",
+                        source: aya::maps::MapError::IoError(e),
+                    }
+                )?
+            ])
+            .map_err(|e| Error::Map {
+                name: names::WL_STATS,
+                op: "values",
+                source: aya::maps::MapError::IoError(e),
+            })?;
+            self.wl_stats
+                .insert(k, zero, 0)
+                .map_err(map_err(names::WL_STATS, "insert"))?;
+        }
         for (k, v) in &plan.upsert_workloads {
             self.workloads
                 .insert(k, v, 0)
@@ -127,6 +188,9 @@ impl Dataplane {
         }
         if let Some(cfg) = plan.config {
             self.set_config(cfg)?;
+        }
+        for k in &plan.remove_stats {
+            ignore_missing(self.wl_stats.remove(k)).map_err(map_err(names::WL_STATS, "remove"))?;
         }
         Ok(())
     }
@@ -164,6 +228,10 @@ mod tests {
     fn desired(enabled: bool, wl: &[(u64, u32)], ports: &[(u64, u16)]) -> DesiredState {
         DesiredState {
             enabled,
+            config: Config {
+                enabled: enabled.into(),
+                ..Default::default()
+            },
             workloads: wl.iter().map(|&(k, id)| (k, on(id))).collect(),
             excluded_ports: ports
                 .iter()
@@ -175,12 +243,10 @@ mod tests {
 
     fn actual_after(d: &DesiredState, epoch: u32) -> ActualState {
         ActualState {
-            config: Config {
-                enabled: d.enabled.into(),
-                epoch,
-            },
+            config: Config { epoch, ..d.config },
             workloads: d.workloads.clone(),
             excluded_ports: d.excluded_ports.clone(),
+            stats: d.workloads.keys().copied().collect(),
         }
     }
 
@@ -272,7 +338,59 @@ mod tests {
             if let Some(cfg) = p.config {
                 b.config = cfg;
             }
+            b.stats.extend(p.add_stats.iter().copied());
+            for k in &p.remove_stats {
+                b.stats.remove(k);
+            }
             assert!(plan(&c.to, &b).is_empty(), "{}: not converged", c.name);
         }
+    }
+}
+
+#[cfg(test)]
+mod scope_tests {
+    use meshaccel_common::{SCOPE_ALL, SCOPE_MESH};
+
+    use super::*;
+
+    fn with(scope: u32, inbound: u32) -> DesiredState {
+        DesiredState {
+            enabled: true,
+            config: Config {
+                enabled: 1,
+                scope,
+                inbound_port: inbound,
+                outbound_port: 15001,
+                ..Default::default()
+            },
+            ..Default::default()
+        }
+    }
+
+    fn actual(d: &DesiredState) -> ActualState {
+        ActualState {
+            config: Config {
+                epoch: 3,
+                ..d.config
+            },
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn narrowing_the_scope_or_moving_a_capture_port_moves_the_epoch() {
+        let epoch = |from: &DesiredState, to: &DesiredState| {
+            plan(to, &actual(from)).config.map(|c| c.epoch)
+        };
+        let all = with(SCOPE_ALL, 15006);
+        let mesh = with(SCOPE_MESH, 15006);
+        assert_eq!(epoch(&all, &mesh), Some(4), "all → mesh can stop redirects");
+        assert_eq!(epoch(&mesh, &all), Some(3), "mesh → all only widens");
+        assert_eq!(
+            epoch(&mesh, &with(SCOPE_MESH, 15007)),
+            Some(4),
+            "inbound port moved"
+        );
+        assert_eq!(epoch(&mesh, &mesh), None, "nothing changed");
     }
 }

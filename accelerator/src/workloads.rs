@@ -19,6 +19,28 @@ pub struct Capture {
     pub inbound_port: u16,
     #[serde(default = "default_proxy_uid")]
     pub proxy_uid: u32,
+    /// Source addresses of Envoy's inbound passthrough (the sidecar → app leg).
+    #[serde(default = "default_passthrough")]
+    pub passthrough_addresses: Vec<IpAddr>,
+}
+
+fn default_passthrough() -> Vec<IpAddr> {
+    vec![
+        IpAddr::from([127, 0, 0, 6]),
+        IpAddr::from([0, 0, 0, 0, 0, 0, 0, 6]),
+    ]
+}
+
+/// Which connections of enabled workloads are accelerated.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Scope {
+    /// Istio's three legs only (app ↔ sidecar via the capture ports, sidecar ↔ sidecar, the
+    /// inbound passthrough).
+    #[default]
+    Mesh,
+    /// Every TCP connection between sockets of enabled workloads on the node.
+    All,
 }
 
 fn default_outbound_port() -> u16 {
@@ -40,6 +62,7 @@ impl Default for Capture {
             outbound_port: default_outbound_port(),
             inbound_port: default_inbound_port(),
             proxy_uid: default_proxy_uid(),
+            passthrough_addresses: default_passthrough(),
         }
     }
 }
@@ -79,6 +102,8 @@ pub struct WorkloadsFile {
     /// The global switch: false turns all acceleration off (live connections fall back to TCP).
     #[serde(default = "yes")]
     pub enabled: bool,
+    #[serde(default)]
+    pub scope: Scope,
     #[serde(default)]
     pub capture: Capture,
     #[serde(default)]

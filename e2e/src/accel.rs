@@ -40,8 +40,12 @@ impl Workload {
 }
 
 /// The YAML the agent reads.
-pub fn workloads_yaml(enabled: bool, workloads: &[Workload]) -> String {
-    let mut y = format!("enabled: {enabled}\nworkloads:\n");
+pub fn workloads_yaml(enabled: bool, scope: Scope, workloads: &[Workload]) -> String {
+    let scope = match scope {
+        Scope::Mesh => "mesh",
+        Scope::All => "all",
+    };
+    let mut y = format!("enabled: {enabled}\nscope: {scope}\nworkloads:\n");
     for w in workloads {
         let _ = writeln!(
             y,
@@ -57,6 +61,16 @@ pub fn workloads_yaml(enabled: bool, workloads: &[Workload]) -> String {
     y
 }
 
+/// Which connections the agent accelerates (the workloads file's `scope`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Scope {
+    /// Istio's three legs only (the default).
+    #[default]
+    Mesh,
+    /// Every TCP connection between enabled workloads (e.g. app ↔ app over loopback).
+    All,
+}
+
 /// A running meshaccel agent attached to the mesh's cgroup, with its pins in a bpffs of the run.
 pub struct Accel {
     bin: PathBuf,
@@ -67,12 +81,39 @@ pub struct Accel {
     agent: Option<Child>,
     /// (global switch, enabled workloads) of the last file written by `set_workloads`.
     expect: (bool, u64),
+    scope: Scope,
+    /// Extra environment of the agent (Kubernetes mode: node name, kubeconfig).
+    extra_env: Vec<(String, String)>,
+    /// Kubernetes mode: the agent's stderr goes to this file of the run (see `agent_log`).
+    log: Option<PathBuf>,
 }
 
 impl Accel {
     /// Writes the workloads file and starts the agent; returns once the maps hold the file's
     /// workloads.
     pub fn start(mesh: &Mesh, enabled: bool, workloads: &[Workload]) -> anyhow::Result<Accel> {
+        Self::start_with(mesh, enabled, Scope::Mesh, workloads)
+    }
+
+    /// [`Accel::start`] with a scope.
+    pub fn start_with(
+        mesh: &Mesh,
+        enabled: bool,
+        scope: Scope,
+        workloads: &[Workload],
+    ) -> anyhow::Result<Accel> {
+        Self::start_env(mesh, enabled, scope, workloads, &[])
+    }
+
+    /// [`Accel::start_with`] with extra `MESHACCEL_*` settings for the agent (e.g.
+    /// `MESHACCEL_SOCKHASH_CAPACITY`); they apply to every later [`Accel::start_agent`] too.
+    pub fn start_env(
+        mesh: &Mesh,
+        enabled: bool,
+        scope: Scope,
+        workloads: &[Workload],
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<Accel> {
         let dir = PathBuf::from(format!("/run/meshaccel-{}", mesh.run_id()));
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         let mut a = Accel {
@@ -83,10 +124,70 @@ impl Accel {
             dir,
             agent: None,
             expect: (enabled, 0),
+            scope,
+            extra_env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            log: None,
         };
         a.write_workloads(enabled, workloads)?;
         a.start_agent()?;
         Ok(a)
+    }
+
+    /// Starts the agent in Kubernetes mode (`MESHACCEL_NODE_NAME`, `MESHACCEL_KUBECONFIG`) next
+    /// to an empty static workloads file, its log in a file of the run ([`Accel::agent_log`]).
+    /// Returns once the programs are installed; which workloads appear is up to the API objects.
+    pub fn start_kube(mesh: &Mesh, node_name: &str, kubeconfig: &Path) -> anyhow::Result<Accel> {
+        let dir = PathBuf::from(format!("/run/meshaccel-{}", mesh.run_id()));
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let mut a = Accel {
+            bin: workspace_bin("meshaccel"),
+            bpffs: dir.join("bpffs"),
+            workloads: dir.join("workloads.yaml"),
+            cgroup: mesh.cgroup_root().to_path_buf(),
+            log: Some(dir.join("agent.log")),
+            dir,
+            agent: None,
+            expect: (true, 0),
+            scope: Scope::Mesh,
+            extra_env: vec![
+                ("MESHACCEL_NODE_NAME".into(), node_name.into()),
+                (
+                    "MESHACCEL_KUBECONFIG".into(),
+                    kubeconfig.to_string_lossy().into_owned(),
+                ),
+            ],
+        };
+        a.write_workloads(true, &[])?;
+        a.start_agent()?;
+        Ok(a)
+    }
+
+    /// Kubernetes mode: what the agent logged so far (empty otherwise).
+    pub fn agent_log(&self) -> String {
+        self.log
+            .as_ref()
+            .and_then(|p| std::fs::read_to_string(p).ok())
+            .unwrap_or_default()
+    }
+
+    /// The agent's process id, while it runs.
+    pub fn agent_pid(&self) -> Option<u32> {
+        self.agent.as_ref().map(|c| c.id())
+    }
+
+    /// The netns cookies of the workloads `status` lists as enabled.
+    pub fn enabled_cookies(&self) -> anyhow::Result<std::collections::BTreeSet<u64>> {
+        let s = self.status()?;
+        Ok(s["by_workload"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|w| w["enabled"] == true)
+            .filter_map(|w| w["netns_cookie"].as_u64())
+            .collect())
     }
 
     pub fn bpffs(&self) -> &Path {
@@ -123,7 +224,7 @@ impl Accel {
             enabled,
             workloads.iter().filter(|w| w.enabled).count() as u64,
         );
-        self.write_raw(&workloads_yaml(enabled, workloads))
+        self.write_raw(&workloads_yaml(enabled, self.scope, workloads))
     }
 
     /// Starts the agent (again) and waits until the maps match the workloads file.
@@ -139,13 +240,37 @@ impl Accel {
             .arg("--workloads")
             .arg(&self.workloads)
             .env("MESHACCEL_LOG", "info")
+            // Its state file (workload names for `status`, the metrics address) in the run's
+            // folder; /metrics, /healthz, /readyz on a free loopback port.
+            .env("MESHACCEL_STATE_DIR", &self.dir)
+            .env("MESHACCEL_METRICS_ADDR", "127.0.0.1:0")
+            .envs(self.extra_env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
+            .stderr(match &self.log {
+                Some(p) => Stdio::from(
+                    std::fs::File::options()
+                        .create(true)
+                        .append(true)
+                        .open(p)
+                        .with_context(|| format!("opening {}", p.display()))?,
+                ),
+                None => Stdio::inherit(),
+            })
             .spawn()
             .with_context(|| format!("starting {}", self.bin.display()))?;
         self.agent = Some(child);
+        if self.log.is_some() {
+            // Kubernetes mode: which workloads appear is up to the test.
+            return self.wait_status("the agent's programs installed", |s| s["enabled"] == true);
+        }
         self.wait_applied("the agent's first sync")
+    }
+
+    /// Sets (or replaces) an agent setting for the next [`Accel::start_agent`].
+    pub fn set_agent_env(&mut self, key: &str, value: &str) {
+        self.extra_env.retain(|(k, _)| k != key);
+        self.extra_env.push((key.into(), value.into()));
     }
 
     /// SIGKILLs the agent (acceleration stays: it is pinned).
@@ -168,6 +293,7 @@ impl Accel {
             .arg("--bpffs")
             .arg(&self.bpffs)
             .args(["--output", "json"])
+            .env("MESHACCEL_STATE_DIR", &self.dir)
             .output()
             .with_context(|| format!("running meshaccel {args:?}"))?;
         if !out.status.success() {
@@ -209,9 +335,29 @@ impl Accel {
         bail!("waiting for {what}: last status {last}")
     }
 
-    /// `meshaccel uninstall --output json`.
+    /// Where the running agent serves /metrics, /healthz and /readyz (from its state file).
+    pub fn metrics_addr(&self) -> anyhow::Result<std::net::SocketAddr> {
+        let st = meshaccel::statefile::read(&self.dir, &self.bpffs)?
+            .context("the agent wrote no state file")?;
+        st.metrics_addr
+            .context("the agent's state file has no metrics address")?
+            .parse()
+            .context("the agent's metrics address")
+    }
+
+    /// The agent's state file folder (the run's folder).
+    pub fn state_dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// `meshaccel uninstall --output json`, reporting at once what is still draining.
     pub fn uninstall(&self) -> anyhow::Result<Value> {
-        self.cli(&["uninstall"])
+        self.uninstall_wait(0)
+    }
+
+    /// `meshaccel uninstall`, waiting up to `secs` for the kernel to free everything.
+    pub fn uninstall_wait(&self, secs: u64) -> anyhow::Result<Value> {
+        self.cli(&["uninstall", "--wait-secs", &secs.to_string()])
     }
 }
 
@@ -227,6 +373,9 @@ impl Drop for Accel {
         }
         let _ = std::fs::remove_dir(&self.bpffs);
         let _ = std::fs::remove_file(&self.workloads);
+        if let Some(log) = &self.log {
+            let _ = std::fs::remove_file(log);
+        }
         let _ = std::fs::remove_file(self.workloads.with_extension("tmp"));
         if let Err(e) = std::fs::remove_dir(&self.dir) {
             eprintln!("accel teardown: removing {}: {e}", self.dir.display());

@@ -549,6 +549,66 @@ pub fn clusters(spec: &SidecarSpec) -> Vec<Value> {
     out
 }
 
+/// The clusters as istiod serves them over ADS: every cluster with inline endpoints
+/// (`outbound|…`) becomes an EDS cluster (`eds_config: ads`, `service_name` = its name), and its
+/// endpoints a separate `ClusterLoadAssignment` (returned second, with their `tlsMode` metadata).
+pub fn eds_split(clusters: Vec<Value>) -> (Vec<Value>, Vec<Value>) {
+    let mut out = Vec::new();
+    let mut assignments = Vec::new();
+    for mut c in clusters {
+        if let Some(la) = c.as_object_mut().and_then(|o| o.remove("load_assignment")) {
+            c["type"] = json!("EDS");
+            c["eds_cluster_config"] = json!({
+                "eds_config": { "ads": {}, "initial_fetch_timeout": "0s", "resource_api_version": "V3" },
+                "service_name": c["name"].clone(),
+            });
+            assignments.push(la);
+        }
+        out.push(c);
+    }
+    (out, assignments)
+}
+
+/// The cluster through which Envoy reaches the ADS server: a Unix socket, as Istio's sidecars
+/// reach pilot-agent (`xds-grpc` → `./etc/istio/proxy/XDS`), with HTTP/2.
+fn xds_grpc_cluster(uds: &Path) -> Value {
+    json!({
+        "name": "xds-grpc",
+        "type": "STATIC",
+        "connect_timeout": "1s",
+        "load_assignment": { "cluster_name": "xds-grpc", "endpoints": [{ "lb_endpoints": [{
+            "endpoint": { "address": { "pipe": { "path": uds.to_string_lossy() } } }
+        }]}]},
+        "typed_extension_protocol_options": { "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+            "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+            "explicit_http_config": { "http2_protocol_options": {} },
+        }},
+    })
+}
+
+/// [`bootstrap`] for a sidecar whose listeners and clusters come over ADS from the server on
+/// the Unix socket `uds` (state of the world, `set_node_on_first_message_only` as Istio's
+/// bootstrap; Istio itself uses `DELTA_GRPC`). The secrets stay static.
+pub fn bootstrap_ads(spec: &SidecarSpec, certs: &CertPaths, uds: &Path) -> Value {
+    let mut b = bootstrap(spec, certs);
+    b["static_resources"] = json!({
+        "clusters": [xds_grpc_cluster(uds)],
+        "secrets": secrets(certs),
+    });
+    let ads = json!({ "ads": {}, "initial_fetch_timeout": "0s", "resource_api_version": "V3" });
+    b["dynamic_resources"] = json!({
+        "ads_config": {
+            "api_type": "GRPC",
+            "transport_api_version": "V3",
+            "grpc_services": [{ "envoy_grpc": { "cluster_name": "xds-grpc" } }],
+            "set_node_on_first_message_only": true,
+        },
+        "cds_config": ads.clone(),
+        "lds_config": ads,
+    });
+    b
+}
+
 /// The static secrets `default` (the pod's certificate) and `ROOTCA` (v3 `Secret` resources).
 pub fn secrets(certs: &CertPaths) -> Vec<Value> {
     let path = |p: &Path| p.to_string_lossy().into_owned();
@@ -629,6 +689,20 @@ pub fn write_bootstrap(
 ) -> anyhow::Result<PathBuf> {
     let path = dir.join(format!("envoy-{}.json", spec.pod_name));
     let text = serde_json::to_string_pretty(&bootstrap(spec, certs))
+        .context("serializing the bootstrap")?;
+    write_public(&path, text.as_bytes())?;
+    Ok(path)
+}
+
+/// Writes [`bootstrap_ads`] to `<dir>/envoy-<pod>.json` (mode 0644) and returns its path.
+pub fn write_bootstrap_ads(
+    dir: &Path,
+    spec: &SidecarSpec,
+    certs: &CertPaths,
+    uds: &Path,
+) -> anyhow::Result<PathBuf> {
+    let path = dir.join(format!("envoy-{}.json", spec.pod_name));
+    let text = serde_json::to_string_pretty(&bootstrap_ads(spec, certs, uds))
         .context("serializing the bootstrap")?;
     write_public(&path, text.as_bytes())?;
     Ok(path)

@@ -13,6 +13,7 @@
 //!
 //! Everything here needs root (see [`require_root`]).
 
+pub mod ab;
 pub mod accel;
 mod cgroup;
 mod mesh;
@@ -90,6 +91,8 @@ pub fn workspace_bin(name: &str) -> PathBuf {
     }
     bin
 }
+pub mod ads;
 pub mod envoy;
 pub mod http;
+pub mod kube_api;
 pub mod sidecar;

@@ -12,6 +12,7 @@ use anyhow::{Context as _, bail};
 
 use crate::{
     Mesh, Pod,
+    ads::{AdsOptions, AdsServer, Resources},
     envoy::{self, Pki, SidecarSpec},
     fixtures_dir, wait_ready, workspace_bin,
 };
@@ -66,10 +67,25 @@ pub enum Rules {
     Generated,
 }
 
+/// Where the sidecars' listeners and clusters come from.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum EnvoyConfig {
+    /// Static resources in the bootstrap.
+    #[default]
+    Static,
+    /// Over ADS from a test ADS server of the mesh ([`SidecarMesh::ads`]), as from istiod:
+    /// listeners and clusters per sidecar (node id), outbound endpoints over EDS with their
+    /// `tlsMode: istio` metadata. Nodes the server does not know (the agent) get the first
+    /// sidecar's resources. Secrets stay static.
+    Ads,
+}
+
 /// A running local mesh with Envoy sidecars.
 pub struct SidecarMesh {
     /// Declared first: dropped first, so processes die before the files go.
     pub mesh: Mesh,
+    /// The ADS server of [`EnvoyConfig::Ads`] (dropped after the Envoys).
+    ads: Option<AdsServer>,
     pods: Vec<(Pod, Option<Sidecar>)>,
     envoy: PathBuf,
     base_id: u32,
@@ -86,6 +102,15 @@ impl SidecarMesh {
     }
 
     pub fn start_with(specs: &[PodSpec], rules: Rules) -> anyhow::Result<SidecarMesh> {
+        Self::start_opts(specs, rules, EnvoyConfig::Static)
+    }
+
+    /// Starts the pods with `rules`, their sidecars configured as `config` says.
+    pub fn start_opts(
+        specs: &[PodSpec],
+        rules: Rules,
+        config: EnvoyConfig,
+    ) -> anyhow::Result<SidecarMesh> {
         let envoy = envoy::envoy_binary()?;
         let dir = tempfile::Builder::new()
             .prefix("meshaccel-mesh-")
@@ -117,8 +142,19 @@ impl SidecarMesh {
         }
         // Every sidecar may call every port of every other pod with a sidecar (mTLS); anything
         // else leaves through the PassthroughCluster in plaintext, as in Istio.
+        let ads = match config {
+            EnvoyConfig::Static => None,
+            EnvoyConfig::Ads => Some(
+                AdsServer::start(AdsOptions {
+                    uds: Some(dir.path().join("xds.sock")),
+                    ..Default::default()
+                })
+                .context("starting the ADS server")?,
+            ),
+        };
         let mut out = SidecarMesh {
             mesh,
+            ads,
             pods: Vec::new(),
             envoy,
             base_id: std::process::id() % 10_000 * 100,
@@ -141,7 +177,24 @@ impl SidecarMesh {
                     admin_port: ADMIN_PORT,
                 };
                 let certs = pki.issue(&pod.name)?;
-                let config = envoy::write_bootstrap(out.dir.path(), &spec, &certs)?;
+                let config = match &out.ads {
+                    None => envoy::write_bootstrap(out.dir.path(), &spec, &certs)?,
+                    Some(ads) => {
+                        let (clusters, endpoints) = envoy::eds_split(envoy::clusters(&spec));
+                        let res =
+                            Resources::from_json(&envoy::listeners(&spec), &clusters, &endpoints)
+                                .with_context(|| format!("{}'s xDS resources", pod.name))?;
+                        let first = ads.resources("").listeners.is_empty();
+                        ads.edit(|e| {
+                            if first {
+                                *e.default = res.clone();
+                            }
+                            e.per_node.insert(spec.node_id(), res);
+                        });
+                        let uds = ads.uds().expect("the mesh's ADS server has a socket");
+                        envoy::write_bootstrap_ads(out.dir.path(), &spec, &certs, uds)?
+                    }
+                };
                 let log = out.dir.path().join(format!("envoy-{}.log", pod.name));
                 Some(Sidecar {
                     spec,
@@ -162,6 +215,25 @@ impl SidecarMesh {
 
     pub fn dir(&self) -> &Path {
         self.dir.path()
+    }
+
+    /// The ADS server ([`EnvoyConfig::Ads`]).
+    pub fn ads(&self) -> Option<&AdsServer> {
+        self.ads.as_ref()
+    }
+
+    pub fn ads_mut(&mut self) -> Option<&mut AdsServer> {
+        self.ads.as_mut()
+    }
+
+    /// The node id of a pod's sidecar (what it presents to the ADS server).
+    pub fn node_id(&self, name: &str) -> String {
+        self.pods
+            .iter()
+            .find(|(p, _)| p.name == name)
+            .and_then(|(_, s)| s.as_ref())
+            .map(|s| s.spec.node_id())
+            .unwrap_or_else(|| panic!("no sidecar in pod {name}"))
     }
 
     pub fn pod(&self, name: &str) -> &Pod {

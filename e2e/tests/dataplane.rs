@@ -4,87 +4,17 @@
 //! `basic.txt.golden`, a relay standing in for Envoy (UID 1337), and the meshaccel agent attached
 //! to the run's cgroup. Teardown (also on panic) kills the processes, uninstalls, and removes the
 //! netns, cgroups and bpffs.
-use std::{
-    path::PathBuf,
-    process::Child,
-    time::{Duration, Instant},
-};
+mod support;
 
 use meshaccel_e2e::{
-    Mesh, Pod, TcpCounters,
-    accel::{Accel, Workload},
-    fixtures_dir, require_root, wait_output_timeout, wait_ready, workspace_bin,
+    Mesh,
+    accel::{Accel, Scope, Workload},
+    require_root,
 };
-use serde_json::Value;
+use std::time::Duration;
+use support::*;
 
 const MB50: u64 = 50 * 1024 * 1024;
-const PROXY_UID: u32 = 1337;
-const APP_UID: u32 = 1000;
-
-fn golden() -> PathBuf {
-    fixtures_dir().join("iptables/istio-cni-sidecar/basic.txt.golden")
-}
-
-fn tool() -> PathBuf {
-    workspace_bin("meshaccel-e2e-tool")
-}
-
-/// A pod with Istio's capture rules and a relay (the sidecar) running as UID 1337.
-fn mesh_pod(mesh: &mut Mesh, name: &str) -> Pod {
-    let pod = mesh.add_pod(name, Some(&golden())).expect("pod");
-    let mut relay = mesh
-        .spawn(&pod, Some(PROXY_UID), &tool(), &["relay"])
-        .expect("relay");
-    wait_ready(&mut relay).expect("relay ready");
-    pod
-}
-
-/// A checksumming sink in the pod; the mesh kills and reaps it at teardown.
-fn sink(mesh: &mut Mesh, pod: &Pod, listen: &str) {
-    let mut s = mesh
-        .spawn(pod, Some(APP_UID), &tool(), &["sink", "--listen", listen])
-        .expect("sink");
-    wait_ready(&mut s).expect("sink ready");
-}
-
-fn send(mesh: &mut Mesh, pod: &Pod, args: &[&str]) -> Child {
-    mesh.spawn(pod, Some(APP_UID), &tool(), &[&["send"], args].concat())
-        .expect("send")
-}
-
-/// Waits for a `send` and returns its JSON report, asserting it saw its bytes arrive exactly.
-fn finished(child: Child, what: &str) -> Value {
-    let out = wait_output_timeout(child, Duration::from_secs(120)).expect("send finished");
-    let line = String::from_utf8_lossy(&out.stdout);
-    let v: Value = serde_json::from_str(line.trim())
-        .unwrap_or_else(|e| panic!("{what}: bad report {line:?}: {e}"));
-    assert!(
-        out.status.success() && v["ok"] == true,
-        "{what}: bytes did not arrive exactly: {v}"
-    );
-    v
-}
-
-fn segs(pods: &[&Pod]) -> Vec<TcpCounters> {
-    pods.iter()
-        .map(|p| p.tcp_counters().expect("snmp"))
-        .collect()
-}
-
-fn in_segs_since(pods: &[&Pod], before: &[TcpCounters]) -> Vec<u64> {
-    pods.iter()
-        .zip(before)
-        .map(|(p, b)| p.tcp_counters().unwrap().since(b).in_segs)
-        .collect()
-}
-
-fn counters(a: &Accel) -> Value {
-    a.status().expect("status")["counters"].clone()
-}
-
-fn delta(after: &Value, before: &Value, name: &str) -> u64 {
-    after[name].as_u64().unwrap() - before[name].as_u64().unwrap()
-}
 
 /// All three legs of Istio sidecar traffic on one node, through Istio's real rules:
 /// app A → relay A (REDIRECT 15001), relay A → relay B (REDIRECT 15006), relay B → app B (from
@@ -160,7 +90,14 @@ fn identical_loopback_tuples_in_two_pods_never_pair_across() {
     let mut mesh = Mesh::new().expect("mesh");
     let c = mesh_pod(&mut mesh, "c");
     let d = mesh_pod(&mut mesh, "d");
-    let accel = Accel::start(&mesh, true, &[Workload::on(&c), Workload::on(&d)]).expect("agent");
+    // App ↔ app over loopback is no Istio leg: accelerated in the "all" scope.
+    let accel = Accel::start_with(
+        &mesh,
+        true,
+        Scope::All,
+        &[Workload::on(&c), Workload::on(&d)],
+    )
+    .expect("agent");
     let c0 = counters(&accel);
     sink(&mut mesh, &c, "127.0.0.1:9000");
     sink(&mut mesh, &d, "127.0.0.1:9000");
@@ -300,27 +237,6 @@ fn disabled_excluded_and_switched_off_traffic_stays_correct() {
     assert_eq!(delta(&c4, &c3, "redirect_bytes"), 0, "{c4}");
 }
 
-fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting until {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-fn bpftool_ids(kind: &str) -> Vec<u64> {
-    let out = std::process::Command::new("bpftool")
-        .args(["-j", kind, "show"])
-        .output()
-        .expect("bpftool (scripts/env.sh installs it)");
-    let v: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Array(vec![]));
-    v.as_array()
-        .unwrap()
-        .iter()
-        .filter_map(|e| e["id"].as_u64())
-        .collect()
-}
-
 /// The agent is SIGKILLed mid-transfer and restarted: the transfer completes byte-exact, the new
 /// agent adopts the pins (same link), and uninstall leaves nothing in the kernel once the
 /// connections are gone.
@@ -390,11 +306,15 @@ fn agent_killed_mid_transfer_restarts_adopting_pins_and_uninstall_leaves_nothing
     let link = second["link_id"].as_u64().expect("link id");
     accel.kill_agent();
     let report = accel.uninstall().expect("uninstall");
-    assert!(
-        report["removed_pins"].as_array().unwrap().len() >= 8,
-        "{report}"
+    assert_eq!(
+        report["removed_pins"].as_array().unwrap().len(),
+        9,
+        "link + 8 maps: {report}"
     );
     drop(mesh); // every pod process ends, their sockets close
+    // A second uninstall finishes the job: it waits until the kernel freed everything.
+    let again = accel.uninstall_wait(20).expect("second uninstall");
+    assert_eq!(again["drained"], true, "{again}");
     wait_until(
         "the kernel freed this run's programs, maps and link",
         || {
@@ -420,7 +340,7 @@ fn bad_workloads_file_keeps_the_last_good_state() {
     require_root();
     let mut mesh = Mesh::new().expect("mesh");
     let a = mesh_pod(&mut mesh, "a");
-    let accel = Accel::start(&mesh, true, &[Workload::on(&a)]).expect("agent");
+    let accel = Accel::start_with(&mesh, true, Scope::All, &[Workload::on(&a)]).expect("agent");
     for bad in [
         "workloads:\n  - name: a\n    netns: /run/netns/does-not-exist-meshaccel\n",
         "workloads:\n  - name: a\n    netns: /x\n    colour: red\n",
@@ -447,4 +367,53 @@ fn bad_workloads_file_keeps_the_last_good_state() {
         "after bad files",
     );
     assert_eq!(delta(&counters(&accel), &c0, "inserted"), 2);
+}
+
+/// The default "mesh" scope accelerates Istio's legs only: app ↔ app over loopback inside a pod
+/// stays on TCP (its passive socket never enters the sockhash), while the relay path of the same
+/// pods is accelerated; the "all" scope accelerates both.
+#[test]
+fn mesh_scope_accelerates_only_istio_legs() {
+    require_root();
+    let mut mesh = Mesh::new().expect("mesh");
+    let a = mesh_pod(&mut mesh, "a");
+    let b = mesh_pod(&mut mesh, "b");
+    let wl = [Workload::on(&a), Workload::on(&b)];
+    let accel = Accel::start(&mesh, true, &wl).expect("agent");
+    sink(&mut mesh, &a, "127.0.0.1:9000");
+    sink(&mut mesh, &b, &format!("{}:8080", b.ip));
+    let c0 = counters(&accel);
+    finished(
+        send(
+            &mut mesh,
+            &a,
+            &["--connect", "127.0.0.1:9000", "--bytes", "2000000"],
+        ),
+        "loopback",
+    );
+    let c1 = counters(&accel);
+    assert_eq!(
+        delta(&c1, &c0, "skip_not_mesh"),
+        1,
+        "the sink's socket is no leg: {c1}"
+    );
+    assert_eq!(delta(&c1, &c0, "redirect_bytes"), 0, "{c1}");
+    let target = format!("{}:8080", b.ip);
+    finished(
+        send(&mut mesh, &a, &["--connect", &target, "--bytes", "2000000"]),
+        "legs",
+    );
+    let c2 = counters(&accel);
+    assert_eq!(delta(&c2, &c1, "inserted"), 6, "{c2}");
+    assert!(delta(&c2, &c1, "redirect_bytes") >= 3 * 2_000_000, "{c2}");
+    // Per-workload traffic: both pods redirected.
+    let st = accel.status().unwrap();
+    for p in [&a, &b] {
+        let w = &st["workloads"][p.netns_cookie().unwrap().to_string()];
+        assert!(
+            w["redirect_bytes"].as_u64().unwrap() >= 2_000_000,
+            "{}: {st}",
+            p.name
+        );
+    }
 }

@@ -23,8 +23,12 @@ pub mod names {
     pub const CONFIG: &str = "MESHACCEL_CFG";
     /// PERCPU_ARRAY[`counter::COUNT`]: u64.
     pub const STATS: &str = "MESHACCEL_STATS";
+    /// PERCPU_HASH: netns cookie -> `WorkloadStats` (entries made by user space per workload).
+    pub const WL_STATS: &str = "MESHACCEL_WLST";
     /// All maps, in the order the agent pins them.
-    pub const ALL: [&str; 7] = [SOCKS, PEERS, STATE, WORKLOADS, PORTS, CONFIG, STATS];
+    pub const ALL: [&str; 8] = [
+        SOCKS, PEERS, STATE, WORKLOADS, PORTS, CONFIG, STATS, WL_STATS,
+    ];
 
     /// Program names (function names in the eBPF crate).
     pub const PROG_SOCK_OPS: &str = "meshaccel_ops";
@@ -67,7 +71,12 @@ pub mod counter {
     pub const FALLBACK_NO_STATE: u32 = 12;
     /// Inserted sockets that closed.
     pub const CLOSED: u32 = 13;
-    pub const COUNT: u32 = 14;
+    /// A socket went TCP for life because, in the "mesh" scope, neither it nor its peer is one
+    /// of Istio's legs (a capture port, or the inbound passthrough address).
+    pub const FALLBACK_NOT_MESH: u32 = 14;
+    /// Passive sockets not inserted because, in the "mesh" scope, they are no Istio leg.
+    pub const SKIP_NOT_MESH: u32 = 15;
+    pub const COUNT: u32 = 16;
 
     /// Names used by `status` and `/metrics`, indexed like the constants above.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -85,6 +94,8 @@ pub mod counter {
         "skip_early_data",
         "fallback_no_state",
         "closed",
+        "fallback_not_mesh",
+        "skip_not_mesh",
     ];
 }
 
@@ -103,6 +114,13 @@ pub const DIR_OUTBOUND: u8 = 1;
 
 /// `WorkloadPolicy::flags` bits.
 pub const POLICY_ENABLED: u32 = 1;
+
+/// `Config::scope` values: which connections of enabled workloads are accelerated.
+/// Only Istio's three legs (app ↔ its sidecar through the capture ports, sidecar ↔ sidecar, the
+/// inbound passthrough): the default.
+pub const SCOPE_MESH: u32 = 0;
+/// Every TCP connection between sockets of enabled workloads on this node.
+pub const SCOPE_ALL: u32 = 1;
 
 /// The name of one TCP connection, the same on both of its sockets whatever NAT did to the
 /// addresses: the client endpoint (the active side's local address) and both initial sequence
@@ -137,18 +155,6 @@ impl PairKey {
     }
 }
 
-/// A socket, as it sees itself: its netns and its own addresses (after NAT).
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub struct SockTuple {
-    pub netns_cookie: u64,
-    pub local_ip_be: [u32; 4],
-    pub remote_ip_be: [u32; 4],
-    pub local_port: u32,
-    pub remote_port: u32,
-}
-const _: () = assert!(size_of::<SockTuple>() == 48);
-
 /// Per-socket state, created when the socket enters the sockhash.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -163,16 +169,33 @@ pub struct SockState {
     pub state: u32,
     /// `Config::epoch` when the redirect decision was last checked.
     pub epoch: u32,
+    /// 1 when this socket is known at insert to be one of Istio's legs.
+    pub leg: u32,
+    pub _pad: u32,
 }
-const _: () = assert!(size_of::<SockState>() == 64);
+const _: () = assert!(size_of::<SockState>() == 72);
 
 /// Who owns the socket stored under a `PairKey`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct PeerInfo {
     pub netns_cookie: u64,
+    /// 1 when this socket is known at insert to be one of Istio's legs (see `Config`).
+    pub leg: u32,
+    pub _pad: u32,
 }
-const _: () = assert!(size_of::<PeerInfo>() == 8);
+const _: () = assert!(size_of::<PeerInfo>() == 16);
+
+/// Per-workload traffic counters (PERCPU_HASH value, summed by user space).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct WorkloadStats {
+    pub redirect_msgs: u64,
+    pub redirect_bytes: u64,
+    pub tcp_msgs: u64,
+    pub tcp_bytes: u64,
+}
+const _: () = assert!(size_of::<WorkloadStats>() == 32);
 
 /// Acceleration policy of one workload (a pod: one netns).
 #[repr(C)]
@@ -217,10 +240,21 @@ pub struct Config {
     /// 1 = acceleration on; 0 = every sender falls back to TCP for life at its next message.
     pub enabled: u32,
     /// Bumped by user space whenever something that redirects may have to stop (a workload
-    /// disabled or removed, the switch turned off). Senders re-check their decision when it moves.
+    /// disabled or removed, the switch turned off, the scope narrowed, the capture changed).
+    /// Senders re-check their decision when it moves.
     pub epoch: u32,
+    /// `SCOPE_*`.
+    pub scope: u32,
+    /// Istio's capture ports (host order): `virtualOutbound` and `virtualInbound`. A passive
+    /// socket on one of them is a leg (app → sidecar, sidecar → sidecar).
+    pub outbound_port: u32,
+    pub inbound_port: u32,
+    /// Istio's inbound passthrough source addresses (the sidecar → app leg), network order;
+    /// 0 / all-zero when unknown.
+    pub passthrough_v4_be: u32,
+    pub passthrough_v6_be: [u32; 4],
 }
-const _: () = assert!(size_of::<Config>() == 8);
+const _: () = assert!(size_of::<Config>() == 40);
 
 /// IPv4 (network order u32) as an IPv4-mapped IPv6 address in network-order words.
 #[inline(always)]
@@ -250,12 +284,12 @@ mod user {
     use super::*;
     // SAFETY: all of these are repr(C), Copy, with explicit padding and no invalid bit patterns.
     unsafe impl aya::Pod for PairKey {}
-    unsafe impl aya::Pod for SockTuple {}
     unsafe impl aya::Pod for SockState {}
     unsafe impl aya::Pod for PeerInfo {}
     unsafe impl aya::Pod for WorkloadPolicy {}
     unsafe impl aya::Pod for PortKey {}
     unsafe impl aya::Pod for Config {}
+    unsafe impl aya::Pod for WorkloadStats {}
 }
 
 #[cfg(test)]

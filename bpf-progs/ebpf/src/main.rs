@@ -19,15 +19,16 @@ mod progs {
             BPF_F_INGRESS, BPF_NOEXIST, BPF_SK_STORAGE_GET_F_CREATE, BPF_SOCK_OPS_STATE_CB_FLAG,
             sk_action::SK_PASS,
         },
-        btf_maps::{Array, HashMap, PerCpuArray, SkStorage, SockHash},
+        btf_maps::{Array, HashMap, PerCpuArray, PerCpuHashMap, SkStorage, SockHash},
         helpers::generated::{bpf_get_netns_cookie, bpf_sk_storage_get},
         macros::{btf_map, sk_msg, sock_ops},
         programs::{SkMsgContext, SockOpsContext},
     };
     use meshaccel_common::{
         Config, DIR_INBOUND, DIR_OUTBOUND, POLICY_ENABLED, PairKey, PeerInfo, PortKey, ROLE_CLIENT,
-        ROLE_SERVER, STATE_REDIRECT, STATE_TCP, STATE_UNDECIDED, SockState, WorkloadPolicy,
-        capacity, counter, is_loopback, port_from_be_field, v4_mapped,
+        ROLE_SERVER, SCOPE_MESH, STATE_REDIRECT, STATE_TCP, STATE_UNDECIDED, SockState,
+        WorkloadPolicy, WorkloadStats, capacity, counter, is_loopback, port_from_be_field,
+        v4_mapped,
     };
 
     const SOCKS_MAX: usize = capacity::SOCKS as usize;
@@ -49,6 +50,8 @@ mod progs {
     static MESHACCEL_CFG: Array<Config, 1> = Array::new();
     #[btf_map]
     static MESHACCEL_STATS: PerCpuArray<u64, STATS_LEN> = PerCpuArray::new();
+    #[btf_map]
+    static MESHACCEL_WLST: PerCpuHashMap<u64, WorkloadStats, WL_MAX> = PerCpuHashMap::new();
 
     const AF_INET: u32 = 2;
     const AF_INET6: u32 = 10;
@@ -162,6 +165,25 @@ mod progs {
             return Ok(());
         }
 
+        // Istio's legs: a passive socket on a capture port (app → sidecar, sidecar → sidecar),
+        // or either end of a connection from the inbound passthrough address (sidecar → app).
+        let passthrough = |ip: &[u32; 4]| {
+            (cfg.passthrough_v4_be != 0 && *ip == v4_mapped(cfg.passthrough_v4_be))
+                || (cfg.passthrough_v6_be != [0; 4] && *ip == cfg.passthrough_v6_be)
+        };
+        let leg = if active {
+            passthrough(&local_ip)
+        } else {
+            (local_port != 0 && (local_port == cfg.outbound_port || local_port == cfg.inbound_port))
+                || passthrough(&remote_ip)
+        };
+        // In the mesh scope a passive socket that is no leg never redirects and is never
+        // redirected to (its active peer is no leg either): keep it out of the sockhash.
+        if cfg.scope == SCOPE_MESH && !active && !leg {
+            count(counter::SKIP_NOT_MESH, 1);
+            return Ok(());
+        }
+
         let (client_ip, client_port, client_seq, server_seq, role) = if active {
             (local_ip, local_port, ops.snd_nxt, ops.rcv_nxt, ROLE_CLIENT)
         } else {
@@ -191,6 +213,8 @@ mod progs {
             key,
             PeerInfo {
                 netns_cookie: netns,
+                leg: leg.into(),
+                _pad: 0,
             },
             BPF_NOEXIST.into(),
         ) {
@@ -210,6 +234,8 @@ mod progs {
             peer_netns_cookie: 0,
             state: STATE_UNDECIDED,
             epoch: cfg.epoch,
+            leg: leg.into(),
+            _pad: 0,
         };
         let st = unsafe {
             bpf_sk_storage_get(
@@ -286,11 +312,11 @@ mod progs {
             .cast::<SockState>();
         if st.is_null() {
             count(counter::FALLBACK_NO_STATE, 1);
-            return tcp(size);
+            return tcp(0, size);
         }
         let st = unsafe { &mut *st };
         if st.state == STATE_TCP {
-            return tcp(size);
+            return tcp(st.netns_cookie, size);
         }
         let cfg = config();
         // Fast path: redirecting, and nothing that could stop it has changed since last checked.
@@ -300,9 +326,16 @@ mod progs {
             }
             if st.state == STATE_UNDECIDED {
                 match unsafe { MESHACCEL_PEERS.get(st.own.peer()) } {
-                    Some(peer) => st.peer_netns_cookie = peer.netns_cookie,
+                    Some(peer) => {
+                        st.peer_netns_cookie = peer.netns_cookie;
+                        // Either end knows whether this connection is an Istio leg.
+                        st.leg |= peer.leg;
+                    }
                     None => return tcp_for_life(st, counter::FALLBACK_NO_PEER, size),
                 }
+            }
+            if cfg.scope == SCOPE_MESH && st.leg == 0 {
+                return tcp_for_life(st, counter::FALLBACK_NOT_MESH, size);
             }
             if !enabled(st.peer_netns_cookie) {
                 return tcp_for_life(st, counter::FALLBACK_DISABLED, size);
@@ -314,6 +347,13 @@ mod progs {
         if MESHACCEL_SOCKS.redirect_msg(ctx, &mut peer, BPF_F_INGRESS.into()) == SK_PASS.into() {
             count(counter::REDIRECT_MSGS, 1);
             count(counter::REDIRECT_BYTES, size);
+            if let Some(w) = MESHACCEL_WLST.get_ptr_mut(st.netns_cookie) {
+                // Per-CPU slot: no other CPU writes it.
+                unsafe {
+                    (*w).redirect_msgs += 1;
+                    (*w).redirect_bytes += size;
+                }
+            }
             SK_PASS
         } else {
             // The peer left the sockhash (it closed): this message and all later ones use TCP.
@@ -325,13 +365,20 @@ mod progs {
     fn tcp_for_life(st: &mut SockState, reason: u32, size: u64) -> u32 {
         st.state = STATE_TCP;
         count(reason, 1);
-        tcp(size)
+        tcp(st.netns_cookie, size)
     }
 
     #[inline(always)]
-    fn tcp(size: u64) -> u32 {
+    fn tcp(netns: u64, size: u64) -> u32 {
         count(counter::TCP_MSGS, 1);
         count(counter::TCP_BYTES, size);
+        if let Some(w) = MESHACCEL_WLST.get_ptr_mut(netns) {
+            // Per-CPU slot: no other CPU writes it.
+            unsafe {
+                (*w).tcp_msgs += 1;
+                (*w).tcp_bytes += size;
+            }
+        }
         SK_PASS
     }
 

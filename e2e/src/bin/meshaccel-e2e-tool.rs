@@ -57,6 +57,29 @@ enum Cmd {
         /// Address to listen on.
         #[arg(long)]
         listen: SocketAddrV4,
+        /// Wait this long after accepting before the first read (the bytes sent meanwhile stay
+        /// unread at the receiver: for transition tests).
+        #[arg(long, default_value_t = 0)]
+        read_delay_ms: u64,
+    },
+    /// Many `send`s at once: `connections` connections, `concurrency` at a time, each writing
+    /// right after connect() returns; seeds differ per connection. One JSON line; exit 0 only if
+    /// every sink answer matched.
+    Swarm {
+        #[arg(long)]
+        connect: SocketAddrV4,
+        #[arg(long)]
+        connections: u64,
+        #[arg(long, default_value_t = 16)]
+        concurrency: u64,
+        /// Bytes per connection.
+        #[arg(long)]
+        bytes: u64,
+        #[arg(long, default_value_t = 64 * 1024)]
+        chunk: usize,
+        /// Sleep this long between writes of a connection.
+        #[arg(long)]
+        hold_ms: Option<u64>,
     },
     /// Sends N deterministic pseudo-random bytes to a sink and checks its answer; prints one JSON
     /// line and exits 0 only if the sink saw exactly what was sent.
@@ -113,6 +136,15 @@ enum Cmd {
     /// x-crc32 and the expected crc32); reconnects after connection errors. Prints one JSON line
     /// and exits 0 only if every request succeeded.
     HttpLoad(LoadArgs),
+    /// Request/response server for the benchmarks: each request (a 32-byte head, then padding)
+    /// names the response size and write size (see `meshaccel_e2e::ab`).
+    RrServer(meshaccel_e2e::ab::RrServerArgs),
+    /// A/B-interleaved rr load for the benchmarks: baseline connections opened before
+    /// `--gate-file` appears, accelerated ones after, alternating blocks; one JSON line.
+    AbRr(meshaccel_e2e::ab::AbRrArgs),
+    /// A/B-interleaved HTTP/1.1 keep-alive load (`GET /bytes/<size>`, every response checked)
+    /// for the benchmarks; see `ab-rr`.
+    AbHttp(meshaccel_e2e::ab::AbHttpArgs),
 }
 
 #[derive(Args, Clone, Debug)]
@@ -226,7 +258,21 @@ fn main() -> ExitCode {
             inbound_port,
             inbound_bind,
         } => relay(outbound_port, inbound_port, inbound_bind),
-        Cmd::Sink { listen } => serve(listen, "sink", sink_conn),
+        Cmd::Sink {
+            listen,
+            read_delay_ms,
+        } => {
+            SINK_READ_DELAY_MS.store(read_delay_ms, std::sync::atomic::Ordering::Relaxed);
+            serve(listen, "sink", sink_conn)
+        }
+        Cmd::Swarm {
+            connect,
+            connections,
+            concurrency,
+            bytes,
+            chunk,
+            hold_ms,
+        } => return swarm(connect, connections, concurrency, bytes, chunk, hold_ms),
         Cmd::Echo { listen } => serve(listen, "echo", echo_conn),
         Cmd::Send {
             connect,
@@ -246,9 +292,24 @@ fn main() -> ExitCode {
         } => pingpong(connect, size, count),
         Cmd::HttpServer { listen } => serve(listen, "http", http_conn),
         Cmd::HttpLoad(args) => return http_load(args),
+        Cmd::RrServer(args) => meshaccel_e2e::ab::rr_server(&args),
+        Cmd::AbRr(args) => return ab_exit(meshaccel_e2e::ab::ab_rr(&args)),
+        Cmd::AbHttp(args) => return ab_exit(meshaccel_e2e::ab::ab_http(&args)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            log(format_args!("error: {e:#}"));
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// Exit code of an A/B run (it printed its JSON report already).
+fn ab_exit(r: anyhow::Result<bool>) -> ExitCode {
+    match r {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
         Err(e) => {
             log(format_args!("error: {e:#}"));
             ExitCode::from(2)
@@ -434,7 +495,14 @@ fn pump(from: &TcpStream, to: &TcpStream) -> u64 {
 // ---------------------------------------------------------------------------------------------
 // sink / send
 
+/// `sink --read-delay-ms`.
+static SINK_READ_DELAY_MS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 fn sink_conn(mut conn: TcpStream) {
+    let delay = SINK_READ_DELAY_MS.load(std::sync::atomic::Ordering::Relaxed);
+    if delay > 0 {
+        thread::sleep(Duration::from_millis(delay));
+    }
     let peer = conn
         .peer_addr()
         .map(|a| a.to_string())
@@ -511,6 +579,63 @@ fn send(
             );
             ExitCode::from(2)
         }
+    }
+}
+
+fn swarm(
+    to: SocketAddrV4,
+    connections: u64,
+    concurrency: u64,
+    bytes: u64,
+    chunk: usize,
+    hold_ms: Option<u64>,
+) -> ExitCode {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    let start = Instant::now();
+    let next = Arc::new(AtomicU64::new(0));
+    let failed = Arc::new(AtomicU64::new(0));
+    let first_error = Arc::new(std::sync::Mutex::new(None::<String>));
+    let workers: Vec<_> = (0..concurrency.clamp(1, connections.max(1)))
+        .map(|_| {
+            let (next, failed, first_error) = (next.clone(), failed.clone(), first_error.clone());
+            thread::spawn(move || {
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    if i >= connections {
+                        break;
+                    }
+                    let seed = 1000 + i;
+                    let err = match send_inner(to, bytes, None, chunk.max(1), seed, 0, hold_ms) {
+                        Ok((crc, peer_bytes, peer_crc)) => {
+                            let crc = format!("{crc:08x}");
+                            (peer_bytes != bytes || peer_crc != crc).then(|| {
+                                format!("connection {i}: sent {bytes} bytes crc {crc}, sink saw {peer_bytes} crc {peer_crc}")
+                            })
+                        }
+                        Err(e) => Some(format!("connection {i}: {e:#}")),
+                    };
+                    if let Some(e) = err {
+                        failed.fetch_add(1, Ordering::Relaxed);
+                        first_error.lock().expect("lock").get_or_insert(e);
+                    }
+                }
+            })
+        })
+        .collect();
+    for w in workers {
+        let _ = w.join();
+    }
+    let failed = failed.load(Ordering::Relaxed);
+    let first_error = first_error.lock().expect("lock").clone();
+    println!(
+        "{}",
+        json!({"ok": failed == 0, "connections": connections, "failed": failed, "first_error": first_error,
+               "bytes_each": bytes, "elapsed_ms": start.elapsed().as_millis() as u64})
+    );
+    if failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
     }
 }
 

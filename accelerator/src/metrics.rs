@@ -1,0 +1,645 @@
+//! Prometheus metrics and readiness of the agent.
+//!
+//! Two kinds of metrics:
+//! - **kernel** metrics, read from the pinned maps at every scrape by [`KernelCollector`]
+//!   (redirected messages and bytes, fallbacks by reason, sockhash entries and capacity,
+//!   accelerated pods, per-workload sockets and bytes): the maps are the truth, also for
+//!   acceleration an earlier agent left in place;
+//! - **agent** metrics kept in [`Metrics`]: reconcile duration and results, and the sync state and
+//!   errors of each source (static file, Kubernetes, xDS). Sources report through the setters
+//!   [`Metrics::require_source`], [`Metrics::source_synced`] and [`Metrics::source_error`]; the
+//!   agent is ready only when every required source has synced (see [`Metrics::sources_ready`]).
+//!
+//! Names: `meshaccel_*`; counters end in `_total` in the exposition (the encoder adds it).
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt::Write as _,
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex, atomic::AtomicU64},
+    time::{Duration, SystemTime},
+};
+
+use prometheus_client::{
+    collector::Collector,
+    encoding::{
+        DescriptorEncoder, EncodeLabelSet, EncodeLabelValue, EncodeMetric, LabelValueEncoder,
+    },
+    metrics::{
+        MetricType,
+        counter::{ConstCounter, Counter},
+        family::Family,
+        gauge::{ConstGauge, Gauge},
+        histogram::{Histogram, exponential_buckets},
+    },
+    registry::Registry,
+};
+
+use crate::{dataplane::Dataplane, desired::DesiredState, statefile};
+
+/// A source of the desired state, as a metric label and in readiness reports.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Source {
+    /// The static workloads file (`--workloads`).
+    StaticFile,
+    /// The Kubernetes watcher (pods and namespaces of this node).
+    Kubernetes,
+    /// Istio's xDS (istiod).
+    Xds,
+}
+
+impl Source {
+    pub const ALL: [Source; 3] = [Source::StaticFile, Source::Kubernetes, Source::Xds];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Source::StaticFile => "static_file",
+            Source::Kubernetes => "kubernetes",
+            Source::Xds => "xds",
+        }
+    }
+}
+
+impl std::fmt::Display for Source {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl EncodeLabelValue for Source {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> std::fmt::Result {
+        encoder.write_str(self.as_str())
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct SourceLabels {
+    source: Source,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabels {
+    result: &'static str,
+}
+
+/// Per source: whether readiness waits for it, and whether it has synced.
+#[derive(Clone, Copy, Debug, Default)]
+struct SourceHealth {
+    required: bool,
+    synced: bool,
+}
+
+/// The agent's metrics registry and readiness state. One lives in [`crate::agent::Shared`].
+pub struct Metrics {
+    registry: Registry,
+    reconcile_seconds: Histogram,
+    reconciles: Family<ResultLabels, Counter>,
+    source_synced: Family<SourceLabels, Gauge>,
+    source_errors: Family<SourceLabels, Counter>,
+    source_last_sync: Family<SourceLabels, Gauge<f64, AtomicU64>>,
+    sources: Mutex<BTreeMap<Source, SourceHealth>>,
+    kernel: Arc<KernelCollector>,
+    /// The state file the agent keeps for `meshaccel status` (workload names), if any.
+    state_file: Mutex<Option<statefile::StateFile>>,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::default();
+        let reconcile_seconds = Histogram::new(exponential_buckets(0.0001, 4.0, 10));
+        registry.register(
+            "meshaccel_reconcile_duration_seconds",
+            "Time to compute the desired state and make the kernel maps equal to it",
+            reconcile_seconds.clone(),
+        );
+        let reconciles = Family::<ResultLabels, Counter>::default();
+        registry.register(
+            "meshaccel_reconciles",
+            "Reconciles by result (ok, error: the maps keep the last good state)",
+            reconciles.clone(),
+        );
+        let source_synced = Family::<SourceLabels, Gauge>::default();
+        registry.register(
+            "meshaccel_source_synced",
+            "1 when a source of the desired state (static_file, kubernetes, xds) has synced and is current",
+            source_synced.clone(),
+        );
+        let source_errors = Family::<SourceLabels, Counter>::default();
+        registry.register(
+            "meshaccel_source_errors",
+            "Errors of a source of the desired state (rejected file, watch or stream errors, NACKs)",
+            source_errors.clone(),
+        );
+        let source_last_sync = Family::<SourceLabels, Gauge<f64, AtomicU64>>::default();
+        registry.register(
+            "meshaccel_source_last_sync_timestamp_seconds",
+            "Unix time of a source's last successful sync",
+            source_last_sync.clone(),
+        );
+        let build_info = Family::<Vec<(&'static str, &'static str)>, Gauge>::default();
+        build_info
+            .get_or_create(&vec![("version", env!("CARGO_PKG_VERSION"))])
+            .set(1);
+        registry.register("meshaccel_build_info", "meshaccel's version", build_info);
+        let kernel = Arc::new(KernelCollector::default());
+        registry.register_collector(Box::new(kernel.clone()));
+        Self {
+            registry,
+            reconcile_seconds,
+            reconciles,
+            source_synced,
+            source_errors,
+            source_last_sync,
+            sources: Mutex::default(),
+            kernel,
+            state_file: Mutex::default(),
+        }
+    }
+
+    /// Where the kernel metrics are read from (the agent's `--bpffs`), and the state file to keep.
+    pub fn configure(&self, bpffs: &Path, state_file: Option<statefile::StateFile>) {
+        *self.kernel.bpffs.lock().expect("metrics lock") = Some(bpffs.to_path_buf());
+        *self.state_file.lock().expect("metrics lock") = state_file;
+    }
+
+    /// The bpffs folder the kernel metrics come from, once configured.
+    pub fn bpffs(&self) -> Option<PathBuf> {
+        self.kernel.bpffs.lock().expect("metrics lock").clone()
+    }
+
+    /// Records the address the HTTP endpoints listen on (written to the state file).
+    pub fn set_http_addr(&self, addr: std::net::SocketAddr) {
+        if let Some(sf) = self.state_file.lock().expect("metrics lock").as_mut() {
+            sf.set_metrics_addr(addr);
+        }
+    }
+
+    /// Readiness waits for `source` to report [`Metrics::source_synced`]`(source, true)`. A
+    /// source calls this when it is configured (the static file when `--workloads` is given,
+    /// Kubernetes when a node name / kubeconfig is, xDS when istiod's address is).
+    pub fn require_source(&self, source: Source) {
+        self.sources
+            .lock()
+            .expect("metrics lock")
+            .entry(source)
+            .or_default()
+            .required = true;
+        // Present (0) from now on, so a dashboard sees a required source that never synced.
+        let _ = self.source_synced.get_or_create(&SourceLabels { source });
+    }
+
+    /// A source has synced (`true`: its contribution is current) or lost sync (`false`: e.g. a
+    /// watch restarting, istiod unreachable; the last good contribution stays in use).
+    pub fn source_synced(&self, source: Source, synced: bool) {
+        self.sources
+            .lock()
+            .expect("metrics lock")
+            .entry(source)
+            .or_default()
+            .synced = synced;
+        self.source_synced
+            .get_or_create(&SourceLabels { source })
+            .set(i64::from(synced));
+        if synced {
+            let now = SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_secs_f64();
+            self.source_last_sync
+                .get_or_create(&SourceLabels { source })
+                .set(now);
+        }
+    }
+
+    /// Counts one error of a source (does not change its sync state).
+    pub fn source_error(&self, source: Source) {
+        self.source_errors
+            .get_or_create(&SourceLabels { source })
+            .inc();
+    }
+
+    /// `Ok` when every required source has synced, else the ones that have not.
+    pub fn sources_ready(&self) -> Result<(), Vec<Source>> {
+        let waiting: Vec<Source> = self
+            .sources
+            .lock()
+            .expect("metrics lock")
+            .iter()
+            .filter(|(_, h)| h.required && !h.synced)
+            .map(|(s, _)| *s)
+            .collect();
+        if waiting.is_empty() {
+            Ok(())
+        } else {
+            Err(waiting)
+        }
+    }
+
+    /// The sources readiness waits for.
+    pub fn required_sources(&self) -> BTreeSet<Source> {
+        self.sources
+            .lock()
+            .expect("metrics lock")
+            .iter()
+            .filter(|(_, h)| h.required)
+            .map(|(s, _)| *s)
+            .collect()
+    }
+
+    /// One reconcile finished: its duration, and the desired state it applied (`None`: failed).
+    /// Keeps the workload names for the per-workload metrics and the state file.
+    pub fn reconciled(&self, took: Duration, applied: Option<&DesiredState>) {
+        self.reconcile_seconds.observe(took.as_secs_f64());
+        self.reconciles
+            .get_or_create(&ResultLabels {
+                result: if applied.is_some() { "ok" } else { "error" },
+            })
+            .inc();
+        let Some(desired) = applied else { return };
+        let changed = {
+            let mut names = self.kernel.names.lock().expect("metrics lock");
+            let changed = *names != desired.names;
+            if changed {
+                names.clone_from(&desired.names);
+            }
+            changed
+        };
+        if let Some(sf) = self.state_file.lock().expect("metrics lock").as_mut()
+            && (changed || !sf.written())
+        {
+            sf.set_names(&desired.names);
+            if let Err(e) = sf.write() {
+                tracing::warn!(error = %e, "cannot write the state file (status shows netns cookies only)");
+            }
+        }
+    }
+
+    /// The whole exposition: Prometheus text format 0.0.4, or OpenMetrics 1.0 text when
+    /// `openmetrics` (which ends with `# EOF`). Reads the pinned maps: call it off the async loop.
+    pub fn encode(&self, openmetrics: bool) -> Result<String, std::fmt::Error> {
+        let mut out = String::new();
+        if openmetrics {
+            prometheus_client::encoding::text::encode(&mut out, &self.registry)?;
+        } else {
+            prometheus_client::encoding::prometheus_text::encode(&mut out, &self.registry)?;
+        }
+        Ok(out)
+    }
+
+    /// The state file the agent keeps, if any.
+    pub fn state_file_path(&self) -> Option<PathBuf> {
+        self.state_file
+            .lock()
+            .expect("metrics lock")
+            .as_ref()
+            .map(|s| s.path().to_path_buf())
+    }
+}
+
+/// How a kernel counter (`meshaccel_common::counter::NAMES`) is exposed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CounterMetric {
+    /// A family of its own, without labels.
+    Plain(&'static str, &'static str),
+    /// One label value of a family with one label.
+    Labelled {
+        family: &'static str,
+        help: &'static str,
+        label: &'static str,
+        value: &'static str,
+    },
+}
+
+const FALLBACKS_HELP: &str = "Sockets that went to plain TCP for life, by reason (no_peer: the peer was not in the sockhash at the first message; disabled: a workload or the global switch was off; redirect_failed; no_state; not_mesh: not one of Istio's legs)";
+const SKIPPED_HELP: &str = "Sockets of enabled workloads never inserted into the sockhash, by reason (excluded_port, early_data: TCP Fast Open, not_mesh)";
+const INSERT_FAILURES_HELP: &str = "Sockhash inserts refused, by reason (collision: the key existed; failed: e.g. the map is full); those sockets stay on TCP";
+const EVENTS_HELP: &str = "Other kernel counters of meshaccel, by name";
+
+/// Maps a kernel counter name to its metric. Names without a dedicated family (a counter added
+/// later) go to `meshaccel_kernel_events{event=NAME}`, so nothing is lost.
+pub fn counter_metric(name: &'static str) -> CounterMetric {
+    match name {
+        "redirect_msgs" => CounterMetric::Plain(
+            "meshaccel_redirected_messages",
+            "Messages (sendmsg/sendfile calls) redirected into the peer socket, bypassing TCP/IP",
+        ),
+        "redirect_bytes" => CounterMetric::Plain(
+            "meshaccel_redirected_bytes",
+            "Bytes redirected into the peer socket, bypassing TCP/IP",
+        ),
+        "tcp_msgs" => CounterMetric::Plain(
+            "meshaccel_tcp_messages",
+            "Messages that sockets in the sockhash sent over plain TCP",
+        ),
+        "tcp_bytes" => CounterMetric::Plain(
+            "meshaccel_tcp_bytes",
+            "Bytes that sockets in the sockhash sent over plain TCP",
+        ),
+        "inserted" => CounterMetric::Plain(
+            "meshaccel_sockhash_inserts",
+            "Sockets inserted into the sockhash",
+        ),
+        "closed" => CounterMetric::Plain(
+            "meshaccel_sockets_closed",
+            "Sockets of the sockhash that closed",
+        ),
+        "insert_collision" => CounterMetric::Labelled {
+            family: "meshaccel_sockhash_insert_failures",
+            help: INSERT_FAILURES_HELP,
+            label: "reason",
+            value: "collision",
+        },
+        "insert_failed" => CounterMetric::Labelled {
+            family: "meshaccel_sockhash_insert_failures",
+            help: INSERT_FAILURES_HELP,
+            label: "reason",
+            value: "failed",
+        },
+        n if n.starts_with("fallback_") => CounterMetric::Labelled {
+            family: "meshaccel_fallbacks",
+            help: FALLBACKS_HELP,
+            label: "reason",
+            value: &n["fallback_".len()..],
+        },
+        n if n.starts_with("skip_") => CounterMetric::Labelled {
+            family: "meshaccel_skipped_sockets",
+            help: SKIPPED_HELP,
+            label: "reason",
+            value: &n["skip_".len()..],
+        },
+        n => CounterMetric::Labelled {
+            family: "meshaccel_kernel_events",
+            help: EVENTS_HELP,
+            label: "event",
+            value: n,
+        },
+    }
+}
+
+/// The sockhash's capacity as the kernel created it (the agent can size it), from its pin.
+pub fn sockhash_capacity(bpffs: &Path) -> Option<u32> {
+    let pin = bpffs.join("maps").join(meshaccel_common::names::SOCKS);
+    aya::maps::MapData::from_pin(pin)
+        .ok()?
+        .info()
+        .ok()
+        .map(|i| i.max_entries())
+}
+
+/// Reads the pinned maps at every scrape.
+#[derive(Debug, Default)]
+pub struct KernelCollector {
+    bpffs: Mutex<Option<PathBuf>>,
+    /// netns cookie -> `namespace/name`, from the last applied desired state.
+    names: Mutex<BTreeMap<u64, String>>,
+}
+
+fn gauge(
+    enc: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    value: i64,
+) -> Result<(), std::fmt::Error> {
+    let g = ConstGauge::new(value);
+    g.encode(enc.encode_descriptor(name, help, None, g.metric_type())?)
+}
+
+impl Collector for KernelCollector {
+    fn encode(&self, mut enc: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let Some(bpffs) = self.bpffs.lock().expect("metrics lock").clone() else {
+            return Ok(());
+        };
+        let dp = Dataplane::open(&bpffs);
+        gauge(
+            &mut enc,
+            "meshaccel_dataplane_installed",
+            "1 when meshaccel's maps are pinned under the agent's bpffs folder and readable",
+            i64::from(dp.is_ok()),
+        )?;
+        let Ok(dp) = dp else { return Ok(()) };
+        let status = match dp.status() {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "reading the kernel maps for /metrics");
+                return Ok(());
+            }
+        };
+        gauge(
+            &mut enc,
+            "meshaccel_acceleration_enabled",
+            "1 when the global switch is on",
+            i64::from(status.enabled),
+        )?;
+        gauge(
+            &mut enc,
+            "meshaccel_sockhash_entries",
+            "Sockets in the sockhash (two per accelerated connection)",
+            status.sockets as i64,
+        )?;
+        gauge(
+            &mut enc,
+            "meshaccel_sockhash_capacity",
+            "Capacity of the sockhash (sockets)",
+            i64::from(sockhash_capacity(&bpffs).unwrap_or(meshaccel_common::capacity::SOCKS)),
+        )?;
+        gauge(
+            &mut enc,
+            "meshaccel_accelerated_pods",
+            "Workloads (pods) with acceleration enabled in the kernel maps",
+            status.workloads_enabled as i64,
+        )?;
+        gauge(
+            &mut enc,
+            "meshaccel_excluded_ports",
+            "Excluded (workload, port, direction) entries in the kernel maps",
+            status.excluded_ports as i64,
+        )?;
+
+        // Kernel counters, grouped into families.
+        let mut plain: Vec<(&str, &str, u64)> = Vec::new();
+        // family -> (help, label key, [(label value, count)])
+        type Labelled<'a> = (&'a str, &'a str, Vec<(&'a str, u64)>);
+        let mut labelled: BTreeMap<&str, Labelled> = BTreeMap::new();
+        for (name, v) in &status.counters {
+            match counter_metric(name) {
+                CounterMetric::Plain(family, help) => plain.push((family, help, *v)),
+                CounterMetric::Labelled {
+                    family,
+                    help,
+                    label,
+                    value,
+                } => labelled
+                    .entry(family)
+                    .or_insert((help, label, Vec::new()))
+                    .2
+                    .push((value, *v)),
+            }
+        }
+        for (family, help, v) in plain {
+            let c = ConstCounter::new(v);
+            c.encode(enc.encode_descriptor(family, help, None, MetricType::Counter)?)?;
+        }
+        for (family, (help, label, values)) in labelled {
+            let mut m = enc.encode_descriptor(family, help, None, MetricType::Counter)?;
+            for (value, v) in values {
+                let labels = [(label, value)];
+                ConstCounter::new(v).encode(m.encode_family(&labels)?)?;
+            }
+        }
+
+        // Per workload: only workloads the agent knows by name (bounded by the pods of the node).
+        let names = self.names.lock().expect("metrics lock").clone();
+        let rows: Vec<(&String, crate::dataplane::WorkloadTraffic)> = names
+            .iter()
+            .map(|(cookie, name)| {
+                (
+                    name,
+                    status
+                        .workloads
+                        .get(&cookie.to_string())
+                        .cloned()
+                        .unwrap_or_default(),
+                )
+            })
+            .collect();
+        type Get = fn(&crate::dataplane::WorkloadTraffic) -> u64;
+        let per_workload: [(&str, &str, MetricType, Get); 5] = [
+            (
+                "meshaccel_workload_sockets",
+                "Sockets of a workload in the sockhash",
+                MetricType::Gauge,
+                |w| w.sockets as u64,
+            ),
+            (
+                "meshaccel_workload_redirected_messages",
+                "Messages a workload's sockets sent by redirect",
+                MetricType::Counter,
+                |w| w.redirect_msgs,
+            ),
+            (
+                "meshaccel_workload_redirected_bytes",
+                "Bytes a workload's sockets sent by redirect",
+                MetricType::Counter,
+                |w| w.redirect_bytes,
+            ),
+            (
+                "meshaccel_workload_tcp_messages",
+                "Messages a workload's sockets in the sockhash sent over TCP",
+                MetricType::Counter,
+                |w| w.tcp_msgs,
+            ),
+            (
+                "meshaccel_workload_tcp_bytes",
+                "Bytes a workload's sockets in the sockhash sent over TCP",
+                MetricType::Counter,
+                |w| w.tcp_bytes,
+            ),
+        ];
+        for (family, help, ty, get) in per_workload {
+            if rows.is_empty() {
+                continue;
+            }
+            let mut m = enc.encode_descriptor(family, help, None, ty)?;
+            for (name, w) in &rows {
+                let labels = [("workload", name.as_str())];
+                if ty == MetricType::Counter {
+                    ConstCounter::new(get(w)).encode(m.encode_family(&labels)?)?;
+                } else {
+                    ConstGauge::new(get(w) as i64).encode(m.encode_family(&labels)?)?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_kernel_counter_has_a_named_metric() {
+        for name in meshaccel_common::counter::NAMES {
+            let m = counter_metric(name);
+            assert!(
+                !matches!(
+                    m,
+                    CounterMetric::Labelled {
+                        family: "meshaccel_kernel_events",
+                        ..
+                    }
+                ),
+                "kernel counter {name} has no metric family of its own: add it to counter_metric"
+            );
+        }
+        assert_eq!(
+            counter_metric("fallback_no_peer"),
+            CounterMetric::Labelled {
+                family: "meshaccel_fallbacks",
+                help: FALLBACKS_HELP,
+                label: "reason",
+                value: "no_peer"
+            }
+        );
+    }
+
+    #[test]
+    fn readiness_waits_for_required_sources_only() {
+        let m = Metrics::new();
+        assert_eq!(m.sources_ready(), Ok(()));
+        m.source_error(Source::Xds); // not required: no effect on readiness
+        m.require_source(Source::Kubernetes);
+        m.require_source(Source::StaticFile);
+        assert_eq!(
+            m.sources_ready(),
+            Err(vec![Source::StaticFile, Source::Kubernetes])
+        );
+        m.source_synced(Source::StaticFile, true);
+        assert_eq!(m.sources_ready(), Err(vec![Source::Kubernetes]));
+        m.source_synced(Source::Kubernetes, true);
+        assert_eq!(m.sources_ready(), Ok(()));
+        m.source_synced(Source::Kubernetes, false);
+        assert_eq!(m.sources_ready(), Err(vec![Source::Kubernetes]));
+        assert_eq!(
+            m.required_sources().into_iter().collect::<Vec<_>>(),
+            [Source::StaticFile, Source::Kubernetes]
+        );
+    }
+
+    #[test]
+    fn agent_metrics_encode_in_both_formats() {
+        let m = Metrics::new();
+        m.require_source(Source::Kubernetes);
+        m.source_synced(Source::StaticFile, true);
+        m.source_error(Source::Xds);
+        m.source_error(Source::Xds);
+        m.reconciled(Duration::from_millis(3), Some(&DesiredState::default()));
+        m.reconciled(Duration::from_millis(1), None);
+        let text = m.encode(false).unwrap();
+        for want in [
+            "meshaccel_source_synced{source=\"kubernetes\"} 0",
+            "meshaccel_source_synced{source=\"static_file\"} 1",
+            "meshaccel_source_errors_total{source=\"xds\"} 2",
+            "meshaccel_reconciles_total{result=\"ok\"} 1",
+            "meshaccel_reconciles_total{result=\"error\"} 1",
+            "meshaccel_reconcile_duration_seconds_count 2",
+            "meshaccel_build_info{version=",
+        ] {
+            assert!(text.contains(want), "missing {want:?} in:\n{text}");
+        }
+        assert!(!text.contains("# EOF"), "{text}");
+        let om = m.encode(true).unwrap();
+        assert!(om.ends_with("# EOF\n"), "{om}");
+    }
+}

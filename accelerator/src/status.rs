@@ -1,0 +1,272 @@
+//! `meshaccel status`: the kernel state (pinned maps) per workload, with the names the agent
+//! wrote to its state file ([`crate::statefile`]). Works without a running agent: without a
+//! state file, workloads are shown by netns cookie.
+use std::{collections::BTreeSet, fmt::Write as _, path::Path};
+
+use crate::{
+    dataplane::{Dataplane, KernelStatus, WorkloadTraffic},
+    error::Result,
+    statefile::{self, AgentState},
+};
+
+/// One workload (a pod: one netns).
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct WorkloadRow {
+    /// `namespace/name`, when the agent's state file knows it.
+    pub name: Option<String>,
+    pub netns_cookie: u64,
+    /// Acceleration enabled for it in the kernel maps.
+    pub enabled: bool,
+    /// Sockets in the sockhash and the bytes its sockets sent (redirected or over TCP).
+    #[serde(flatten)]
+    pub traffic: WorkloadTraffic,
+}
+
+/// What `status` prints (`--output json`: this, serialized; the kernel fields at the top level).
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct StatusReport {
+    #[serde(flatten)]
+    pub kernel: KernelStatus,
+    /// The agent's state file, when there is one.
+    pub agent: Option<AgentState>,
+    /// Per workload, named ones first.
+    pub by_workload: Vec<WorkloadRow>,
+    /// Sockets the sockhash can hold (from the pinned map).
+    pub sockhash_capacity: Option<u32>,
+    /// What the agent learned from istiod, when it runs with `--istiod`.
+    pub xds: Option<crate::xds::XdsStatus>,
+}
+
+/// Reads the pinned maps under `bpffs` and the agent's state file in `state_dir`.
+pub fn collect(bpffs: &Path, state_dir: &Path) -> Result<StatusReport> {
+    let dp = Dataplane::open(bpffs)?;
+    let kernel = dp.status()?;
+    let enabled: BTreeSet<u64> = dp.workloads.keys().filter_map(|k| k.ok()).collect();
+    let agent = match statefile::read(state_dir, bpffs) {
+        Ok(a) => a,
+        Err(e) => {
+            tracing::warn!(error = %e, "ignoring the agent's state file");
+            None
+        }
+    };
+    let mut report = build(kernel, &enabled, agent);
+    report.xds = crate::xds::read_status(state_dir, bpffs);
+    report.sockhash_capacity = crate::metrics::sockhash_capacity(bpffs);
+    Ok(report)
+}
+
+/// Joins the kernel's per-netns numbers, the enabled set and the names (pure, for tests).
+pub fn build(
+    kernel: KernelStatus,
+    enabled: &BTreeSet<u64>,
+    agent: Option<AgentState>,
+) -> StatusReport {
+    let names = agent.as_ref().map(|a| &a.workloads);
+    let mut cookies: BTreeSet<u64> = enabled.clone();
+    cookies.extend(
+        kernel
+            .workloads
+            .keys()
+            .filter_map(|k| k.parse::<u64>().ok()),
+    );
+    cookies.extend(
+        kernel
+            .sockets_by_netns
+            .keys()
+            .filter_map(|k| k.parse::<u64>().ok()),
+    );
+    if let Some(n) = names {
+        cookies.extend(n.keys().filter_map(|k| k.parse::<u64>().ok()));
+    }
+    let mut rows: Vec<WorkloadRow> = cookies
+        .into_iter()
+        .map(|c| {
+            let key = c.to_string();
+            let mut traffic = kernel.workloads.get(&key).cloned().unwrap_or_default();
+            if let Some(n) = kernel.sockets_by_netns.get(&key) {
+                traffic.sockets = *n;
+            }
+            WorkloadRow {
+                name: names.and_then(|n| n.get(&key).cloned()),
+                netns_cookie: c,
+                enabled: enabled.contains(&c),
+                traffic,
+            }
+        })
+        .collect();
+    rows.sort_by(|a, b| {
+        (a.name.is_none(), &a.name, a.netns_cookie).cmp(&(
+            b.name.is_none(),
+            &b.name,
+            b.netns_cookie,
+        ))
+    });
+    StatusReport {
+        kernel,
+        agent,
+        by_workload: rows,
+        sockhash_capacity: None,
+        xds: None,
+    }
+}
+
+impl StatusReport {
+    pub fn render_text(&self) -> String {
+        let k = &self.kernel;
+        let mut o = String::new();
+        let _ = writeln!(o, "bpffs:            {}", k.bpffs.display());
+        let _ = writeln!(
+            o,
+            "acceleration:     {}",
+            if k.enabled { "on" } else { "off" }
+        );
+        match &self.agent {
+            Some(a) => {
+                let _ = writeln!(
+                    o,
+                    "agent:            pid {}{}",
+                    a.pid,
+                    a.metrics_addr
+                        .as_deref()
+                        .map(|m| format!(", metrics on http://{m}/metrics"))
+                        .unwrap_or_default()
+                );
+            }
+            None => {
+                let _ = writeln!(
+                    o,
+                    "agent:            no state file (workloads shown by netns cookie)"
+                );
+            }
+        }
+        let _ = writeln!(
+            o,
+            "sockets:          {} (sockhash capacity {})",
+            k.sockets,
+            self.sockhash_capacity
+                .map_or("unknown".to_string(), |c| c.to_string())
+        );
+        let _ = writeln!(o, "workloads on:     {}", k.workloads_enabled);
+        let _ = writeln!(o, "excluded ports:   {}", k.excluded_ports);
+        if let Some(x) = &self.xds {
+            o.push_str(&x.render_text());
+        }
+        let _ = writeln!(o);
+        let _ = writeln!(
+            o,
+            "{:<40} {:>20} {:>3} {:>7} {:>12} {:>14} {:>10} {:>12}",
+            "WORKLOAD",
+            "NETNS",
+            "ON",
+            "SOCKETS",
+            "REDIR MSGS",
+            "REDIR BYTES",
+            "TCP MSGS",
+            "TCP BYTES"
+        );
+        for r in &self.by_workload {
+            let t = &r.traffic;
+            let _ = writeln!(
+                o,
+                "{:<40} {:>20} {:>3} {:>7} {:>12} {:>14} {:>10} {:>12}",
+                r.name.as_deref().unwrap_or("-"),
+                r.netns_cookie,
+                if r.enabled { "yes" } else { "no" },
+                t.sockets,
+                t.redirect_msgs,
+                t.redirect_bytes,
+                t.tcp_msgs,
+                t.tcp_bytes
+            );
+        }
+        if self.by_workload.is_empty() {
+            let _ = writeln!(o, "(none)");
+        }
+        let _ = writeln!(o);
+        let _ = writeln!(o, "kernel counters (all sockets):");
+        for (name, v) in &k.counters {
+            let _ = writeln!(o, "  {name:<26}{v}");
+        }
+        o
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+
+    fn kernel() -> KernelStatus {
+        KernelStatus {
+            bpffs: "/b".into(),
+            enabled: true,
+            epoch: 1,
+            sockets: 3,
+            sockets_by_netns: BTreeMap::from([("11".into(), 2), ("33".into(), 1)]),
+            workloads: BTreeMap::from([(
+                "11".into(),
+                WorkloadTraffic {
+                    sockets: 0,
+                    redirect_msgs: 5,
+                    redirect_bytes: 500,
+                    tcp_msgs: 1,
+                    tcp_bytes: 10,
+                },
+            )]),
+            workloads_enabled: 2,
+            excluded_ports: 0,
+            counters: BTreeMap::from([("redirect_bytes", 500)]),
+            map_ids: vec![],
+            link_id: None,
+            prog_ids: vec![],
+        }
+    }
+
+    #[test]
+    fn rows_join_kernel_numbers_enabled_set_and_names() {
+        let agent = AgentState {
+            workloads: BTreeMap::from([
+                ("11".into(), "shop/cart".into()),
+                ("22".into(), "shop/web".into()),
+            ]),
+            ..Default::default()
+        };
+        let r = build(kernel(), &BTreeSet::from([11, 22]), Some(agent));
+        let rows: Vec<_> = r
+            .by_workload
+            .iter()
+            .map(|r| {
+                (
+                    r.name.as_deref(),
+                    r.netns_cookie,
+                    r.enabled,
+                    r.traffic.sockets,
+                    r.traffic.redirect_bytes,
+                )
+            })
+            .collect();
+        assert_eq!(
+            rows,
+            [
+                (Some("shop/cart"), 11, true, 2, 500),
+                (Some("shop/web"), 22, true, 0, 0),
+                (None, 33, false, 1, 0),
+            ]
+        );
+        let text = r.render_text();
+        assert!(text.contains("shop/cart"), "{text}");
+        let json = serde_json::to_value(&r).unwrap();
+        assert_eq!(json["enabled"], true, "kernel fields stay at the top level");
+        assert_eq!(json["by_workload"][0]["name"], "shop/cart");
+        assert_eq!(json["by_workload"][0]["redirect_bytes"], 500);
+        assert_eq!(json["by_workload"][0]["sockets"], 2);
+    }
+
+    #[test]
+    fn without_a_state_file_cookies_only() {
+        let r = build(kernel(), &BTreeSet::new(), None);
+        assert!(r.by_workload.iter().all(|w| w.name.is_none()));
+        assert!(r.render_text().contains("no state file"));
+    }
+}

@@ -1,0 +1,339 @@
+//! The agent's xDS source: an ADS stream to istiod (`--istiod`, see
+//! [`istio_integration::xds::client`]) whose last good snapshot is this source's contribution
+//! ([`crate::agent::SourceState::xds`]), merged into the capture configuration by [`apply`]:
+//! Istio's ports and passthrough addresses come from xDS once istiod answered, and from the
+//! workloads file (or Istio's defaults) until then.
+//!
+//! The source also writes what it knows to a small JSON file next to the agent's state file
+//! (`<state dir>/xds-<hash of the bpffs path>.json`), which `meshaccel status` shows.
+use std::{
+    net::{IpAddr, Ipv4Addr, ToSocketAddrs as _, UdpSocket},
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
+
+use istio_integration::xds::{AdsConfig, AdsEvent, NodeIdentity, XdsSnapshot, client};
+use tracing::warn;
+
+use crate::{agent::Shared, statefile, workloads::Capture};
+
+/// The `--istiod*` flags of `meshaccel agent`.
+#[derive(clap::Args, Clone, Debug, Default)]
+pub struct IstiodArgs {
+    /// istiod's xDS address: learn Istio's capture ports, inbound passthrough addresses and mesh
+    /// endpoints from it over ADS. `host:port` (plaintext, e.g. istiod.istio-system.svc:15010),
+    /// or TLS with --istiod-ca-file (e.g. istiod.istio-system.svc:15012). Off when not given.
+    #[arg(long = "istiod", env = "MESHACCEL_ISTIOD", value_name = "ADDR")]
+    pub istiod: Option<String>,
+    /// The mesh root CA certificate (PEM) that istiod's certificate is checked against;
+    /// setting it makes the connection TLS (istiod's 15012).
+    #[arg(long, env = "MESHACCEL_ISTIOD_CA_FILE", requires = "istiod")]
+    pub istiod_ca_file: Option<PathBuf>,
+    /// A bearer token file sent to istiod (a projected service account token with audience
+    /// `istio-ca`, as sidecars use); re-read at every connect.
+    #[arg(long, env = "MESHACCEL_ISTIOD_TOKEN_FILE", requires = "istiod")]
+    pub istiod_token_file: Option<PathBuf>,
+    /// The name istiod's TLS certificate must carry (default: the host of --istiod).
+    #[arg(long, env = "MESHACCEL_ISTIOD_SERVER_NAME", requires = "istiod")]
+    pub istiod_server_name: Option<String>,
+    /// This node's IP as presented to istiod (default: the local address that routes to istiod).
+    #[arg(long, env = "MESHACCEL_ISTIOD_NODE_IP")]
+    pub istiod_node_ip: Option<IpAddr>,
+    /// The agent's pod name, presented to istiod (default: meshaccel-<hostname>).
+    #[arg(long, env = "MESHACCEL_ISTIOD_POD_NAME")]
+    pub istiod_pod_name: Option<String>,
+    /// The agent's namespace; on the TLS port istiod requires it to be the token's.
+    #[arg(long, env = "MESHACCEL_ISTIOD_NAMESPACE", default_value = "meshaccel")]
+    pub istiod_namespace: String,
+    /// The agent's service account; on the TLS port istiod requires it to be the token's.
+    #[arg(
+        long,
+        env = "MESHACCEL_ISTIOD_SERVICE_ACCOUNT",
+        default_value = "meshaccel"
+    )]
+    pub istiod_service_account: String,
+    /// Istio's cluster id (`CLUSTER_ID`).
+    #[arg(
+        long,
+        env = "MESHACCEL_ISTIOD_CLUSTER_ID",
+        default_value = "Kubernetes"
+    )]
+    pub istiod_cluster_id: String,
+    /// The mesh's DNS domain and mesh id.
+    #[arg(long, env = "MESHACCEL_ISTIOD_DOMAIN", default_value = "cluster.local")]
+    pub istiod_domain: String,
+    /// The Istio version claimed to istiod (it gates features on the proxy's version).
+    #[arg(long, env = "MESHACCEL_ISTIOD_ISTIO_VERSION", default_value = "1.30.0")]
+    pub istiod_istio_version: String,
+    /// Longest wait between reconnect attempts, in milliseconds (exponential backoff with
+    /// jitter from 200 ms).
+    #[arg(long, env = "MESHACCEL_ISTIOD_BACKOFF_MAX_MS", default_value_t = 30_000, value_parser = clap::value_parser!(u64).range(100..=600_000))]
+    pub istiod_backoff_max_ms: u64,
+    /// Largest xDS response accepted, in MiB.
+    #[arg(long, env = "MESHACCEL_ISTIOD_MAX_MESSAGE_MB", default_value_t = 256, value_parser = clap::value_parser!(u64).range(4..=2048))]
+    pub istiod_max_message_mb: u64,
+}
+
+fn host_of(addr: &str) -> &str {
+    let rest = addr.split_once("://").map_or(addr, |(_, r)| r);
+    let hostport = rest.split('/').next().unwrap_or(rest);
+    match hostport.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or(v6),
+        None => hostport.rsplit_once(':').map_or(hostport, |(h, _)| h),
+    }
+}
+
+/// The local address the kernel would use to reach `addr` (no packet is sent).
+fn local_ip_towards(addr: &str) -> Option<IpAddr> {
+    let rest = addr.split_once("://").map_or(addr, |(_, r)| r);
+    let hostport = rest.split('/').next().unwrap_or(rest);
+    let target = hostport.to_socket_addrs().ok()?.next()?;
+    let sock = UdpSocket::bind(if target.is_ipv4() {
+        "0.0.0.0:0"
+    } else {
+        "[::]:0"
+    })
+    .ok()?;
+    sock.connect(target).ok()?;
+    Some(sock.local_addr().ok()?.ip())
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "node".into())
+}
+
+impl IstiodArgs {
+    /// The client configuration, or `None` without `--istiod`.
+    pub fn config(&self) -> Option<AdsConfig> {
+        let addr = self.istiod.clone()?;
+        let node_name = std::env::var("MESHACCEL_NODE_NAME").unwrap_or_else(|_| hostname());
+        let node = NodeIdentity {
+            ip: self
+                .istiod_node_ip
+                .or_else(|| local_ip_towards(&addr))
+                .unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST)),
+            name: self
+                .istiod_pod_name
+                .clone()
+                .unwrap_or_else(|| format!("meshaccel-{node_name}")),
+            namespace: self.istiod_namespace.clone(),
+            service_account: self.istiod_service_account.clone(),
+            node_name,
+            cluster_id: self.istiod_cluster_id.clone(),
+            domain: self.istiod_domain.clone(),
+            istio_version: self.istiod_istio_version.clone(),
+        };
+        let mut cfg = AdsConfig::new(addr.clone(), node);
+        cfg.ca_file = self.istiod_ca_file.clone();
+        cfg.token_file = self.istiod_token_file.clone();
+        cfg.server_name = self
+            .istiod_server_name
+            .clone()
+            .or_else(|| cfg.ca_file.as_ref().map(|_| host_of(&addr).to_string()));
+        cfg.backoff_max = Duration::from_millis(self.istiod_backoff_max_ms);
+        cfg.max_message_bytes = (self.istiod_max_message_mb as usize) << 20;
+        Some(cfg)
+    }
+}
+
+/// Merges the xDS snapshot into the capture configuration: a capture port or the passthrough
+/// addresses istiod states replace the configured ones; what it does not state (no
+/// `virtualInbound` listener, no passthrough cluster) leaves them as configured.
+pub fn apply(x: &XdsSnapshot, capture: &mut Capture) {
+    if let Some(p) = x.outbound_port {
+        capture.outbound_port = p;
+    }
+    if let Some(p) = x.inbound_port {
+        capture.inbound_port = p;
+    }
+    if !x.inbound_passthrough_binds.is_empty() {
+        capture.passthrough_addresses = x.inbound_passthrough_binds.clone();
+    }
+}
+
+/// What the xDS source writes for `status`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct XdsStatus {
+    pub istiod: String,
+    pub node_id: String,
+    pub connected: bool,
+    /// The last good snapshot (kept while istiod is away).
+    pub snapshot: Option<XdsSnapshot>,
+    /// Responses rejected (NACKed) so far, and the last reason.
+    pub rejected: u64,
+    pub last_rejection: Option<String>,
+    /// Streams that ended, and why the last one did.
+    pub disconnects: u64,
+    pub last_error: Option<String>,
+    pub updated_unix: u64,
+}
+
+impl XdsStatus {
+    pub fn render_text(&self) -> String {
+        let mut o = format!(
+            "istiod:           {} ({}), node {}\n",
+            self.istiod,
+            if self.connected {
+                "connected"
+            } else {
+                "not connected"
+            },
+            self.node_id
+        );
+        match &self.snapshot {
+            Some(s) => {
+                let port = |p: Option<u16>| p.map_or("-".to_string(), |p| p.to_string());
+                o.push_str(&format!(
+                    "xDS capture:      outbound {} inbound {} passthrough {:?} mesh endpoints {} (versions lds {} cds {} eds {})\n",
+                    port(s.outbound_port),
+                    port(s.inbound_port),
+                    s.inbound_passthrough_binds,
+                    s.mesh_endpoints.len(),
+                    s.versions.listeners,
+                    s.versions.clusters,
+                    s.versions.endpoints
+                ));
+            }
+            None => o.push_str("xDS capture:      nothing accepted yet (Istio's defaults apply)\n"),
+        }
+        if let Some(r) = &self.last_rejection {
+            o.push_str(&format!(
+                "xDS rejected:     {} (last: {r})\n",
+                self.rejected
+            ));
+        }
+        o
+    }
+}
+
+/// `<state_dir>/xds-<hash>.json`, beside the agent's state file for the same bpffs.
+pub fn status_path(state_dir: &Path, bpffs: &Path) -> PathBuf {
+    let p = statefile::path_for(state_dir, bpffs);
+    let name = p
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or("bpffs.json")
+        .replacen("bpffs-", "xds-", 1);
+    p.with_file_name(name)
+}
+
+/// The xDS status of the agent of `bpffs`, if it runs (or ran) with `--istiod`.
+pub fn read_status(state_dir: &Path, bpffs: &Path) -> Option<XdsStatus> {
+    let text = std::fs::read_to_string(status_path(state_dir, bpffs)).ok()?;
+    serde_json::from_str(&text).ok()
+}
+
+/// Removes the xDS status file (uninstall).
+pub fn remove_status(state_dir: &Path, bpffs: &Path) {
+    let _ = std::fs::remove_file(status_path(state_dir, bpffs));
+}
+
+fn write_status(path: &Path, st: &XdsStatus) {
+    let tmp = path.with_extension("tmp");
+    let res = path
+        .parent()
+        .map_or(Ok(()), std::fs::create_dir_all)
+        .and_then(|()| std::fs::write(&tmp, serde_json::to_vec_pretty(st).unwrap_or_default()))
+        .and_then(|()| std::fs::rename(&tmp, path));
+    if let Err(e) = res {
+        warn!(path = %path.display(), error = %e, "cannot write the xDS status file");
+    }
+}
+
+/// Runs the xDS source forever: every accepted snapshot becomes this source's contribution
+/// (which wakes the reconciler); the status file follows every event.
+pub async fn run(cfg: AdsConfig, shared: Arc<Shared>, status_file: PathBuf) {
+    let mut st = XdsStatus {
+        istiod: cfg.addr.clone(),
+        node_id: cfg.node.node_id(),
+        ..Default::default()
+    };
+    write_status(&status_file, &st);
+    client::run(cfg, move |e| {
+        match e {
+            AdsEvent::Connected => {
+                st.connected = true;
+            }
+            AdsEvent::Snapshot(s) => {
+                st.snapshot = Some(s.clone());
+                shared.update(|src| src.xds = Some(s));
+            }
+            AdsEvent::Rejected { error, .. } => {
+                st.rejected += 1;
+                st.last_rejection = Some(error);
+            }
+            AdsEvent::Disconnected { error, .. } => {
+                st.connected = false;
+                st.disconnects += 1;
+                st.last_error = Some(error);
+            }
+        }
+        st.updated_unix = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        write_status(&status_file, &st);
+    })
+    .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn xds_overrides_what_it_states_and_only_that() {
+        let mut c = Capture::default();
+        let defaults = c.clone();
+        apply(&XdsSnapshot::default(), &mut c);
+        assert_eq!(c, defaults, "an empty snapshot changes nothing");
+        let x = XdsSnapshot {
+            outbound_port: Some(16001),
+            inbound_port: Some(16006),
+            inbound_passthrough_binds: vec!["127.0.0.7".parse().unwrap()],
+            ..Default::default()
+        };
+        apply(&x, &mut c);
+        assert_eq!((c.outbound_port, c.inbound_port), (16001, 16006));
+        assert_eq!(c.passthrough_addresses, x.inbound_passthrough_binds);
+        assert_eq!(c.proxy_uid, defaults.proxy_uid);
+    }
+
+    #[test]
+    fn the_agents_merged_inputs_take_the_xds_capture() {
+        let mut s = crate::agent::SourceState::default();
+        assert_eq!(
+            s.merged().capture,
+            Capture::default(),
+            "Istio's defaults until xDS"
+        );
+        s.xds = Some(XdsSnapshot {
+            inbound_port: Some(15007),
+            ..Default::default()
+        });
+        let m = s.merged();
+        assert_eq!(
+            (m.capture.outbound_port, m.capture.inbound_port),
+            (15001, 15007)
+        );
+    }
+
+    #[test]
+    fn host_and_status_path() {
+        assert_eq!(
+            host_of("istiod.istio-system.svc:15012"),
+            "istiod.istio-system.svc"
+        );
+        assert_eq!(host_of("https://istiod:15012"), "istiod");
+        assert_eq!(host_of("[::1]:15010"), "::1");
+        let p = status_path(Path::new("/run/x"), Path::new("/sys/fs/bpf/m"));
+        assert!(p.starts_with("/run/x"));
+        assert!(p.file_name().unwrap().to_str().unwrap().starts_with("xds-"));
+        assert_eq!(
+            local_ip_towards("127.0.0.1:15010"),
+            Some(IpAddr::V4(Ipv4Addr::LOCALHOST))
+        );
+    }
+}

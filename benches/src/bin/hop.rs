@@ -1,0 +1,259 @@
+//! `hop`: one app ↔ sidecar socket pair under Istio's capture rules, 64 B ping-pong, baseline
+//! and accelerated interleaved in one run. The app (UID 1000) connects to a mesh address; Istio's
+//! `ISTIO_OUTPUT` redirects it to port 15001, where the "sidecar" (UID 1337, the e2e tool's
+//! `rr-server`) answers every message with one of the same size.
+//!
+//! Prints p50, p90, p99, p99.9, max and round trips per second for both, the ratios
+//! accelerated/baseline with their spread over the rounds, writes `hop.json` and `hop.png`, and
+//! with `--check` exits 1 on a clear inversion: accelerated p50 not lower than baseline.
+use std::{path::PathBuf, process::ExitCode};
+
+use clap::{Parser, ValueEnum};
+use meshaccel_benches::{
+    driver::{self, AbSetup, Cpus, PROXY_UID},
+    plot,
+    stats::{Compare, Metric, Target},
+};
+use meshaccel_e2e::{
+    Mesh,
+    accel::{Accel, Workload},
+    require_root,
+};
+use serde_json::json;
+
+/// Latency of one app ↔ sidecar hop under Istio's capture, baseline vs accelerated.
+#[derive(Parser, Debug)]
+struct Args {
+    /// Rounds (each one interleaved A/B run with fresh connections).
+    #[arg(long, env = "MESHACCEL_HOP_ROUNDS", default_value_t = 5)]
+    rounds: u32,
+    /// Measured blocks per round (sides alternate A B B A …).
+    #[arg(long, env = "MESHACCEL_HOP_BLOCKS", default_value_t = 40)]
+    blocks: u32,
+    /// Length of a block.
+    #[arg(long, env = "MESHACCEL_HOP_BLOCK_MS", default_value_t = 50)]
+    block_ms: u64,
+    /// Message size, both ways.
+    #[arg(long, env = "MESHACCEL_HOP_SIZE", default_value_t = 64)]
+    size: u64,
+    /// CPU pinning: `split` app on CPU 0 and sidecar on CPU 1 (a wake-up crosses CPUs, as
+    /// between two busy processes), `same` both on CPU 0, `none` the scheduler decides.
+    #[arg(long, env = "MESHACCEL_HOP_PIN", value_enum, default_value_t = Pin::Split)]
+    pin: Pin,
+    /// Where hop.json and hop.png go.
+    #[arg(long, env = "MESHACCEL_BENCH_OUT", default_value = "benches/results")]
+    out: PathBuf,
+    /// Also profile: one more run of two long blocks (baseline, accelerated), each recorded
+    /// system-wide with `perf record` into this directory, with `perf report` summaries.
+    #[arg(long, env = "MESHACCEL_BENCH_PERF")]
+    perf: Option<PathBuf>,
+    /// Length of each profiled block.
+    #[arg(long, env = "MESHACCEL_BENCH_PERF_BLOCK_MS", default_value_t = 4000)]
+    perf_block_ms: u64,
+    /// CI's short mode: 3 rounds of 16 blocks.
+    #[arg(long, env = "MESHACCEL_BENCH_SHORT")]
+    short: bool,
+    /// Exit 1 on a clear inversion (accelerated p50 not lower than baseline).
+    #[arg(long, env = "MESHACCEL_BENCH_CHECK")]
+    check: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Pin {
+    Split,
+    Same,
+    None,
+}
+
+const METRICS: [Metric; 11] = [
+    Metric::P50,
+    Metric::P90,
+    Metric::P99,
+    Metric::P999,
+    Metric::Max,
+    Metric::Mean,
+    Metric::Rate,
+    Metric::CpuPerReq,
+    Metric::UserCpuPerReq,
+    Metric::SysCpuPerReq,
+    Metric::SegsPerReq,
+];
+
+/// The targets (ratios accelerated/baseline).
+const TARGETS: [Target; 2] = [
+    Target::at_most(Metric::P50, 0.55),
+    Target::at_most(Metric::P99, 0.60),
+];
+
+fn run(a: &Args) -> anyhow::Result<bool> {
+    require_root();
+    let (rounds, blocks) = if a.short {
+        (3, 16)
+    } else {
+        (a.rounds, a.blocks)
+    };
+    let machine = driver::machine();
+    let (app_cpus, sidecar_cpus): (Cpus, Cpus) = match a.pin {
+        Pin::Split => (Some("0".into()), Some("1".into())),
+        Pin::Same => (Some("0".into()), Some("0".into())),
+        Pin::None => (None, None),
+    };
+    let tmp = driver::shared_tempdir()?;
+    let rules = driver::capture_rules(tmp.path())?;
+    eprintln!("[hop] pod with Istio's capture rules, sidecar stand-in on 15001 (UID 1337)");
+    let mut mesh = Mesh::new()?;
+    let app = mesh.add_pod("app", Some(&rules))?;
+    // Only its address is used: the app's connection to it is redirected to the sidecar.
+    let peer = mesh.add_pod("peer", None)?;
+    let wl = [Workload::on(&app)];
+    let mut accel = Accel::start(&mesh, false, &wl)?;
+    let other = driver::OtherLoad::start(mesh.cgroup_root());
+    driver::serve(
+        &mut mesh,
+        &app,
+        PROXY_UID,
+        &sidecar_cpus,
+        &[
+            "rr-server".into(),
+            "--listen".into(),
+            "0.0.0.0:15001".into(),
+        ],
+    )?;
+    let cpu_stat = app.cgroup.join("cpu.stat");
+    let base: Vec<String> = [
+        "ab-rr",
+        "--connect",
+        &format!("{}:8080", peer.ip),
+        "--req",
+        &a.size.to_string(),
+        "--resp",
+        &a.size.to_string(),
+        "--chunk",
+        &a.size.max(32).to_string(),
+        "--cpu-stat",
+        &cpu_stat.to_string_lossy(),
+    ]
+    .map(String::from)
+    .to_vec();
+    let mut args = base.clone();
+    args.extend(driver::block_args(blocks, a.block_ms, 400));
+    let mut c = Compare::default();
+    for round in 1..=rounds {
+        let mut setup = AbSetup {
+            accel: &mut accel,
+            workloads: &wl,
+            pod: &app,
+            cpus: &app_cpus,
+            dir: tmp.path(),
+        };
+        let r = driver::run_ab(&mut mesh, &mut setup, &args)?;
+        let (x, y) = (r.side(false), r.side(true));
+        eprintln!(
+            "[hop] round {round}/{rounds}: p50 {:.1} → {:.1} µs ({:.2}), p99 {:.1} → {:.1} µs, {:.0} → {:.0} round trips/s",
+            x.metric(Metric::P50),
+            y.metric(Metric::P50),
+            y.metric(Metric::P50) / x.metric(Metric::P50),
+            x.metric(Metric::P99),
+            y.metric(Metric::P99),
+            x.metric(Metric::Rate),
+            y.metric(Metric::Rate),
+        );
+        c.rounds.push(r);
+    }
+    if let Some(dir) = &a.perf {
+        eprintln!("[hop] profiling with perf into {}", dir.display());
+        let mut setup = AbSetup {
+            accel: &mut accel,
+            workloads: &wl,
+            pod: &app,
+            cpus: &app_cpus,
+            dir: tmp.path(),
+        };
+        let r = driver::run_ab_profiled(&mut mesh, &mut setup, &base, dir, a.perf_block_ms)?;
+        driver::write_json(
+            dir,
+            "profiled-run.json",
+            &Compare { rounds: vec![r] }.to_json(&METRICS, false),
+        )?;
+    }
+    let mut machine = machine;
+    machine["loadavg_end"] = json!(driver::loadavg());
+    machine["other_cpu_load"] = json!(meshaccel_benches::stats::round3(other.fraction()));
+    drop(accel);
+    drop(mesh);
+
+    let p50 = c.ratio(Metric::P50);
+    let inverted = p50.median >= 1.0;
+    println!();
+    println!(
+        "hop: app ↔ sidecar under Istio's capture, {} B ping-pong, pinning {:?}, {rounds} rounds × {blocks} blocks of {} ms, interleaved",
+        a.size, a.pin, a.block_ms
+    );
+    println!("{}", driver::machine_line(&machine));
+    println!();
+    print!(
+        "{}",
+        meshaccel_benches::stats::table(&c, &METRICS, &TARGETS)
+    );
+    println!(
+        "\nrun noise (largest A/A or B/B p50 difference between halves): {:.3}",
+        c.noise(Metric::P50)
+    );
+    if inverted {
+        println!(
+            "INVERSION: accelerated p50 is not lower than baseline ({})",
+            p50.show()
+        );
+    }
+
+    let result = json!({
+        "bench": "hop",
+        "what": "app ↔ sidecar socket pair under Istio's capture rules, ping-pong",
+        "size": a.size,
+        "pin": format!("{:?}", a.pin).to_lowercase(),
+        "rounds": rounds,
+        "blocks": blocks,
+        "block_ms": a.block_ms,
+        "short": a.short,
+        "machine": machine,
+        "targets": TARGETS.iter().map(|t| json!({"metric": t.metric.key(), "target": t.show(),
+            "met": t.met(c.ratio(t.metric).median)})).collect::<Vec<_>>(),
+        "inversion": inverted,
+        "result": c.to_json(&METRICS, true),
+    });
+    let json_path = driver::write_json(&a.out, "hop.json", &result)?;
+    let png_path = a.out.join("hop.png");
+    let (pa, pb) = (c.pooled(false), c.pooled(true));
+    plot::png(&png_path, (900, 560), |area| {
+        plot::percentiles(
+            area,
+            &format!(
+                "hop: app ↔ sidecar, {} B ping-pong (pooled over {rounds} rounds)",
+                a.size
+            ),
+            &[
+                ("baseline (TCP)".into(), &pa.hist, plot::BASELINE),
+                ("accelerated".into(), &pb.hist, plot::ACCELERATED),
+            ],
+        )
+    })?;
+    eprintln!(
+        "[hop] wrote {} and {}",
+        json_path.display(),
+        png_path.display()
+    );
+    Ok(!(a.check && inverted))
+}
+
+fn main() -> ExitCode {
+    let a = Args::parse();
+    driver::install_signal_handlers();
+    match run(&a) {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(e) => {
+            eprintln!("[hop] {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}

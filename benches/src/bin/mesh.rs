@@ -1,0 +1,350 @@
+//! `mesh`: the full sidecar path, client app → Envoy → (mTLS) → Envoy → server app, two pods of
+//! the local mesh with Istio's capture rules and real Envoy 1.40 sidecars. HTTP/1.1 keep-alive,
+//! `GET` of 1 KiB bodies (every response checked), baseline and accelerated interleaved in one
+//! run, in two modes: closed loop (as fast as one request at a time goes) and fixed rate
+//! (coordinated-omission corrected: latency from each request's intended start).
+//!
+//! Prints latency percentiles, requests per second and CPU µs per request (the two pods'
+//! cgroups: apps and Envoys, kernel work done on their behalf included) with ratios
+//! accelerated/baseline and their spread over the rounds; writes `mesh.json` and `mesh.png`.
+//! With `--check`, exits 1 on a clear inversion: accelerated closed-loop p50 worse than baseline
+//! by more than the run's own noise (the largest A/A or B/B difference between the two halves
+//! of a side).
+use std::{path::PathBuf, process::ExitCode};
+
+use clap::{Parser, ValueEnum};
+use meshaccel_benches::{
+    driver::{self, APP_UID, AbSetup, Cpus},
+    plot,
+    stats::{Compare, Metric, Target, table},
+};
+use meshaccel_e2e::{
+    accel::{Accel, Workload},
+    require_root,
+    sidecar::{PodSpec, Rules, SidecarMesh},
+};
+use serde_json::json;
+
+/// The full sidecar path with real Envoys and mTLS, baseline vs accelerated.
+#[derive(Parser, Debug)]
+struct Args {
+    /// Rounds (each: one closed-loop and one fixed-rate interleaved A/B run, fresh connections).
+    #[arg(long, env = "MESHACCEL_MESH_ROUNDS", default_value_t = 5)]
+    rounds: u32,
+    /// Measured blocks per run (sides alternate A B B A …).
+    #[arg(long, env = "MESHACCEL_MESH_BLOCKS", default_value_t = 30)]
+    blocks: u32,
+    /// Length of a block.
+    #[arg(long, env = "MESHACCEL_MESH_BLOCK_MS", default_value_t = 100)]
+    block_ms: u64,
+    /// Response body size.
+    #[arg(long, env = "MESHACCEL_MESH_SIZE", default_value_t = 1024)]
+    size: u64,
+    /// Keep-alive connections per side.
+    #[arg(long, env = "MESHACCEL_MESH_CONNECTIONS", default_value_t = 1)]
+    connections: usize,
+    /// Fixed rate (requests/s per side). Default: `--rate-fraction` of the baseline's
+    /// closed-loop rate in round 1, kept for all rounds.
+    #[arg(long, env = "MESHACCEL_MESH_RATE")]
+    rate: Option<f64>,
+    /// See `--rate`.
+    #[arg(long, env = "MESHACCEL_MESH_RATE_FRACTION", default_value_t = 0.6)]
+    rate_fraction: f64,
+    /// Skip the fixed-rate runs.
+    #[arg(long, env = "MESHACCEL_MESH_NO_RATE")]
+    no_rate: bool,
+    /// CPU pinning: `pods` each pod (its app and its Envoy) on a CPU of its own, client pod on
+    /// CPU 0 and server pod on CPU 1; `none` the scheduler decides.
+    #[arg(long, env = "MESHACCEL_MESH_PIN", value_enum, default_value_t = Pin::Pods)]
+    pin: Pin,
+    /// Where mesh.json and mesh.png go.
+    #[arg(long, env = "MESHACCEL_BENCH_OUT", default_value = "benches/results")]
+    out: PathBuf,
+    /// Also profile: one more run of two long blocks (baseline, accelerated), each recorded
+    /// system-wide with `perf record` into this directory, with `perf report` summaries.
+    #[arg(long, env = "MESHACCEL_BENCH_PERF")]
+    perf: Option<PathBuf>,
+    /// Length of each profiled block.
+    #[arg(long, env = "MESHACCEL_BENCH_PERF_BLOCK_MS", default_value_t = 4000)]
+    perf_block_ms: u64,
+    /// CI's short mode: 3 rounds of 12 blocks, closed loop only.
+    #[arg(long, env = "MESHACCEL_BENCH_SHORT")]
+    short: bool,
+    /// Exit 1 on a clear inversion (accelerated p50 worse than baseline beyond the run's noise).
+    #[arg(long, env = "MESHACCEL_BENCH_CHECK")]
+    check: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Pin {
+    Pods,
+    None,
+}
+
+const METRICS: [Metric; 11] = [
+    Metric::P50,
+    Metric::P90,
+    Metric::P99,
+    Metric::P999,
+    Metric::Max,
+    Metric::Mean,
+    Metric::Rate,
+    Metric::CpuPerReq,
+    Metric::UserCpuPerReq,
+    Metric::SysCpuPerReq,
+    Metric::SegsPerReq,
+];
+
+/// The targets (ratios accelerated/baseline), closed loop.
+const TARGETS: [Target; 6] = [
+    Target::at_most(Metric::P50, 0.75),
+    Target::at_most(Metric::P90, 0.75),
+    Target::at_least(Metric::Rate, 1.2),
+    Target::at_most(Metric::CpuPerReq, 0.85),
+    Target::at_most(Metric::P999, 1.0),
+    Target::at_most(Metric::Max, 1.0),
+];
+
+/// The same at a fixed rate (where requests per second are fixed by construction).
+const RATE_TARGETS: [Target; 5] = [
+    Target::at_most(Metric::P50, 0.75),
+    Target::at_most(Metric::P90, 0.75),
+    Target::at_most(Metric::CpuPerReq, 0.85),
+    Target::at_most(Metric::P999, 1.0),
+    Target::at_most(Metric::Max, 1.0),
+];
+
+fn targets_json(c: &Compare, targets: &[Target]) -> serde_json::Value {
+    json!(
+        targets
+            .iter()
+            .map(|t| json!({"metric": t.metric.key(), "target": t.show(),
+                            "met": t.met(c.ratio(t.metric).median)}))
+            .collect::<Vec<_>>()
+    )
+}
+
+fn run(a: &Args) -> anyhow::Result<bool> {
+    require_root();
+    let (rounds, blocks, with_rate) = if a.short {
+        (3, 12, false)
+    } else {
+        (a.rounds, a.blocks, !a.no_rate)
+    };
+    let machine = driver::machine();
+    let (client_cpus, server_cpus): (Cpus, Cpus) = match a.pin {
+        Pin::Pods => (Some("0".into()), Some("1".into())),
+        Pin::None => (None, None),
+    };
+    eprintln!("[mesh] two pods with Istio's capture rules and Envoy sidecars (mTLS)");
+    let mut m = SidecarMesh::start_with(
+        &[
+            PodSpec::mesh("client", &[]),
+            PodSpec::mesh("server", &[8080]),
+        ],
+        Rules::Generated,
+    )?;
+    let (client, server) = (m.pod("client").clone(), m.pod("server").clone());
+    let wl = [Workload::on(&client), Workload::on(&server)];
+    let mut accel = Accel::start(&m.mesh, false, &wl)?;
+    let other = driver::OtherLoad::start(m.mesh.cgroup_root());
+    driver::serve(
+        &mut m.mesh,
+        &server,
+        APP_UID,
+        &server_cpus,
+        &[
+            "http-server".into(),
+            "--listen".into(),
+            "0.0.0.0:8080".into(),
+        ],
+    )?;
+    let tmp = driver::shared_tempdir()?;
+    let base: Vec<String> = [
+        "ab-http",
+        "--connect",
+        &format!("{}:8080", server.ip),
+        "--size",
+        &a.size.to_string(),
+        "--connections",
+        &a.connections.to_string(),
+        "--cpu-stat",
+        &client.cgroup.join("cpu.stat").to_string_lossy(),
+        "--cpu-stat",
+        &server.cgroup.join("cpu.stat").to_string_lossy(),
+    ]
+    .map(String::from)
+    .to_vec();
+    let (mut closed, mut fixed) = (Compare::default(), Compare::default());
+    let mut rate = a.rate;
+    for round in 1..=rounds {
+        // Envoy's threads (re-pinned each round: cheap, and covers threads started late).
+        driver::pin_cgroup(&client.cgroup, "envoy", &client_cpus)?;
+        driver::pin_cgroup(&server.cgroup, "envoy", &server_cpus)?;
+        let mut setup = AbSetup {
+            accel: &mut accel,
+            workloads: &wl,
+            pod: &client,
+            cpus: &client_cpus,
+            dir: tmp.path(),
+        };
+        let mut args = base.clone();
+        args.extend(driver::block_args(blocks, a.block_ms, 400));
+        let r = driver::run_ab(&mut m.mesh, &mut setup, &args)?;
+        let (x, y) = (r.side(false), r.side(true));
+        eprintln!(
+            "[mesh] round {round}/{rounds} closed loop: p50 {:.1} → {:.1} µs ({:.2}), {:.0} → {:.0} req/s, {:.1} → {:.1} CPU µs/req",
+            x.metric(Metric::P50),
+            y.metric(Metric::P50),
+            y.metric(Metric::P50) / x.metric(Metric::P50),
+            x.metric(Metric::Rate),
+            y.metric(Metric::Rate),
+            x.metric(Metric::CpuPerReq),
+            y.metric(Metric::CpuPerReq),
+        );
+        let rate_now = *rate.get_or_insert_with(|| {
+            ((x.metric(Metric::Rate) * a.rate_fraction) / 100.0)
+                .round()
+                .max(1.0)
+                * 100.0
+        });
+        closed.rounds.push(r);
+        if with_rate {
+            args.extend(["--rate".into(), rate_now.to_string()]);
+            let r = driver::run_ab(&mut m.mesh, &mut setup, &args)?;
+            let (x, y) = (r.side(false), r.side(true));
+            eprintln!(
+                "[mesh] round {round}/{rounds} fixed rate {rate_now} req/s: p50 {:.1} → {:.1} µs ({:.2}), p99 {:.1} → {:.1} µs, {:.1} → {:.1} CPU µs/req",
+                x.metric(Metric::P50),
+                y.metric(Metric::P50),
+                y.metric(Metric::P50) / x.metric(Metric::P50),
+                x.metric(Metric::P99),
+                y.metric(Metric::P99),
+                x.metric(Metric::CpuPerReq),
+                y.metric(Metric::CpuPerReq),
+            );
+            fixed.rounds.push(r);
+        }
+    }
+    if let Some(dir) = &a.perf {
+        eprintln!("[mesh] profiling with perf into {}", dir.display());
+        driver::pin_cgroup(&client.cgroup, "envoy", &client_cpus)?;
+        driver::pin_cgroup(&server.cgroup, "envoy", &server_cpus)?;
+        let mut setup = AbSetup {
+            accel: &mut accel,
+            workloads: &wl,
+            pod: &client,
+            cpus: &client_cpus,
+            dir: tmp.path(),
+        };
+        let r = driver::run_ab_profiled(&mut m.mesh, &mut setup, &base, dir, a.perf_block_ms)?;
+        driver::write_json(
+            dir,
+            "profiled-run.json",
+            &Compare { rounds: vec![r] }.to_json(&METRICS, false),
+        )?;
+    }
+    let mut machine = machine;
+    machine["loadavg_end"] = json!(driver::loadavg());
+    machine["other_cpu_load"] = json!(meshaccel_benches::stats::round3(other.fraction()));
+    drop(accel);
+    drop(m);
+
+    let p50 = closed.ratio(Metric::P50);
+    let noise = closed.noise(Metric::P50);
+    let inverted = p50.median > 1.0 + noise;
+    println!();
+    println!(
+        "mesh: client app → Envoy → (mTLS) → Envoy → server app, HTTP/1.1 keep-alive, {} B bodies, {} connection(s) per side, pinning {:?}, {rounds} rounds × {blocks} blocks of {} ms, interleaved",
+        a.size, a.connections, a.pin, a.block_ms
+    );
+    println!("{}", driver::machine_line(&machine));
+    println!("\nclosed loop:\n");
+    print!("{}", table(&closed, &METRICS, &TARGETS));
+    println!("\nrun noise (largest A/A or B/B p50 difference between halves): {noise:.3}");
+    if with_rate {
+        println!(
+            "\nfixed rate, {} req/s per side (coordinated omission corrected):\n",
+            rate.unwrap_or(0.0)
+        );
+        print!("{}", table(&fixed, &METRICS, &RATE_TARGETS));
+    }
+    if inverted {
+        println!(
+            "INVERSION: accelerated p50 is worse than baseline beyond the run's noise ({}, noise {noise:.3})",
+            p50.show()
+        );
+    }
+    let result = json!({
+        "bench": "mesh",
+        "what": "client app → Envoy → (mTLS) → Envoy → server app, HTTP/1.1 keep-alive GET",
+        "size": a.size,
+        "connections": a.connections,
+        "pin": format!("{:?}", a.pin).to_lowercase(),
+        "rounds": rounds,
+        "blocks": blocks,
+        "block_ms": a.block_ms,
+        "short": a.short,
+        "machine": machine,
+        "inversion": inverted,
+        "closed": {
+            "targets": targets_json(&closed, &TARGETS),
+            "result": closed.to_json(&METRICS, true),
+        },
+        "fixed_rate": if with_rate { json!({
+            "rate": rate,
+            "targets": targets_json(&fixed, &RATE_TARGETS),
+            "result": fixed.to_json(&METRICS, true),
+        }) } else { json!(null) },
+    });
+    let json_path = driver::write_json(&a.out, "mesh.json", &result)?;
+    let png_path = a.out.join("mesh.png");
+    let panels = if with_rate { 2 } else { 1 };
+    plot::png(&png_path, (900 * panels, 560), |area| {
+        let parts = area.split_evenly((1, panels as usize));
+        let (ca, cb) = (closed.pooled(false), closed.pooled(true));
+        plot::percentiles(
+            &parts[0],
+            &format!("mesh: HTTP {} B, closed loop ({rounds} rounds)", a.size),
+            &[
+                ("baseline (TCP)".into(), &ca.hist, plot::BASELINE),
+                ("accelerated".into(), &cb.hist, plot::ACCELERATED),
+            ],
+        )?;
+        if with_rate {
+            let (fa, fb) = (fixed.pooled(false), fixed.pooled(true));
+            plot::percentiles(
+                &parts[1],
+                &format!(
+                    "mesh: HTTP {} B, fixed rate {} req/s",
+                    a.size,
+                    rate.unwrap_or(0.0)
+                ),
+                &[
+                    ("baseline (TCP)".into(), &fa.hist, plot::BASELINE),
+                    ("accelerated".into(), &fb.hist, plot::ACCELERATED),
+                ],
+            )?;
+        }
+        Ok(())
+    })?;
+    eprintln!(
+        "[mesh] wrote {} and {}",
+        json_path.display(),
+        png_path.display()
+    );
+    Ok(!(a.check && inverted))
+}
+
+fn main() -> ExitCode {
+    let a = Args::parse();
+    driver::install_signal_handlers();
+    match run(&a) {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(e) => {
+            eprintln!("[mesh] {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}

@@ -1,0 +1,338 @@
+//! `report`: turns the results of `hop`, `mesh` and `sweep` (their JSON files) into one summary:
+//! `performance.md` (the tables the README shows) and `performance.png` (latency percentiles of
+//! hop and mesh, gain by message size of the sweep). Whichever of the three files exist are used.
+use std::{
+    fmt::Write as _,
+    fs,
+    path::{Path, PathBuf},
+    process::ExitCode,
+};
+
+use anyhow::Context as _;
+use clap::Parser;
+use meshaccel_benches::{
+    driver::machine_line,
+    plot::{self, SizeSeries},
+    stats::hist_from_json,
+};
+use serde_json::Value;
+
+/// Summarises the benchmark results into performance.md and performance.png.
+#[derive(Parser, Debug)]
+struct Args {
+    /// Where hop.json, mesh.json and sweep.json are, and where the summary goes.
+    #[arg(long, env = "MESHACCEL_BENCH_OUT", default_value = "benches/results")]
+    dir: PathBuf,
+    /// The command that produced the results (quoted in the summary).
+    #[arg(
+        long,
+        env = "MESHACCEL_BENCH_COMMAND",
+        default_value = "sudo scripts/bench.sh"
+    )]
+    command: String,
+}
+
+fn load(dir: &Path, name: &str) -> anyhow::Result<Option<Value>> {
+    let path = dir.join(name);
+    if !path.exists() {
+        return Ok(None);
+    }
+    let text = fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    Ok(Some(
+        serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?,
+    ))
+}
+
+fn f(v: &Value) -> f64 {
+    v.as_f64().unwrap_or(f64::NAN)
+}
+
+/// Rows `| bench | metric | baseline | accelerated | ratio [min–max] | target |`.
+fn rows(out: &mut String, bench: &str, result: &Value, targets: &Value, metrics: &[(&str, &str)]) {
+    for (key, label) in metrics {
+        let r = &result["ratio"][key];
+        let prec = if key.starts_with("per_sec") { 0 } else { 1 };
+        let target = targets
+            .as_array()
+            .and_then(|ts| ts.iter().find(|t| t["metric"] == *key))
+            .map(|t| {
+                format!(
+                    "{} {}",
+                    t["target"].as_str().unwrap_or(""),
+                    if t["met"] == true {
+                        "met"
+                    } else {
+                        "**missed**"
+                    }
+                )
+            })
+            .unwrap_or_default();
+        let _ = writeln!(
+            out,
+            "| {bench} | {label} | {:.prec$} | {:.prec$} | {:.2} [{:.2}–{:.2}] | {target} |",
+            f(&result["baseline"][key]),
+            f(&result["accelerated"][key]),
+            f(&r["median"]),
+            f(&r["min"]),
+            f(&r["max"]),
+        );
+    }
+}
+
+const LAT: [(&str, &str); 5] = [
+    ("p50_us", "p50 latency (µs)"),
+    ("p90_us", "p90 latency (µs)"),
+    ("p99_us", "p99 latency (µs)"),
+    ("p999_us", "p99.9 latency (µs)"),
+    ("max_us", "max latency (µs)"),
+];
+
+fn run(a: &Args) -> anyhow::Result<()> {
+    let hop = load(&a.dir, "hop.json")?;
+    let mesh = load(&a.dir, "mesh.json")?;
+    let sweep = load(&a.dir, "sweep.json")?;
+    anyhow::ensure!(
+        hop.is_some() || mesh.is_some() || sweep.is_some(),
+        "no hop.json, mesh.json or sweep.json in {}",
+        a.dir.display()
+    );
+    let mut md = String::new();
+    let mut machine = [&hop, &mesh, &sweep]
+        .into_iter()
+        .flatten()
+        .map(|v| v["machine"].clone())
+        .next()
+        .unwrap_or_default();
+    if let Some(m) = machine.as_object_mut() {
+        m.remove("other_cpu_load");
+    }
+    let _ = writeln!(
+        md,
+        "Ratios are accelerated / baseline, both measured in the same run, interleaved (blocks A B B A …\n\
+         on baseline and accelerated connections that live side by side); the ratio is the median over\n\
+         the rounds, [min–max] its spread; baseline and accelerated values are pooled over the rounds.\n\
+         Machine: {}. Other work on the machine during the runs (share of its CPU time, noise): {}.",
+        machine_line(&machine),
+        [&hop, &mesh, &sweep]
+            .into_iter()
+            .flatten()
+            .map(|v| format!(
+                "{} {:.0}%",
+                v["bench"].as_str().unwrap_or("?"),
+                f(&v["machine"]["other_cpu_load"]) * 100.0
+            ))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    let _ = writeln!(md, "Command: `{}`.\n", a.command);
+    let _ = writeln!(
+        md,
+        "| benchmark | metric | baseline | accelerated | ratio [min–max] | target |"
+    );
+    let _ = writeln!(md, "|---|---|---:|---:|---|---|");
+    if let Some(h) = &hop {
+        let name = format!("hop, {} B ping-pong", h["size"]);
+        let mut metrics = LAT.to_vec();
+        metrics.push(("per_sec", "round trips per second"));
+        rows(&mut md, &name, &h["result"], &h["targets"], &metrics);
+    }
+    if let Some(m) = &mesh {
+        let name = format!("mesh, HTTP {} B, closed loop", m["size"]);
+        let mut metrics = LAT.to_vec();
+        metrics.extend([
+            ("per_sec", "requests per second"),
+            ("cpu_us_per_req", "CPU µs per request"),
+        ]);
+        rows(
+            &mut md,
+            &name,
+            &m["closed"]["result"],
+            &m["closed"]["targets"],
+            &metrics,
+        );
+        if !m["fixed_rate"].is_null() {
+            let name = format!(
+                "mesh, HTTP {} B, fixed {:.0} req/s",
+                m["size"],
+                f(&m["fixed_rate"]["rate"])
+            );
+            let mut metrics = LAT.to_vec();
+            metrics.push(("cpu_us_per_req", "CPU µs per request"));
+            rows(
+                &mut md,
+                &name,
+                &m["fixed_rate"]["result"],
+                &m["fixed_rate"]["targets"],
+                &metrics,
+            );
+        }
+    }
+    if let Some(s) = &sweep {
+        let cells = s["cells"].as_array().cloned().unwrap_or_default();
+        let mut sizes: Vec<u64> = cells.iter().filter_map(|c| c["size"].as_u64()).collect();
+        sizes.sort_unstable();
+        sizes.dedup();
+        let paths: Vec<String> = {
+            let mut p: Vec<String> = cells
+                .iter()
+                .filter_map(|c| c["path"].as_str().map(String::from))
+                .collect();
+            p.dedup();
+            p
+        };
+        for kind in ["throughput", "latency"] {
+            let what = if kind == "throughput" {
+                "throughput ratio (target ≥ 1.00 at every size)"
+            } else {
+                "p50 latency ratio"
+            };
+            let _ = writeln!(
+                md,
+                "\nsweep, {what}, by write size; ↑ client→server, ↓ server→client:\n"
+            );
+            let mut head = String::from("| size |");
+            let mut rule = String::from("|---:|");
+            for p in &paths {
+                for d in ["↑", "↓"] {
+                    let _ = write!(head, " {p} {d} |");
+                    rule.push_str("---|");
+                }
+            }
+            let _ = writeln!(md, "{head}\n{rule}");
+            for size in &sizes {
+                let _ = write!(md, "| {} |", plot::size_label(*size as f64));
+                for p in &paths {
+                    for d in ["up", "down"] {
+                        let cell = cells.iter().find(|c| {
+                            c["size"] == *size
+                                && c["path"] == p.as_str()
+                                && c["dir"] == d
+                                && c["kind"] == kind
+                        });
+                        match cell {
+                            Some(c) => {
+                                let key = c["metric"].as_str().unwrap_or("");
+                                let r = &c["result"]["ratio"][key];
+                                let slower = if kind == "throughput" {
+                                    f(&r["median"]) < 1.0
+                                } else {
+                                    f(&r["median"]) > 1.0
+                                };
+                                let _ = write!(
+                                    md,
+                                    " {}{:.2} [{:.2}–{:.2}]{} |",
+                                    if slower { "**" } else { "" },
+                                    f(&r["median"]),
+                                    f(&r["min"]),
+                                    f(&r["max"]),
+                                    if slower { "**" } else { "" },
+                                );
+                            }
+                            None => md.push_str(" |"),
+                        }
+                    }
+                }
+                md.push('\n');
+            }
+        }
+    }
+    let md_path = a.dir.join("performance.md");
+    fs::write(&md_path, &md).with_context(|| format!("writing {}", md_path.display()))?;
+    print!("{md}");
+
+    let png_path = a.dir.join("performance.png");
+    plot::png(&png_path, (1400, 1000), |area| {
+        let parts = area.split_evenly((2, 2));
+        let pair = |v: &Value| -> anyhow::Result<_> {
+            Ok((
+                hist_from_json(&v["baseline"]["hist"])?,
+                hist_from_json(&v["accelerated"]["hist"])?,
+            ))
+        };
+        if let Some(h) = &hop {
+            let (x, y) = pair(&h["result"])?;
+            plot::percentiles(
+                &parts[0],
+                &format!("hop: app ↔ sidecar, {} B ping-pong", h["size"]),
+                &[
+                    ("baseline (TCP)".into(), &x, plot::BASELINE),
+                    ("accelerated".into(), &y, plot::ACCELERATED),
+                ],
+            )?;
+        }
+        if let Some(m) = &mesh {
+            let (x, y) = pair(&m["closed"]["result"])?;
+            plot::percentiles(
+                &parts[1],
+                &format!(
+                    "mesh: app → Envoy → mTLS → Envoy → app, HTTP {} B",
+                    m["size"]
+                ),
+                &[
+                    ("baseline, closed loop".into(), &x, plot::BASELINE),
+                    ("accelerated, closed loop".into(), &y, plot::ACCELERATED),
+                ],
+            )?;
+        }
+        if let Some(s) = &sweep {
+            let cells = s["cells"].as_array().cloned().unwrap_or_default();
+            for (i, path) in ["hop", "mesh"].into_iter().enumerate() {
+                let mut series = Vec::new();
+                for (kind, dir, color, label) in [
+                    ("throughput", "up", plot::ACCELERATED, "throughput ↑"),
+                    ("throughput", "down", plot::ALT[1], "throughput ↓"),
+                    ("latency", "up", plot::BASELINE, "1 / p50 latency ↑"),
+                    ("latency", "down", plot::ALT[0], "1 / p50 latency ↓"),
+                ] {
+                    let points: Vec<_> = cells
+                        .iter()
+                        .filter(|c| c["path"] == path && c["kind"] == kind && c["dir"] == dir)
+                        .filter_map(|c| {
+                            let g = &c["gain"];
+                            Some((
+                                c["size"].as_u64()?,
+                                f(&g["median"]),
+                                Some((f(&g["min"]), f(&g["max"]))),
+                            ))
+                        })
+                        .collect();
+                    if !points.is_empty() {
+                        series.push(SizeSeries {
+                            label: label.into(),
+                            color,
+                            points,
+                        });
+                    }
+                }
+                if !series.is_empty() {
+                    plot::by_size(
+                        &parts[2 + i],
+                        &format!("sweep, {path}: gain accelerated/baseline (> 1 is better)"),
+                        "gain",
+                        &series,
+                        false,
+                        Some(1.0),
+                    )?;
+                }
+            }
+        }
+        Ok(())
+    })?;
+    eprintln!(
+        "[report] wrote {} and {}",
+        md_path.display(),
+        png_path.display()
+    );
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let a = Args::parse();
+    match run(&a) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("[report] {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}

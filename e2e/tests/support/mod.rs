@@ -1,0 +1,103 @@
+//! Helpers shared by the root test files: pods with Istio's golden rules and a relay standing in
+//! for Envoy, the checksumming apps, and the agent's counters.
+#![allow(dead_code)]
+use std::{
+    path::PathBuf,
+    process::Child,
+    time::{Duration, Instant},
+};
+
+use meshaccel_e2e::{
+    Mesh, Pod, TcpCounters, accel::Accel, fixtures_dir, wait_output_timeout, wait_ready,
+    workspace_bin,
+};
+use serde_json::Value;
+
+pub const PROXY_UID: u32 = 1337;
+pub const APP_UID: u32 = 1000;
+
+pub fn golden() -> PathBuf {
+    fixtures_dir().join("iptables/istio-cni-sidecar/basic.txt.golden")
+}
+
+pub fn tool() -> PathBuf {
+    workspace_bin("meshaccel-e2e-tool")
+}
+
+/// A pod with Istio's capture rules and a relay (the sidecar) running as UID 1337.
+pub fn mesh_pod(mesh: &mut Mesh, name: &str) -> Pod {
+    let pod = mesh.add_pod(name, Some(&golden())).expect("pod");
+    let mut relay = mesh
+        .spawn(&pod, Some(PROXY_UID), &tool(), &["relay"])
+        .expect("relay");
+    wait_ready(&mut relay).expect("relay ready");
+    pod
+}
+
+/// A checksumming sink in the pod; the mesh kills and reaps it at teardown.
+pub fn sink(mesh: &mut Mesh, pod: &Pod, listen: &str) {
+    let mut s = mesh
+        .spawn(pod, Some(APP_UID), &tool(), &["sink", "--listen", listen])
+        .expect("sink");
+    wait_ready(&mut s).expect("sink ready");
+}
+
+pub fn send(mesh: &mut Mesh, pod: &Pod, args: &[&str]) -> Child {
+    mesh.spawn(pod, Some(APP_UID), &tool(), &[&["send"], args].concat())
+        .expect("send")
+}
+
+/// Waits for a `send` and returns its JSON report, asserting it saw its bytes arrive exactly.
+pub fn finished(child: Child, what: &str) -> Value {
+    let out = wait_output_timeout(child, Duration::from_secs(120)).expect("send finished");
+    let line = String::from_utf8_lossy(&out.stdout);
+    let v: Value = serde_json::from_str(line.trim())
+        .unwrap_or_else(|e| panic!("{what}: bad report {line:?}: {e}"));
+    assert!(
+        out.status.success() && v["ok"] == true,
+        "{what}: bytes did not arrive exactly: {v}"
+    );
+    v
+}
+
+pub fn segs(pods: &[&Pod]) -> Vec<TcpCounters> {
+    pods.iter()
+        .map(|p| p.tcp_counters().expect("snmp"))
+        .collect()
+}
+
+pub fn in_segs_since(pods: &[&Pod], before: &[TcpCounters]) -> Vec<u64> {
+    pods.iter()
+        .zip(before)
+        .map(|(p, b)| p.tcp_counters().unwrap().since(b).in_segs)
+        .collect()
+}
+
+pub fn counters(a: &Accel) -> Value {
+    a.status().expect("status")["counters"].clone()
+}
+
+pub fn delta(after: &Value, before: &Value, name: &str) -> u64 {
+    after[name].as_u64().unwrap() - before[name].as_u64().unwrap()
+}
+
+pub fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+pub fn bpftool_ids(kind: &str) -> Vec<u64> {
+    let out = std::process::Command::new("bpftool")
+        .args(["-j", kind, "show"])
+        .output()
+        .expect("bpftool (scripts/env.sh installs it)");
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Array(vec![]));
+    v.as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| e["id"].as_u64())
+        .collect()
+}

@@ -1,0 +1,378 @@
+//! Safe transitions: no byte reordered or lost when acceleration starts, stops, is uninstalled,
+//! or the agent restarts or upgrades — with bytes unread at the receivers at that moment.
+//!
+//! Pods carry Istio's golden capture rules and a UID-1337 relay standing in for Envoy, so every
+//! connection crosses the three Istio legs. Every transfer is checked end to end by the sink's
+//! byte count and CRC over the whole stream (order included).
+mod support;
+
+use std::time::Duration;
+
+use meshaccel_e2e::{
+    Mesh, Pod,
+    accel::{Accel, Scope, Workload},
+    require_root, wait_output_timeout,
+};
+use serde_json::Value;
+use support::*;
+
+fn swarm(mesh: &mut Mesh, from: &Pod, target: &str, args: &[&str]) -> std::process::Child {
+    mesh.spawn(
+        from,
+        Some(APP_UID),
+        &tool(),
+        &[&["swarm", "--connect", target], args].concat(),
+    )
+    .expect("swarm")
+}
+
+fn swarm_report(child: std::process::Child, what: &str) -> Value {
+    let out = wait_output_timeout(child, Duration::from_secs(180)).expect("swarm finished");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let v: Value = serde_json::from_str(text.trim())
+        .unwrap_or_else(|e| panic!("{what}: bad report {text:?}: {e}"));
+    assert!(
+        out.status.success() && v["ok"] == true && v["failed"] == 0,
+        "{what}: bytes lost or reordered: {v}"
+    );
+    v
+}
+
+fn sink_delayed(mesh: &mut Mesh, pod: &Pod, listen: &str, delay_ms: u64) {
+    let mut s = mesh
+        .spawn(
+            pod,
+            Some(APP_UID),
+            &tool(),
+            &[
+                "sink",
+                "--listen",
+                listen,
+                "--read-delay-ms",
+                &delay_ms.to_string(),
+            ],
+        )
+        .expect("sink");
+    meshaccel_e2e::wait_ready(&mut s).expect("sink ready");
+}
+
+fn counter(a: &Accel, name: &str) -> u64 {
+    a.counter(name).expect("counter")
+}
+
+/// Keeps both CPUs busy (so that sockets are inserted late relative to the client's first
+/// write); killed with the mesh.
+fn burn_cpus(mesh: &mut Mesh) {
+    for _ in 0..2 {
+        let _ = mesh
+            .spawn_host(
+                std::path::Path::new("/bin/sh"),
+                &["-c", "while :; do :; done"],
+            )
+            .expect("cpu burner");
+    }
+}
+
+/// Thousands of clients write right after connect() returns, with the CPUs busy: whatever each
+/// direction decides at its first message, every byte arrives in order on every leg.
+#[test]
+fn first_message_races_keep_every_byte_in_order() {
+    require_root();
+    let mut mesh = Mesh::new().expect("mesh");
+    let a = mesh_pod(&mut mesh, "a");
+    let b = mesh_pod(&mut mesh, "b");
+    let accel = Accel::start(&mesh, true, &[Workload::on(&a), Workload::on(&b)]).expect("agent");
+    sink(&mut mesh, &b, &format!("{}:8080", b.ip));
+    burn_cpus(&mut mesh);
+    let c0 = counters(&accel);
+    let r = swarm_report(
+        swarm(
+            &mut mesh,
+            &a,
+            &format!("{}:8080", b.ip),
+            &[
+                "--connections",
+                "1500",
+                "--concurrency",
+                "48",
+                "--bytes",
+                "20000",
+                "--chunk",
+                "1000",
+            ],
+        ),
+        "race",
+    );
+    let c1 = counters(&accel);
+    eprintln!(
+        "race: {r}; inserted {}, redirected {} msgs, TCP for life at the first message: {} (no peer yet)",
+        delta(&c1, &c0, "inserted"),
+        delta(&c1, &c0, "redirect_msgs"),
+        delta(&c1, &c0, "fallback_no_peer")
+    );
+    assert!(
+        delta(&c1, &c0, "inserted") >= 6 * 1500 - 100,
+        "the sockets were inserted: {c1}"
+    );
+    assert!(delta(&c1, &c0, "redirect_bytes") > 0, "{c1}");
+}
+
+/// Enabling a workload while its connections carry data with bytes unread at the receiver:
+/// those connections stay on TCP (their sockets predate the enable), new ones are accelerated.
+#[test]
+fn enabling_under_load_leaves_live_connections_on_tcp() {
+    require_root();
+    let mut mesh = Mesh::new().expect("mesh");
+    let a = mesh_pod(&mut mesh, "a");
+    let b = mesh_pod(&mut mesh, "b");
+    let wl_off = [Workload::off(&a), Workload::off(&b)];
+    let wl_on = [Workload::on(&a), Workload::on(&b)];
+    let mut accel = Accel::start(&mesh, true, &wl_off).expect("agent");
+    let target = format!("{}:8080", b.ip);
+    sink_delayed(&mut mesh, &b, &target, 800);
+    let c0 = counters(&accel);
+    let live = send(
+        &mut mesh,
+        &a,
+        &[
+            "--connect",
+            &target,
+            "--bytes",
+            "4000000",
+            "--chunk",
+            "65536",
+            "--hold-ms",
+            "15",
+        ],
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    accel.set_workloads(true, &wl_on).unwrap();
+    finished(live, "enabled mid-transfer");
+    let c1 = counters(&accel);
+    assert_eq!(
+        delta(&c1, &c0, "inserted"),
+        0,
+        "live sockets never enter: {c1}"
+    );
+    assert_eq!(delta(&c1, &c0, "redirect_bytes"), 0, "{c1}");
+    finished(
+        send(&mut mesh, &a, &["--connect", &target, "--bytes", "2000000"]),
+        "new connection",
+    );
+    let c2 = counters(&accel);
+    assert_eq!(delta(&c2, &c1, "inserted"), 6, "{c2}");
+    assert!(delta(&c2, &c1, "redirect_bytes") >= 3 * 2_000_000, "{c2}");
+}
+
+/// Disable either end, switch off globally, remove the pod from the mesh — each while the
+/// receiving app holds redirected bytes it has not read yet: it reads every byte, in order
+/// (redirected ones first, then what came over TCP after the switch).
+#[test]
+fn turning_off_with_unread_redirected_bytes_loses_nothing() {
+    require_root();
+    let mut mesh = Mesh::new().expect("mesh");
+    let a = mesh_pod(&mut mesh, "a");
+    let b = mesh_pod(&mut mesh, "b");
+    let both = vec![Workload::on(&a), Workload::on(&b)];
+    let mut accel = Accel::start(&mesh, true, &both).expect("agent");
+    let cases: [(&str, bool, Vec<Workload>); 4] = [
+        (
+            "server pod disabled",
+            true,
+            vec![Workload::on(&a), Workload::off(&b)],
+        ),
+        (
+            "client pod disabled",
+            true,
+            vec![Workload::off(&a), Workload::on(&b)],
+        ),
+        ("global switch off", false, both.clone()),
+        ("server pod removed", true, vec![Workload::on(&a)]),
+    ];
+    for (i, (name, enabled, wl)) in cases.into_iter().enumerate() {
+        accel.set_workloads(true, &both).unwrap();
+        let target = format!("{}:{}", b.ip, 8100 + i);
+        sink_delayed(&mut mesh, &b, &target, 1500);
+        let c0 = counters(&accel);
+        let t = send(
+            &mut mesh,
+            &a,
+            &[
+                "--connect",
+                &target,
+                "--bytes",
+                "3000000",
+                "--chunk",
+                "32768",
+                "--hold-ms",
+                "5",
+            ],
+        );
+        wait_until("redirected bytes are waiting at the receiver", || {
+            counter(&accel, "redirect_bytes") > c0["redirect_bytes"].as_u64().unwrap() + 1_000_000
+        });
+        accel.set_workloads(enabled, &wl).unwrap();
+        finished(t, name);
+        let c1 = counters(&accel);
+        assert!(
+            delta(&c1, &c0, "fallback_disabled") >= 1,
+            "{name}: senders fell back to TCP: {c1}"
+        );
+        assert!(
+            delta(&c1, &c0, "tcp_bytes") > 0,
+            "{name}: the rest went over TCP: {c1}"
+        );
+    }
+}
+
+/// A full sockhash: new connections stay on TCP (counted), nothing fails, and the connection
+/// holding the map keeps its unread redirected bytes.
+#[test]
+fn full_sockhash_falls_back_to_tcp() {
+    require_root();
+    let mut mesh = Mesh::new().expect("mesh");
+    let a = mesh_pod(&mut mesh, "a");
+    let b = mesh_pod(&mut mesh, "b");
+    // Room for one connection through the three legs (six sockets).
+    let accel = Accel::start_env(
+        &mesh,
+        true,
+        Scope::Mesh,
+        &[Workload::on(&a), Workload::on(&b)],
+        &[("MESHACCEL_SOCKHASH_CAPACITY", "6")],
+    )
+    .expect("agent");
+    let target = format!("{}:8080", b.ip);
+    sink_delayed(&mut mesh, &b, &target, 1200);
+    let c0 = counters(&accel);
+    let first = send(
+        &mut mesh,
+        &a,
+        &[
+            "--connect",
+            &target,
+            "--bytes",
+            "2000000",
+            "--chunk",
+            "65536",
+            "--hold-ms",
+            "10",
+        ],
+    );
+    wait_until("the first connection fills the sockhash", || {
+        accel.status().unwrap()["sockets"].as_u64() == Some(6)
+    });
+    let second = send(&mut mesh, &a, &["--connect", &target, "--bytes", "1000000"]);
+    finished(second, "second connection, sockhash full");
+    finished(first, "first connection");
+    let c1 = counters(&accel);
+    assert_eq!(delta(&c1, &c0, "inserted"), 6, "{c1}");
+    assert!(
+        delta(&c1, &c0, "insert_failed") >= 1,
+        "the full map refused sockets: {c1}"
+    );
+}
+
+/// Uninstall while 100 accelerated connections hold unread data: no byte lost; when the
+/// connections end, the kernel holds no meshaccel program, link or map.
+#[test]
+fn uninstall_with_unread_data_loses_nothing_and_leaves_nothing() {
+    require_root();
+    let mut mesh = Mesh::new().expect("mesh");
+    let a = mesh_pod(&mut mesh, "a");
+    let b = mesh_pod(&mut mesh, "b");
+    let mut accel =
+        Accel::start(&mesh, true, &[Workload::on(&a), Workload::on(&b)]).expect("agent");
+    let target = format!("{}:8080", b.ip);
+    sink_delayed(&mut mesh, &b, &target, 2500);
+    let c0 = counters(&accel);
+    let load = swarm(
+        &mut mesh,
+        &a,
+        &target,
+        &[
+            "--connections",
+            "100",
+            "--concurrency",
+            "100",
+            "--bytes",
+            "65536",
+            "--chunk",
+            "8192",
+        ],
+    );
+    wait_until("100 connections hold unread bytes at the sinks", || {
+        counter(&accel, "redirect_bytes")
+            >= c0["redirect_bytes"].as_u64().unwrap() + 3 * 100 * 65536 - 100 * 65536
+            && counter(&accel, "inserted") >= c0["inserted"].as_u64().unwrap() + 600
+    });
+    // As an operator does: stop the agent, then uninstall.
+    accel.kill_agent();
+    let report = accel.uninstall().expect("uninstall");
+    assert_eq!(report["drained"], false, "connections are live: {report}");
+    assert!(
+        report["sockets_draining"].as_u64().unwrap() >= 200,
+        "{report}"
+    );
+    swarm_report(load, "uninstalled while unread");
+    let again = accel.uninstall_wait(30).expect("second uninstall");
+    assert_eq!(
+        again["drained"], true,
+        "the kernel freed everything once the connections closed: {again}"
+    );
+}
+
+/// The agent is SIGKILLed and restarted, then replaced by a binary that replaces the programs
+/// (an upgrade), all under load: nothing lost or reordered; the upgrade swaps the programs under
+/// the same pinned link and maps.
+#[test]
+fn agent_restart_and_upgrade_under_load_lose_nothing() {
+    require_root();
+    let mut mesh = Mesh::new().expect("mesh");
+    let a = mesh_pod(&mut mesh, "a");
+    let b = mesh_pod(&mut mesh, "b");
+    let mut accel =
+        Accel::start(&mesh, true, &[Workload::on(&a), Workload::on(&b)]).expect("agent");
+    let before = accel.status().unwrap();
+    let target = format!("{}:8080", b.ip);
+    sink(&mut mesh, &b, &target);
+    let load = swarm(
+        &mut mesh,
+        &a,
+        &target,
+        &[
+            "--connections",
+            "400",
+            "--concurrency",
+            "8",
+            "--bytes",
+            "262144",
+            "--chunk",
+            "16384",
+            "--hold-ms",
+            "1",
+        ],
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    accel.kill_agent();
+    std::thread::sleep(Duration::from_millis(200));
+    accel.start_agent().expect("restart");
+    std::thread::sleep(Duration::from_millis(300));
+    accel.kill_agent();
+    accel.set_agent_env("MESHACCEL_REPLACE_PROGRAMS", "true");
+    accel.start_agent().expect("upgrade");
+    let inserted_at_upgrade = counter(&accel, "inserted");
+    let r = swarm_report(load, "restart and upgrade under load");
+    let after = accel.status().unwrap();
+    eprintln!("restart+upgrade under load: {r}");
+    assert_eq!(before["link_id"], after["link_id"], "same pinned link");
+    assert_eq!(before["map_ids"], after["map_ids"], "same pinned maps");
+    assert_ne!(
+        before["prog_ids"], after["prog_ids"],
+        "the programs were replaced: {after}"
+    );
+    assert!(
+        counter(&accel, "inserted") > inserted_at_upgrade,
+        "the new programs insert sockets"
+    );
+}

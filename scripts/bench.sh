@@ -1,0 +1,103 @@
+#!/usr/bin/env bash
+# The benchmarks: baseline and accelerated interleaved in one run, ratios with their spread
+# (benches/, see its crate docs). Installs what is missing first (scripts/env.sh, Envoy), builds,
+# runs, and cleans up after itself (also on Ctrl-C). Needs root.
+#
+#   sudo scripts/bench.sh            full mode: hop, mesh and sweep (about 10 minutes on 2 vCPUs);
+#                                    results in benches/results/ (JSON, PNG, performance.md)
+#   sudo scripts/bench.sh --short    CI's short mode: short hop and mesh runs; exits 1 only on a
+#                                    clear inversion measured as a ratio in the same run
+#                                    (hop: accelerated p50 not lower than baseline; mesh:
+#                                    accelerated p50 worse than baseline beyond the run's noise)
+#
+# Options: --debug (use the debug build, e.g. the one scripts/test.sh just made; default: release),
+# --out DIR (default benches/results; in --short mode a temporary directory),
+# --wait-quiet SECONDS (first wait up to that long for the 1-minute load average to drop below
+# 0.5: other work on a 2-vCPU machine is noise), and bench names to run only some of them
+# (hop, mesh, sweep). Every bench's own options are also read from MESHACCEL_* variables (see
+# `target/release/<bench> --help`).
+set -euo pipefail
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+cd "$ROOT"
+
+short=0 profile=release out="" wait_quiet=0 benches=()
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --short) short=1 ;;
+    --debug) profile=debug ;;
+    --out) out=$2; shift ;;
+    --wait-quiet) wait_quiet=$2; shift ;;
+    hop|mesh|sweep) benches+=("$1") ;;
+    -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
+    *) echo "[bench] unknown argument $1 (see --help)" >&2; exit 2 ;;
+  esac
+  shift
+done
+if [ ${#benches[@]} -eq 0 ]; then
+  if [ $short = 1 ]; then benches=(hop mesh); else benches=(hop mesh sweep); fi
+fi
+
+eval "$(scripts/env.sh)"
+scripts/install-envoy.sh >/dev/null
+if [ $profile = release ]; then
+  echo "[bench] building (release)" >&2
+  cargo build --release --locked -p meshaccel -p meshaccel-e2e -p meshaccel-benches --bins
+  bin=target/release
+else
+  echo "[bench] building (debug)" >&2
+  # The same command as scripts/test.sh, so that right after it nothing is rebuilt.
+  cargo build --workspace --exclude meshaccel-ebpf --bins --tests --locked
+  bin=target/debug
+fi
+
+tmp=""
+if [ -z "$out" ]; then
+  if [ $short = 1 ]; then
+    tmp=$(mktemp -d /tmp/meshaccel-bench.XXXXXX)
+    out=$tmp
+  else
+    out=benches/results
+  fi
+fi
+cleanup() { [ -n "$tmp" ] && rm -rf "$tmp"; }
+trap cleanup EXIT
+
+if [ "$wait_quiet" -gt 0 ]; then
+  end=$((SECONDS + wait_quiet))
+  while [ $SECONDS -lt $end ] && awk '{exit !($1 >= 0.5)}' /proc/loadavg; do
+    echo "[bench] waiting for a quiet machine (load average $(cut -d' ' -f1-3 /proc/loadavg))" >&2
+    sleep 15
+  done
+fi
+load=$(cut -d' ' -f1 /proc/loadavg)
+if awk -v l="$load" 'BEGIN{exit !(l >= 1.0)}'; then
+  echo "[bench] note: load average $load: other work on this machine adds noise to the numbers" >&2
+fi
+
+export MESHACCEL_BENCH_OUT=$out
+flags=()
+[ $short = 1 ] && flags=(--short --check)
+passed=0 failed=0 status=0
+for b in "${benches[@]}"; do
+  echo "[bench] $b" >&2
+  rc=0
+  "$bin/$b" "${flags[@]}" || rc=$?
+  if [ $rc = 0 ]; then
+    passed=$((passed + 1))
+  else
+    failed=$((failed + 1))
+    [ $rc = 1 ] && echo "[bench] $b: clear inversion (see the table above)" >&2
+    [ $rc -gt 1 ] && echo "[bench] $b: failed to run (exit $rc)" >&2
+    status=1
+  fi
+done
+
+if [ $short = 0 ] && [ $status = 0 ]; then
+  cmd="sudo scripts/bench.sh"
+  [ ${#benches[@]} -lt 3 ] && cmd="$cmd ${benches[*]}"
+  MESHACCEL_BENCH_COMMAND=$cmd "$bin/report" --dir "$out"
+fi
+if [ $short = 1 ]; then
+  echo "bench: $passed passed, $failed failed"
+fi
+exit $status
