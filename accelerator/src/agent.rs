@@ -57,8 +57,16 @@ impl SourceState {
             capture: base.capture,
             workloads: Vec::new(),
         };
+        // A netns claimed by two sources: the static file wins (it is the operator's explicit
+        // word), the other claim is dropped and logged rather than failing the whole state.
         for src in [&self.static_file, &self.kube].into_iter().flatten() {
-            out.workloads.extend(src.workloads.iter().cloned());
+            for w in &src.workloads {
+                if let Some(first) = out.workloads.iter().find(|o| o.netns == w.netns) {
+                    tracing::warn!(workload = %w.id, kept = %first.id, netns = ?w.netns, "two sources claim one network namespace; keeping the first");
+                    continue;
+                }
+                out.workloads.push(w.clone());
+            }
         }
         if let Some(x) = &self.xds {
             crate::xds::apply(x, &mut out.capture);
@@ -281,6 +289,25 @@ mod tests {
             exclude_inbound_ports: vec![],
             exclude_outbound_ports: vec![],
         }
+    }
+
+    #[test]
+    fn a_netns_claimed_twice_keeps_the_static_claim() {
+        let s = SourceState {
+            static_file: Some(Inputs {
+                enabled: true,
+                workloads: vec![spec("ns/static", 7)],
+                ..Default::default()
+            }),
+            kube: Some(Inputs {
+                enabled: true,
+                workloads: vec![spec("ns/kube", 7), spec("ns/other", 8)],
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let ids: Vec<_> = s.merged().workloads.into_iter().map(|w| w.id).collect();
+        assert_eq!(ids, ["ns/static", "ns/other"]);
     }
 
     #[test]

@@ -76,6 +76,9 @@ enum Command {
         /// kubeconfig file for the Kubernetes API (default: in-cluster configuration).
         #[arg(long, env = "MESHACCEL_KUBECONFIG", requires = "node_name")]
         kubeconfig: Option<PathBuf>,
+        /// The label key namespaces (and pods, to override) opt in with: `<key>=true`.
+        #[arg(long, env = "MESHACCEL_OPT_IN_LABEL", default_value = meshaccel::kube::ENABLED_LABEL)]
+        opt_in_label: String,
         #[command(flatten)]
         istiod: meshaccel::xds::IstiodArgs,
     },
@@ -154,6 +157,7 @@ fn main() -> anyhow::Result<()> {
             state_dir,
             node_name,
             kubeconfig,
+            opt_in_label,
             istiod,
         } => {
             let cgroup = match cgroup {
@@ -171,6 +175,8 @@ fn main() -> anyhow::Result<()> {
             if workloads.is_some() {
                 shared.metrics.require_source(metrics::Source::StaticFile);
             }
+            meshaccel::kube::policy::set_enabled_label(&opt_in_label)
+                .map_err(|e| anyhow::anyhow!("--opt-in-label / MESHACCEL_OPT_IN_LABEL: {e}"))?;
             if let Some(node) = node_name {
                 shared.metrics.require_source(metrics::Source::Kubernetes);
                 let opts = meshaccel::kube::KubeOptions::new(node, kubeconfig);

@@ -35,7 +35,7 @@ use serde_json::Value;
 /// `MESHACCEL_*` variables the chart sets for agent flags that do not exist yet (the opt-in
 /// label key is a constant of the Kubernetes source so far). Until the flag exists the variable
 /// is ignored by the agent; this list must shrink to empty, never grow silently.
-const PENDING_ENV: &[&str] = &["MESHACCEL_OPT_IN_LABEL"];
+const PENDING_ENV: &[&str] = &[];
 
 const CAPS: [&str; 4] = ["BPF", "NET_ADMIN", "SYS_ADMIN", "PERFMON"];
 

@@ -19,6 +19,48 @@ use crate::{
 /// The opt-in label, on namespaces and (overriding) on pods.
 pub const ENABLED_LABEL: &str = "meshaccel.io/enabled";
 
+static OPT_IN_LABEL: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+/// The opt-in label key in force: [`ENABLED_LABEL`] unless the agent was given another one.
+pub fn enabled_label() -> &'static str {
+    OPT_IN_LABEL.get().map_or(ENABLED_LABEL, String::as_str)
+}
+
+/// Sets the opt-in label key (once, at start; `--opt-in-label`). Checks Kubernetes' syntax for
+/// label keys: an optional DNS-subdomain prefix and `/`, then a name of at most 63 characters of
+/// `[A-Za-z0-9._-]` that starts and ends alphanumeric.
+pub fn set_enabled_label(key: &str) -> Result<(), String> {
+    let (prefix, name) = match key.rsplit_once('/') {
+        Some((p, n)) => (Some(p), n),
+        None => (None, key),
+    };
+    let alnum = |c: char| c.is_ascii_alphanumeric();
+    let name_ok = !name.is_empty()
+        && name.len() <= 63
+        && name.chars().all(|c| alnum(c) || "._-".contains(c))
+        && name.starts_with(alnum)
+        && name.ends_with(alnum);
+    let prefix_ok = prefix.is_none_or(|p| {
+        !p.is_empty()
+            && p.len() <= 253
+            && p.split('.').all(|l| {
+                !l.is_empty()
+                    && l.chars()
+                        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+                    && !l.starts_with('-')
+                    && !l.ends_with('-')
+            })
+    });
+    if !(name_ok && prefix_ok) {
+        return Err(format!(
+            "{key:?} is not a Kubernetes label key (prefix/name, e.g. meshaccel.io/enabled)"
+        ));
+    }
+    OPT_IN_LABEL
+        .set(key.to_string())
+        .map_err(|_| "the opt-in label is already set".to_string())
+}
+
 /// Why a pod is or is not accelerated.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Outcome {
@@ -112,18 +154,19 @@ fn outcome(pod: &Pod, ns_labels: Option<&BTreeMap<String, String>>, capture: &Ca
         .metadata
         .labels
         .as_ref()
-        .and_then(|l| l.get(ENABLED_LABEL));
+        .and_then(|l| l.get(enabled_label()));
     let on = match pod_label {
         Some(v) => match bool_label(v) {
             Some(b) => b,
             None => {
                 return Outcome::Invalid(format!(
-                    "pod label {ENABLED_LABEL}={v:?}: must be \"true\" or \"false\""
+                    "pod label {}={v:?}: must be \"true\" or \"false\"",
+                    enabled_label()
                 ));
             }
         },
         None => ns_labels
-            .and_then(|l| l.get(ENABLED_LABEL))
+            .and_then(|l| l.get(enabled_label()))
             .is_some_and(|v| v == "true"),
     };
     if !on {
@@ -293,6 +336,27 @@ pub fn compute<'a>(
     }
     out.decisions = decisions;
     out
+}
+
+#[cfg(test)]
+mod label_tests {
+    use super::set_enabled_label;
+
+    #[test]
+    fn bad_label_keys_are_refused_with_the_fix() {
+        for bad in [
+            "",
+            "a/",
+            "/x",
+            "Bad_Prefix.io/x",
+            "x/-y",
+            "x/y-",
+            &"n".repeat(64),
+        ] {
+            let e = set_enabled_label(bad).unwrap_err();
+            assert!(e.contains("not a Kubernetes label key"), "{bad:?}: {e}");
+        }
+    }
 }
 
 #[cfg(test)]
