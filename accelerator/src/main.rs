@@ -183,6 +183,7 @@ fn main() -> anyhow::Result<()> {
                 rt.block_on(meshaccel::kube::spawn(opts, shared.clone()))?;
             }
             if let Some(cfg) = istiod.config() {
+                shared.metrics.require_source(metrics::Source::Xds);
                 let status = meshaccel::xds::status_path(&state_dir, &bpffs);
                 rt.spawn(meshaccel::xds::run(cfg, shared.clone(), status));
             }

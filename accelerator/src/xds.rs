@@ -6,6 +6,7 @@
 //!
 //! The source also writes what it knows to a small JSON file next to the agent's state file
 //! (`<state dir>/xds-<hash of the bpffs path>.json`), which `meshaccel status` shows.
+use crate::metrics::Source;
 use std::{
     net::{IpAddr, Ipv4Addr, ToSocketAddrs as _, UdpSocket},
     path::{Path, PathBuf},
@@ -260,12 +261,17 @@ pub async fn run(cfg: AdsConfig, shared: Arc<Shared>, status_file: PathBuf) {
             AdsEvent::Snapshot(s) => {
                 st.snapshot = Some(s.clone());
                 shared.update(|src| src.xds = Some(s));
+                shared.metrics.source_synced(Source::Xds, true);
             }
             AdsEvent::Rejected { error, .. } => {
                 st.rejected += 1;
                 st.last_rejection = Some(error);
+                shared.metrics.source_error(Source::Xds);
             }
             AdsEvent::Disconnected { error, .. } => {
+                // The last good state stays in force; readiness says istiod is away.
+                shared.metrics.source_error(Source::Xds);
+                shared.metrics.source_synced(Source::Xds, false);
                 st.connected = false;
                 st.disconnects += 1;
                 st.last_error = Some(error);

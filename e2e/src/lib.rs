@@ -27,7 +27,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-pub use mesh::Mesh;
+pub use mesh::{Mesh, split_capture_log};
 pub use pod::{Pod, TcpCounters};
 pub use process::{wait_output_timeout, wait_ready, wait_ready_timeout};
 

@@ -4,7 +4,7 @@ use std::{
     fmt,
     fs::{self, File, OpenOptions},
     io,
-    net::Ipv4Addr,
+    net::{Ipv4Addr, Ipv6Addr},
     os::{fd::AsRawFd, unix::process::CommandExt as _},
     path::{Path, PathBuf},
     process::{Child, Command, Output, Stdio},
@@ -269,6 +269,85 @@ impl Mesh {
         Ok(pod)
     }
 
+    /// The IPv6 address [`Mesh::add_ipv6`] gives `pod`: `fd77:<X>::<n>` (X, n as in its IPv4).
+    pub fn ipv6_of(&self, pod: &Pod) -> Ipv6Addr {
+        let o = pod.ip.octets();
+        Ipv6Addr::new(0xfd77, u16::from(o[2]), 0, 0, 0, 0, 0, u16::from(o[3]))
+    }
+
+    /// Makes `pod` dual-stack: `fd77:<X>::<n>/64` on eth0 (no DAD), a default IPv6 route via
+    /// eth0, and `::6/128` on lo, as istio-iptables adds it for the IPv6 inbound passthrough.
+    /// With `capture_log` (an istio-iptables-capture golden: a command log whose
+    /// `* table … COMMIT` blocks are iptables-restore payloads, the IPv4 ones first, then as many
+    /// IPv6 ones), the IPv4 blocks are fed to `iptables-restore` and the IPv6 blocks to
+    /// `ip6tables-restore`, unmodified.
+    pub fn add_ipv6(&mut self, pod: &Pod, capture_log: Option<&Path>) -> anyhow::Result<Ipv6Addr> {
+        ensure!(
+            self.pods.iter().any(|p| p.netns_name == pod.netns_name),
+            "pod {:?} is not a pod of run {}",
+            pod.name,
+            self.run_id
+        );
+        let ip6 = self.ipv6_of(pod);
+        let ns = pod.netns_name.as_str();
+        ip(&["-n", ns, "-6", "addr", "add", &format!("{ip6}/64"), "dev", "eth0", "nodad"])?;
+        ip(&["-n", ns, "-6", "addr", "add", "::6/128", "dev", "lo", "nodad"])?;
+        ip(&["-n", ns, "-6", "route", "add", "default", "dev", "eth0"])?;
+        if let Some(log) = capture_log {
+            let text = fs::read_to_string(log)
+                .with_context(|| format!("reading {}", log.display()))?;
+            let (v4, v6) = split_capture_log(&text)
+                .with_context(|| format!("splitting {}", log.display()))?;
+            for (tool, payload) in [("iptables-restore", v4), ("ip6tables-restore", v6)] {
+                let mut child = pod
+                    .netns_command(tool)
+                    .stdin(Stdio::piped())
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::piped())
+                    .spawn()
+                    .with_context(|| format!("running {tool}"))?;
+                {
+                    use std::io::Write as _;
+                    let mut stdin = child.stdin.take().context("stdin")?;
+                    stdin.write_all(payload.as_bytes())?;
+                }
+                let out = child.wait_with_output()?;
+                ensure!(
+                    out.status.success(),
+                    "{tool} < blocks of {} in pod {}: {}: {}",
+                    log.display(),
+                    pod.name,
+                    out.status,
+                    String::from_utf8_lossy(&out.stderr).trim()
+                );
+            }
+        }
+        tracing::info!(pod = %pod.name, %ip6, "pod has IPv6");
+        Ok(ip6)
+    }
+
+    /// Removes one pod now, as a node does when a pod goes away: SIGKILLs every process in its
+    /// cgroup, removes the cgroup, its veth and its netns (the kernel then frees its sockets).
+    pub fn remove_pod(&mut self, pod: &Pod) -> anyhow::Result<()> {
+        let i = self
+            .pods
+            .iter()
+            .position(|p| p.netns_name == pod.netns_name)
+            .with_context(|| format!("pod {:?} is not a pod of run {}", pod.name, self.run_id))?;
+        cgroup::kill_all(&pod.cgroup, KILL_TIMEOUT)?;
+        cgroup::remove(&pod.cgroup)?;
+        self.created_cgroups.retain(|c| c != &pod.cgroup);
+        ip(&["netns", "del", &pod.netns_name])?;
+        self.created_netns.retain(|n| n != &pod.netns_name);
+        // The veth went with the netns; forget it (its name holds the attempt index).
+        let o = pod.ip.octets();
+        let veth = format!("ma{}v{}", self.run_id, u32::from(o[3]) - 2);
+        self.created_veths.retain(|v| v != &veth);
+        self.pods.remove(i);
+        tracing::info!(pod = %pod.name, "pod removed");
+        Ok(())
+    }
+
     /// Starts `program args` in `pod` (its cgroup, then its netns, then `as_uid` with gid = uid
     /// and no supplementary groups), with stdin null, stdout piped (for [`crate::wait_ready`] /
     /// [`crate::wait_output_timeout`]) and stderr inherited. The process is SIGKILLed and reaped at
@@ -404,6 +483,35 @@ impl Mesh {
         }
         tracing::info!(run_id = %self.run_id, "mesh removed");
     }
+}
+
+/// Splits an istio-iptables-capture command log into its IPv4 and IPv6 iptables-restore
+/// payloads: the `* table` … `COMMIT` blocks, the first half IPv4, the second half IPv6.
+pub fn split_capture_log(text: &str) -> anyhow::Result<(String, String)> {
+    let mut blocks = Vec::new();
+    let mut cur: Option<String> = None;
+    for line in text.lines() {
+        if let Some(table) = line.strip_prefix('*') {
+            cur = Some(format!("*{}\n", table.trim()));
+        } else if let Some(b) = cur.as_mut() {
+            b.push_str(line);
+            b.push('\n');
+            if line.trim() == "COMMIT" {
+                blocks.push(cur.take().expect("a block"));
+            }
+        }
+    }
+    ensure!(
+        !blocks.is_empty() && blocks.len() % 2 == 0 && cur.is_none(),
+        "expected IPv4 blocks then as many IPv6 blocks, found {} complete block(s)",
+        blocks.len()
+    );
+    let v6 = blocks.split_off(blocks.len() / 2);
+    ensure!(
+        v6.iter().all(|b| b.contains("::")) && !blocks.iter().any(|b| b.contains("::")),
+        "the second half of the blocks is not the IPv6 one"
+    );
+    Ok((blocks.concat(), v6.concat()))
 }
 
 impl Drop for Mesh {

@@ -124,3 +124,152 @@ pub fn original_dst(stream: &TcpStream) -> io::Result<SocketAddrV4> {
     })?;
     Ok(from_sockaddr(&sa))
 }
+
+// ---------------------------------------------------------------------------------------------
+// IPv4 and IPv6 (the dual-stack relay and the soak tools)
+
+/// `IP6T_SO_ORIGINAL_DST` (linux/netfilter_ipv6/ip6_tables.h), at `SOL_IPV6`.
+const IP6T_SO_ORIGINAL_DST: libc::c_int = 80;
+
+fn to_storage(addr: std::net::SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
+    // SAFETY: sockaddr_storage is plain data; all-zero is a valid value.
+    let mut ss: libc::sockaddr_storage = unsafe { zeroed() };
+    match addr {
+        std::net::SocketAddr::V4(a) => {
+            let sa = to_sockaddr(a);
+            // SAFETY: sockaddr_storage is larger than and aligned for sockaddr_in.
+            unsafe { std::ptr::write((&raw mut ss).cast::<libc::sockaddr_in>(), sa) };
+            (ss, size_of::<libc::sockaddr_in>() as _)
+        }
+        std::net::SocketAddr::V6(a) => {
+            // SAFETY: sockaddr_in6 is plain data.
+            let mut sa: libc::sockaddr_in6 = unsafe { zeroed() };
+            sa.sin6_family = libc::AF_INET6 as libc::sa_family_t;
+            sa.sin6_port = a.port().to_be();
+            sa.sin6_addr = libc::in6_addr {
+                s6_addr: a.ip().octets(),
+            };
+            sa.sin6_scope_id = a.scope_id();
+            // SAFETY: as above, for sockaddr_in6.
+            unsafe { std::ptr::write((&raw mut ss).cast::<libc::sockaddr_in6>(), sa) };
+            (ss, size_of::<libc::sockaddr_in6>() as _)
+        }
+    }
+}
+
+fn tcp_socket_for(addr: &std::net::SocketAddr) -> io::Result<OwnedFd> {
+    let family = if addr.is_ipv4() {
+        libc::AF_INET
+    } else {
+        libc::AF_INET6
+    };
+    // SAFETY: plain syscall; the fd is owned right away.
+    let fd = cvt(unsafe { libc::socket(family, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) })?;
+    // SAFETY: fd is a fresh descriptor nobody else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+fn bind_any(fd: RawFd, addr: std::net::SocketAddr) -> io::Result<()> {
+    let (ss, len) = to_storage(addr);
+    // SAFETY: ss holds a valid sockaddr of length len.
+    cvt(unsafe { libc::bind(fd, (&raw const ss).cast(), len) })?;
+    Ok(())
+}
+
+/// [`listen`] for IPv4 or IPv6. An IPv6 listener is `IPV6_V6ONLY` unless `dual_stack` (then an
+/// IPv4 client appears as a v4-mapped address `::ffff:a.b.c.d`, as on a dual-stack Envoy).
+pub fn listen_any(
+    addr: std::net::SocketAddr,
+    backlog: i32,
+    dual_stack: bool,
+) -> io::Result<TcpListener> {
+    let fd = tcp_socket_for(&addr)?;
+    set_int(fd.as_raw_fd(), libc::SOL_SOCKET, libc::SO_REUSEADDR, 1)?;
+    if addr.is_ipv6() {
+        set_int(
+            fd.as_raw_fd(),
+            libc::IPPROTO_IPV6,
+            libc::IPV6_V6ONLY,
+            (!dual_stack).into(),
+        )?;
+    }
+    bind_any(fd.as_raw_fd(), addr)?;
+    // SAFETY: plain syscall on a socket we own.
+    cvt(unsafe { libc::listen(fd.as_raw_fd(), backlog) })?;
+    Ok(TcpListener::from(fd))
+}
+
+/// [`connect`] for IPv4 or IPv6.
+pub fn connect_any(
+    to: std::net::SocketAddr,
+    from: Option<std::net::SocketAddr>,
+) -> io::Result<TcpStream> {
+    let Some(from) = from else {
+        return TcpStream::connect(to);
+    };
+    let fd = tcp_socket_for(&to)?;
+    set_int(fd.as_raw_fd(), libc::SOL_SOCKET, libc::SO_REUSEADDR, 1)?;
+    bind_any(fd.as_raw_fd(), from)?;
+    let (ss, len) = to_storage(to);
+    loop {
+        // SAFETY: ss holds a valid sockaddr of length len.
+        let ret = unsafe { libc::connect(fd.as_raw_fd(), (&raw const ss).cast(), len) };
+        match cvt(ret) {
+            Ok(_) => break,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(TcpStream::from(fd))
+}
+
+/// [`original_dst`] for IPv4 or IPv6 connections: `IP6T_SO_ORIGINAL_DST` at `SOL_IPV6` for an
+/// IPv6 connection, `SO_ORIGINAL_DST` at `SOL_IP` for IPv4 (also on an IPv6 socket whose peer is
+/// v4-mapped: the result is then that IPv4 address).
+pub fn original_dst_any(stream: &TcpStream) -> io::Result<std::net::SocketAddr> {
+    let v4 = match stream.local_addr()? {
+        std::net::SocketAddr::V4(_) => true,
+        std::net::SocketAddr::V6(a) => a.ip().to_ipv4_mapped().is_some(),
+    };
+    if v4 {
+        return original_dst(stream).map(Into::into);
+    }
+    // SAFETY: sockaddr_in6 is plain data.
+    let mut sa: libc::sockaddr_in6 = unsafe { zeroed() };
+    let mut len = size_of::<libc::sockaddr_in6>() as libc::socklen_t;
+    // SAFETY: sa/len are valid for writes and len holds sa's size.
+    cvt(unsafe {
+        libc::getsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_IPV6,
+            IP6T_SO_ORIGINAL_DST,
+            (&raw mut sa).cast(),
+            &mut len,
+        )
+    })?;
+    Ok(std::net::SocketAddr::V6(std::net::SocketAddrV6::new(
+        std::net::Ipv6Addr::from(sa.sin6_addr.s6_addr),
+        u16::from_be(sa.sin6_port),
+        sa.sin6_flowinfo,
+        sa.sin6_scope_id,
+    )))
+}
+
+/// Sets `SO_LINGER {on, 0}`: the next close() sends a RST instead of a FIN.
+pub fn set_linger_zero(stream: &TcpStream) -> io::Result<()> {
+    let l = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: l outlives the call and its size is passed.
+    cvt(unsafe {
+        libc::setsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&raw const l).cast(),
+            size_of::<libc::linger>() as libc::socklen_t,
+        )
+    })?;
+    Ok(())
+}
