@@ -290,14 +290,26 @@ impl Mesh {
         );
         let ip6 = self.ipv6_of(pod);
         let ns = pod.netns_name.as_str();
-        ip(&["-n", ns, "-6", "addr", "add", &format!("{ip6}/64"), "dev", "eth0", "nodad"])?;
-        ip(&["-n", ns, "-6", "addr", "add", "::6/128", "dev", "lo", "nodad"])?;
+        ip(&[
+            "-n",
+            ns,
+            "-6",
+            "addr",
+            "add",
+            &format!("{ip6}/64"),
+            "dev",
+            "eth0",
+            "nodad",
+        ])?;
+        ip(&[
+            "-n", ns, "-6", "addr", "add", "::6/128", "dev", "lo", "nodad",
+        ])?;
         ip(&["-n", ns, "-6", "route", "add", "default", "dev", "eth0"])?;
         if let Some(log) = capture_log {
-            let text = fs::read_to_string(log)
-                .with_context(|| format!("reading {}", log.display()))?;
-            let (v4, v6) = split_capture_log(&text)
-                .with_context(|| format!("splitting {}", log.display()))?;
+            let text =
+                fs::read_to_string(log).with_context(|| format!("reading {}", log.display()))?;
+            let (v4, v6) =
+                split_capture_log(&text).with_context(|| format!("splitting {}", log.display()))?;
             for (tool, payload) in [("iptables-restore", v4), ("ip6tables-restore", v6)] {
                 let mut child = pod
                     .netns_command(tool)

@@ -1,5 +1,7 @@
 //! Acceleration proven on Istio-shaped traffic: real Envoy 1.40 sidecars (UID 1337) configured as
 //! istiod configures them, mTLS between sidecars, Istio's real capture rules, apps as UID 1000.
+mod support;
+
 use std::time::Duration;
 
 use meshaccel_e2e::{
@@ -10,27 +12,7 @@ use meshaccel_e2e::{
     wait_output_timeout,
 };
 use serde_json::Value;
-
-fn report(child: std::process::Child, what: &str) -> Value {
-    let out = wait_output_timeout(child, Duration::from_secs(120)).expect("app finished");
-    let text = String::from_utf8_lossy(&out.stdout);
-    let last = text.lines().last().unwrap_or_default();
-    let v: Value =
-        serde_json::from_str(last).unwrap_or_else(|e| panic!("{what}: bad report {text:?}: {e}"));
-    assert!(
-        out.status.success() && v["ok"] == true,
-        "{what}: failed: {v}"
-    );
-    v
-}
-
-fn counters(a: &Accel) -> Value {
-    a.status().expect("status")["counters"].clone()
-}
-
-fn delta(after: &Value, before: &Value, name: &str) -> u64 {
-    after[name].as_u64().unwrap() - before[name].as_u64().unwrap()
-}
+use support::*;
 
 fn segs(m: &SidecarMesh, pods: &[&str]) -> Vec<TcpCounters> {
     pods.iter()
@@ -65,7 +47,7 @@ fn envoy_sidecars_all_legs_accelerated_with_mtls() {
     let bytes = (20u64 << 20).to_string();
 
     let before = segs(&m, &pods);
-    report(
+    finished(
         m.app("client", &["send", "--connect", &target, "--bytes", &bytes])
             .unwrap(),
         "off",
@@ -75,7 +57,7 @@ fn envoy_sidecars_all_legs_accelerated_with_mtls() {
     accel.set_workloads(true, &wl).unwrap();
     let c0 = counters(&accel);
     let before = segs(&m, &pods);
-    report(
+    finished(
         m.app("client", &["send", "--connect", &target, "--bytes", &bytes])
             .unwrap(),
         "on",
@@ -162,7 +144,7 @@ fn pod_without_sidecar_talks_to_mesh_pod() {
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    let v = report(load, "plain → mesh");
+    let v = finished(load, "plain → mesh");
     assert_eq!(v["errors"], 0, "{v}");
     let c1 = counters(&accel);
     // Envoy's inbound passthrough leg (127.0.0.6 → app) inside the server pod is accelerated.
@@ -196,7 +178,7 @@ fn disabled_workload_and_excluded_inbound_port_stay_on_tcp() {
     let server_ns = server.netns_cookie().unwrap().to_string();
 
     let c0 = counters(&accel);
-    let v = report(
+    let v = finished(
         http_load(
             &mut m,
             "client",
@@ -225,7 +207,7 @@ fn disabled_workload_and_excluded_inbound_port_stay_on_tcp() {
         .set_workloads(true, &[Workload::on(&client), s])
         .unwrap();
     let c1 = counters(&accel);
-    let v = report(
+    let v = finished(
         http_load(
             &mut m,
             "client",
@@ -247,7 +229,7 @@ fn disabled_workload_and_excluded_inbound_port_stay_on_tcp() {
     );
     // Port 8080 of the same workload is accelerated on all legs.
     let c2 = counters(&accel);
-    report(
+    finished(
         http_load(
             &mut m,
             "client",
@@ -301,7 +283,7 @@ fn disabling_a_workload_under_keepalive_load_fails_no_request() {
         .set_workloads(true, &[Workload::on(&client), Workload::off(&server)])
         .unwrap();
     let tcp_before = counters(&accel)["tcp_msgs"].as_u64().unwrap();
-    let v = report(load, "disabled under load");
+    let v = finished(load, "disabled under load");
     assert_eq!(v["errors"], 0, "{v}");
     assert_eq!(v["requests"], 20000, "{v}");
     let c1 = counters(&accel);
@@ -364,7 +346,7 @@ fn envoy_restart_under_load_recovers() {
     );
     // After the restart: a fresh load is fully correct and accelerated on all legs.
     let c0 = counters(&accel);
-    let v = report(
+    let v = finished(
         http_load(&mut m, "client", &target, &["--requests", "2000"]),
         "after restart",
     );
@@ -413,7 +395,7 @@ fn http_keepalive_through_envoy_is_accelerated_and_correct() {
         accel.set_workloads(enabled, &wl).unwrap();
         let c0 = counters(&accel);
         let before = segs(&m, &pods);
-        let v = report(
+        let v = finished(
             http_load(&mut m, "client", &target, &["--requests", &N.to_string()]),
             "http",
         );

@@ -3,6 +3,8 @@
 //! resources valid), and the meshaccel agent is a second client of the same server
 //! (`--istiod`): it learns the capture ports, NACKs a malformed resource and keeps its last
 //! good state, and rides out the server being killed and restarted while traffic flows.
+mod support;
+
 use std::time::Duration;
 
 use istio_integration::xds::typed::{TYPE_CLUSTER, TYPE_ENDPOINTS, TYPE_LISTENER};
@@ -10,22 +12,9 @@ use meshaccel_e2e::{
     accel::{Accel, Scope, Workload},
     require_root,
     sidecar::{EnvoyConfig, PodSpec, Rules, SidecarMesh},
-    wait_output_timeout,
 };
 use serde_json::Value;
-
-fn report(child: std::process::Child, what: &str) -> Value {
-    let out = wait_output_timeout(child, Duration::from_secs(120)).expect("app finished");
-    let text = String::from_utf8_lossy(&out.stdout);
-    let last = text.lines().last().unwrap_or_default();
-    let v: Value =
-        serde_json::from_str(last).unwrap_or_else(|e| panic!("{what}: bad report {text:?}: {e}"));
-    assert!(
-        out.status.success() && v["ok"] == true,
-        "{what}: failed: {v}"
-    );
-    v
-}
+use support::*;
 
 fn counter(a: &Accel, name: &str) -> u64 {
     a.counter(name).expect("status counter")
@@ -120,7 +109,7 @@ fn agent_learns_from_the_ads_server_and_nacks_a_malformed_listener() {
     // Traffic through the ADS-fed sidecars (mTLS) is accelerated.
     let target = format!("{server_ip}:8080");
     let r0 = counter(&accel, "redirect_msgs");
-    let v = report(
+    let v = finished(
         http_load(
             &mut m,
             &target,
@@ -197,7 +186,7 @@ fn agent_learns_from_the_ads_server_and_nacks_a_malformed_listener() {
     );
     // Envoy kept its listeners too: traffic still flows, still accelerated.
     let r1 = counter(&accel, "redirect_msgs");
-    let v = report(
+    let v = finished(
         http_load(
             &mut m,
             &target,
@@ -297,7 +286,7 @@ fn ads_server_killed_and_restarted_under_load() {
                 && s["xds"]["snapshot"]["versions"]["listeners"] == v_new.as_str()
         })
         .unwrap();
-    let v = report(load, "load across the istiod restart");
+    let v = finished(load, "load across the istiod restart");
     eprintln!("load across the restart: {v}");
     assert_eq!(v["errors"], 0, "{v}");
     assert!(v["requests"].as_u64().unwrap() > 1000, "{v}");
@@ -333,7 +322,7 @@ fn inbound_capture_port_pushed_acceleration_follows() {
         .unwrap();
     let target = format!("{}:8080", m.pod("server").ip);
     let load = |m: &mut SidecarMesh, what: &str| {
-        let v = report(
+        let v = finished(
             http_load(m, &target, &["--requests", "500", "--connections", "1"]),
             what,
         );
@@ -423,7 +412,7 @@ fn inbound_capture_port_pushed_acceleration_follows() {
         .unwrap()
         .wait_acked(&agent_node, TYPE_LISTENER, Duration::from_secs(5))
         .unwrap();
-    let v = report(long, "keep-alive load across the agent's change");
+    let v = finished(long, "keep-alive load across the agent's change");
     assert_eq!(v["errors"], 0, "{v}");
     let c2 = accel.status().unwrap()["counters"].clone();
     load(&mut m, "everything on 15007");

@@ -47,15 +47,21 @@ pub fn send(mesh: &mut Mesh, pod: &Pod, args: &[&str]) -> Child {
         .expect("send")
 }
 
-/// Waits for a `send` and returns its JSON report, asserting it saw its bytes arrive exactly.
+/// Waits for an app (`send`, `swarm`, `http-load`, …) and returns its JSON report (its last
+/// stdout line), asserting that it succeeded: every byte or response arrived exactly.
 pub fn finished(child: Child, what: &str) -> Value {
-    let out = wait_output_timeout(child, Duration::from_secs(120)).expect("send finished");
-    let line = String::from_utf8_lossy(&out.stdout);
-    let v: Value = serde_json::from_str(line.trim())
-        .unwrap_or_else(|e| panic!("{what}: bad report {line:?}: {e}"));
+    let out = wait_output_timeout(child, Duration::from_secs(120)).expect("app finished");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let last = text
+        .lines()
+        .rev()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or_default();
+    let v: Value = serde_json::from_str(last.trim())
+        .unwrap_or_else(|e| panic!("{what}: bad report {text:?}: {e}"));
     assert!(
         out.status.success() && v["ok"] == true,
-        "{what}: bytes did not arrive exactly: {v}"
+        "{what}: failed (bytes or responses did not arrive exactly): {v}"
     );
     v
 }
