@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Runs the xDS translation fuzz targets (istio-integration/fuzz) with cargo-fuzz on the pinned
+# Runs the fuzz targets (xDS translation: istio-integration/fuzz; workloads file and annotations:
+# accelerator/fuzz) with cargo-fuzz on the pinned
 # nightly; installs cargo-fuzz (cached under $MESHACCEL_CACHE) if it is missing. Not part of
 # scripts/test.sh or CI. Usage: scripts/fuzz.sh [SECONDS per target, default 30]
 set -euo pipefail
@@ -25,5 +26,11 @@ for target in xds_response config_dump; do
   extra=()
   [ "$target" = config_dump ] && extra=("$SEEDS")
   cargo "+$TOOLCHAIN" fuzz run "$target" "${extra[@]}" -- -max_total_time="$SECS" -rss_limit_mb=4096 >&2
+done
+# The agent's input parsers (accelerator/fuzz): the workloads file, Istio's annotations.
+cd "$ROOT/accelerator"
+for target in workloads_file annotations; do
+  echo "[fuzz] $target for ${SECS}s" >&2
+  cargo "+$TOOLCHAIN" fuzz run "$target" -- -max_total_time="$SECS" -rss_limit_mb=4096 >&2
 done
 echo "[fuzz] no crash" >&2

@@ -114,9 +114,42 @@ impl Accel {
         workloads: &[Workload],
         env: &[(&str, &str)],
     ) -> anyhow::Result<Accel> {
+        let mut a = Self::unstarted(mesh, enabled, scope, env)?;
+        a.write_workloads(enabled, workloads)?;
+        a.start_agent()?;
+        Ok(a)
+    }
+
+    /// Starts the agent in Kubernetes mode (`MESHACCEL_NODE_NAME`, `MESHACCEL_KUBECONFIG`) next
+    /// to an empty static workloads file, its log in a file of the run ([`Accel::agent_log`]).
+    /// Returns once the programs are installed; which workloads appear is up to the API objects.
+    pub fn start_kube(mesh: &Mesh, node_name: &str, kubeconfig: &Path) -> anyhow::Result<Accel> {
+        let kubeconfig = kubeconfig.to_string_lossy();
+        let mut a = Self::unstarted(
+            mesh,
+            true,
+            Scope::Mesh,
+            &[
+                ("MESHACCEL_NODE_NAME", node_name),
+                ("MESHACCEL_KUBECONFIG", &kubeconfig),
+            ],
+        )?;
+        a.log = Some(a.dir.join("agent.log"));
+        a.write_workloads(true, &[])?;
+        a.start_agent()?;
+        Ok(a)
+    }
+
+    /// The run's folder and paths, no agent yet.
+    fn unstarted(
+        mesh: &Mesh,
+        enabled: bool,
+        scope: Scope,
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<Accel> {
         let dir = PathBuf::from(format!("/run/meshaccel-{}", mesh.run_id()));
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-        let mut a = Accel {
+        Ok(Accel {
             bin: workspace_bin("meshaccel"),
             bpffs: dir.join("bpffs"),
             workloads: dir.join("workloads.yaml"),
@@ -130,39 +163,7 @@ impl Accel {
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
             log: None,
-        };
-        a.write_workloads(enabled, workloads)?;
-        a.start_agent()?;
-        Ok(a)
-    }
-
-    /// Starts the agent in Kubernetes mode (`MESHACCEL_NODE_NAME`, `MESHACCEL_KUBECONFIG`) next
-    /// to an empty static workloads file, its log in a file of the run ([`Accel::agent_log`]).
-    /// Returns once the programs are installed; which workloads appear is up to the API objects.
-    pub fn start_kube(mesh: &Mesh, node_name: &str, kubeconfig: &Path) -> anyhow::Result<Accel> {
-        let dir = PathBuf::from(format!("/run/meshaccel-{}", mesh.run_id()));
-        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-        let mut a = Accel {
-            bin: workspace_bin("meshaccel"),
-            bpffs: dir.join("bpffs"),
-            workloads: dir.join("workloads.yaml"),
-            cgroup: mesh.cgroup_root().to_path_buf(),
-            log: Some(dir.join("agent.log")),
-            dir,
-            agent: None,
-            expect: (true, 0),
-            scope: Scope::Mesh,
-            extra_env: vec![
-                ("MESHACCEL_NODE_NAME".into(), node_name.into()),
-                (
-                    "MESHACCEL_KUBECONFIG".into(),
-                    kubeconfig.to_string_lossy().into_owned(),
-                ),
-            ],
-        };
-        a.write_workloads(true, &[])?;
-        a.start_agent()?;
-        Ok(a)
+        })
     }
 
     /// Kubernetes mode: what the agent logged so far (empty otherwise).

@@ -62,7 +62,10 @@ fn counter(a: &Accel, name: &str) -> u64 {
 
 /// Keeps both CPUs busy (so that sockets are inserted late relative to the client's first
 /// write); killed with the mesh.
-#[allow(clippy::zombie_processes, reason = "the mesh tracks, kills and reaps it")]
+#[allow(
+    clippy::zombie_processes,
+    reason = "the mesh tracks, kills and reaps it"
+)]
 fn burn_cpus(mesh: &mut Mesh) {
     for _ in 0..2 {
         let _ = mesh
