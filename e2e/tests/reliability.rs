@@ -104,7 +104,10 @@ fn ipv6_and_dual_stack_legs_are_accelerated_byte_exact() {
 
     // IPv6 alone: each leg on its own.
     let c0 = counters(&accel);
-    let r_in = report(soak(&mut mesh, &a, &format!("[{b6}]:4000"), "200"), "v6 :4000");
+    let r_in = report(
+        soak(&mut mesh, &a, &format!("[{b6}]:4000"), "200"),
+        "v6 :4000",
+    );
     let c1 = counters(&accel);
     eprintln!(
         "v6 legs 2+3: inserted {}, redirected {} B, fallback_no_peer {}",
