@@ -86,6 +86,8 @@ pub struct Accel {
     extra_env: Vec<(String, String)>,
     /// Kubernetes mode: the agent's stderr goes to this file of the run (see `agent_log`).
     log: Option<PathBuf>,
+    /// Runs the agent through this command (e.g. `setpriv …` to limit its capabilities).
+    launcher: Vec<String>,
 }
 
 impl Accel {
@@ -118,6 +120,26 @@ impl Accel {
         a.write_workloads(enabled, workloads)?;
         a.start_agent()?;
         Ok(a)
+    }
+
+    /// [`Accel::start`] with the agent run through `launcher` (e.g. `setpriv` limiting its
+    /// capabilities), its log in a file of the run ([`Accel::agent_log`]). Returns the `Accel`
+    /// even when the agent fails to start, with the error, so tests can look at both.
+    pub fn start_launched(
+        mesh: &Mesh,
+        workloads: &[Workload],
+        launcher: &[&str],
+    ) -> (Accel, anyhow::Result<()>) {
+        let mut a = match Self::unstarted(mesh, true, Scope::Mesh, &[]) {
+            Ok(a) => a,
+            Err(e) => panic!("preparing the agent: {e:#}"),
+        };
+        a.log = Some(a.dir.join("agent.log"));
+        a.set_launcher(launcher);
+        let started = a
+            .write_workloads(true, workloads)
+            .and_then(|()| a.start_agent());
+        (a, started)
     }
 
     /// Starts the agent in Kubernetes mode (`MESHACCEL_NODE_NAME`, `MESHACCEL_KUBECONFIG`) next
@@ -163,6 +185,7 @@ impl Accel {
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
             log: None,
+            launcher: Vec::new(),
         })
     }
 
@@ -233,7 +256,15 @@ impl Accel {
         if self.agent.is_some() {
             bail!("the agent is already running");
         }
-        let child = Command::new(&self.bin)
+        let mut cmd = match self.launcher.split_first() {
+            Some((program, args)) => {
+                let mut c = Command::new(program);
+                c.args(args).arg(&self.bin);
+                c
+            }
+            None => Command::new(&self.bin),
+        };
+        let child = cmd
             .args(["agent", "--poll-ms", "100", "--cgroup"])
             .arg(&self.cgroup)
             .arg("--bpffs")
@@ -260,12 +291,31 @@ impl Accel {
             })
             .spawn()
             .with_context(|| format!("starting {}", self.bin.display()))?;
+        let pid = u64::from(child.id());
         self.agent = Some(child);
+        // This agent (not an earlier one, whose pins are still there) has installed, adopted or
+        // upgraded, and reconciled once: it writes its pid to the state file then.
+        self.wait_status("the new agent's first reconcile", |s| {
+            s["agent"]["pid"].as_u64() == Some(pid)
+        })?;
         if self.log.is_some() {
             // Kubernetes mode: which workloads appear is up to the test.
             return self.wait_status("the agent's programs installed", |s| s["enabled"] == true);
         }
         self.wait_applied("the agent's first sync")
+    }
+
+    /// Runs the next [`Accel::start_agent`]s through `launcher` (its program and arguments; the
+    /// agent's command line follows).
+    pub fn set_launcher(&mut self, launcher: &[&str]) {
+        self.launcher = launcher.iter().map(|s| s.to_string()).collect();
+    }
+
+    /// The agent's exit status, if it has exited.
+    pub fn agent_exit(&mut self) -> Option<std::process::ExitStatus> {
+        self.agent
+            .as_mut()
+            .and_then(|c| c.try_wait().ok().flatten())
     }
 
     /// Sets (or replaces) an agent setting for the next [`Accel::start_agent`].

@@ -346,7 +346,7 @@ fn agent_restart_and_upgrade_under_load_lose_nothing() {
         &target,
         &[
             "--connections",
-            "400",
+            "1200",
             "--concurrency",
             "8",
             "--bytes",
@@ -375,8 +375,14 @@ fn agent_restart_and_upgrade_under_load_lose_nothing() {
         before["prog_ids"], after["prog_ids"],
         "the programs were replaced: {after}"
     );
-    assert!(
-        counter(&accel, "inserted") > inserted_at_upgrade,
-        "the new programs insert sockets"
+    // The new programs pair and redirect new connections.
+    let c0 = counters(&accel);
+    finished(
+        send(&mut mesh, &a, &["--connect", &target, "--bytes", "1000000"]),
+        "after the upgrade",
     );
+    let c1 = counters(&accel);
+    assert_eq!(delta(&c1, &c0, "inserted"), 6, "{c1}");
+    assert!(delta(&c1, &c0, "redirect_bytes") >= 3 * 1_000_000, "{c1}");
+    assert!(counter(&accel, "inserted") > inserted_at_upgrade);
 }

@@ -36,9 +36,10 @@ struct Args {
     /// Message size, both ways.
     #[arg(long, env = "MESHACCEL_HOP_SIZE", default_value_t = 64)]
     size: u64,
-    /// CPU pinning: `split` app on CPU 0 and sidecar on CPU 1 (a wake-up crosses CPUs, as
-    /// between two busy processes), `same` both on CPU 0, `none` the scheduler decides.
-    #[arg(long, env = "MESHACCEL_HOP_PIN", value_enum, default_value_t = Pin::Split)]
+    /// CPU pinning: `same` app and sidecar both on CPU 0 (no cross-CPU wake-up: on a 2-vCPU VM
+    /// those dominate a hop otherwise), `split` app on CPU 0 and sidecar on CPU 1, `none` the
+    /// scheduler decides.
+    #[arg(long, env = "MESHACCEL_HOP_PIN", value_enum, default_value_t = Pin::Same)]
     pin: Pin,
     /// Where hop.json and hop.png go.
     #[arg(long, env = "MESHACCEL_BENCH_OUT", default_value = "benches/results")]

@@ -54,7 +54,8 @@ struct Args {
     #[arg(long, env = "MESHACCEL_MESH_NO_RATE")]
     no_rate: bool,
     /// CPU pinning: `pods` each pod (its app and its Envoy) on a CPU of its own, client pod on
-    /// CPU 0 and server pod on CPU 1; `none` the scheduler decides.
+    /// CPU 0 and server pod on CPU 1; `one` all four processes on CPU 0 (no cross-CPU wake-up at
+    /// all); `none` the scheduler decides.
     #[arg(long, env = "MESHACCEL_MESH_PIN", value_enum, default_value_t = Pin::Pods)]
     pin: Pin,
     /// Where mesh.json and mesh.png go.
@@ -78,6 +79,7 @@ struct Args {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum Pin {
     Pods,
+    One,
     None,
 }
 
@@ -134,6 +136,7 @@ fn run(a: &Args) -> anyhow::Result<bool> {
     let machine = driver::machine();
     let (client_cpus, server_cpus): (Cpus, Cpus) = match a.pin {
         Pin::Pods => (Some("0".into()), Some("1".into())),
+        Pin::One => (Some("0".into()), Some("0".into())),
         Pin::None => (None, None),
     };
     eprintln!("[mesh] two pods with Istio's capture rules and Envoy sidecars (mTLS)");

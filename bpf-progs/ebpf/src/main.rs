@@ -196,8 +196,13 @@ mod progs {
             )
         };
         let key = PairKey {
-            // Loopback addresses repeat in every pod: name the netns too.
-            netns_cookie: if is_loopback(&client_ip) { netns } else { 0 },
+            // Loopback addresses (and the passthrough source, ::6 included) repeat in every pod:
+            // name the netns too.
+            netns_cookie: if is_loopback(&client_ip) || passthrough(&client_ip) {
+                netns
+            } else {
+                0
+            },
             client_ip_be: client_ip,
             client_port,
             client_seq,
