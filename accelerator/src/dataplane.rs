@@ -59,6 +59,20 @@ pub struct WorkloadTraffic {
     pub tcp_bytes: u64,
 }
 
+/// One socket that meshaccel knows (a `PEERS` entry): the connection it belongs to, its role
+/// and its workload.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct SocketRow {
+    /// The connection's client endpoint (the active side's local address), as `ip:port`.
+    pub client: String,
+    /// `client` (the active side) or `server`.
+    pub role: &'static str,
+    /// The netns cookie of the socket's workload.
+    pub netns_cookie: u64,
+    /// Known at insert to be one of Istio's legs.
+    pub leg: bool,
+}
+
 /// What `status` reports about the kernel state.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct KernelStatus {
@@ -556,6 +570,39 @@ impl Dataplane {
             out.insert(*name, v.iter().sum());
         }
         Ok(out)
+    }
+
+    /// Every socket in the `PEERS` map (each one in the sockhash, until it closes).
+    pub fn sockets(&self) -> Vec<SocketRow> {
+        self.peers
+            .iter()
+            .filter_map(|kv| kv.ok())
+            .map(|(k, v)| {
+                let b: Vec<u8> = k
+                    .client_ip_be
+                    .iter()
+                    .flat_map(|w| w.to_ne_bytes())
+                    .collect();
+                let v6 = std::net::Ipv6Addr::from(<[u8; 16]>::try_from(b).unwrap_or([0; 16]));
+                let ip = v6
+                    .to_ipv4_mapped()
+                    .map_or_else(|| v6.to_string(), |v4| v4.to_string());
+                SocketRow {
+                    client: if ip.contains(':') {
+                        format!("[{ip}]:{}", k.client_port)
+                    } else {
+                        format!("{ip}:{}", k.client_port)
+                    },
+                    role: if k.role == meshaccel_common::ROLE_CLIENT {
+                        "client"
+                    } else {
+                        "server"
+                    },
+                    netns_cookie: v.netns_cookie,
+                    leg: v.leg != 0,
+                }
+            })
+            .collect()
     }
 
     pub fn status(&self) -> Result<KernelStatus> {

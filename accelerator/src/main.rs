@@ -92,6 +92,9 @@ enum Command {
         /// The agent's run folder (its state file names the workloads).
         #[arg(long, env = "MESHACCEL_STATE_DIR", default_value = statefile::DEFAULT_DIR)]
         state_dir: PathBuf,
+        /// Also list every socket meshaccel holds (client endpoint, role, workload netns, leg).
+        #[arg(long)]
+        sockets: bool,
     },
     /// Checks whether acceleration can work on this node (kernel support probed by loading
     /// programs and creating maps, BTF, cgroup v2, bpffs, other sockmap programs, Istio capture
@@ -213,8 +216,9 @@ fn main() -> anyhow::Result<()> {
             bpffs,
             output,
             state_dir,
+            sockets,
         } => {
-            let report = status::collect(&bpffs, &state_dir)?;
+            let report = status::collect(&bpffs, &state_dir, sockets)?;
             match output {
                 Output::Json => println!("{}", serde_json::to_string(&report)?),
                 Output::Text => print!("{}", report.render_text()),

@@ -35,10 +35,13 @@ pub struct StatusReport {
     pub sockhash_capacity: Option<u32>,
     /// What the agent learned from istiod, when it runs with `--istiod`.
     pub xds: Option<crate::xds::XdsStatus>,
+    /// With `--sockets`: every socket meshaccel holds, with its connection and workload.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sockets: Option<Vec<crate::dataplane::SocketRow>>,
 }
 
 /// Reads the pinned maps under `bpffs` and the agent's state file in `state_dir`.
-pub fn collect(bpffs: &Path, state_dir: &Path) -> Result<StatusReport> {
+pub fn collect(bpffs: &Path, state_dir: &Path, sockets: bool) -> Result<StatusReport> {
     let dp = Dataplane::open(bpffs)?;
     let kernel = dp.status()?;
     let enabled: BTreeSet<u64> = dp.workloads.keys().filter_map(|k| k.ok()).collect();
@@ -52,6 +55,7 @@ pub fn collect(bpffs: &Path, state_dir: &Path) -> Result<StatusReport> {
     let mut report = build(kernel, &enabled, agent);
     report.xds = crate::xds::read_status(state_dir, bpffs);
     report.sockhash_capacity = crate::metrics::sockhash_capacity(bpffs);
+    report.sockets = sockets.then(|| dp.sockets());
     Ok(report)
 }
 
@@ -107,6 +111,7 @@ pub fn build(
         by_workload: rows,
         sockhash_capacity: None,
         xds: None,
+        sockets: None,
     }
 }
 

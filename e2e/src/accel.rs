@@ -362,6 +362,12 @@ impl Accel {
         self.cli(&["status"])
     }
 
+    /// `meshaccel status --sockets --output json`: every socket meshaccel holds.
+    pub fn sockets(&self) -> anyhow::Result<Vec<Value>> {
+        let s = self.cli(&["status", "--sockets"])?;
+        Ok(s["sockets"].as_array().cloned().unwrap_or_default())
+    }
+
     /// One counter of `status`.
     pub fn counter(&self, name: &str) -> anyhow::Result<u64> {
         let s = self.status()?;

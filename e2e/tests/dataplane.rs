@@ -417,3 +417,69 @@ fn mesh_scope_accelerates_only_istio_legs() {
         );
     }
 }
+
+/// `status --sockets` dumps exactly the sockets of a live connection through the three legs:
+/// three client/server pairs, each socket in its own pod's netns, the 127.0.0.6 leg in pod b.
+#[test]
+fn status_lists_the_sockets_of_the_three_legs() {
+    require_root();
+    let mut mesh = Mesh::new().expect("mesh");
+    let a = mesh_pod(&mut mesh, "a");
+    let b = mesh_pod(&mut mesh, "b");
+    let accel = Accel::start(&mesh, true, &[Workload::on(&a), Workload::on(&b)]).expect("agent");
+    let target = format!("{}:8080", b.ip);
+    sink(&mut mesh, &b, &target);
+    let slow = send(
+        &mut mesh,
+        &a,
+        &[
+            "--connect",
+            &target,
+            "--bytes",
+            "4000000",
+            "--chunk",
+            "65536",
+            "--hold-ms",
+            "20",
+        ],
+    );
+    let mut rows = Vec::new();
+    wait_until("six sockets are listed", || {
+        rows = accel.sockets().unwrap();
+        rows.len() == 6
+    });
+    let (ca, cb) = (a.netns_cookie().unwrap(), b.netns_cookie().unwrap());
+    let mut seen: Vec<(String, String, u64)> = rows
+        .iter()
+        .map(|r| {
+            (
+                r["client"]
+                    .as_str()
+                    .unwrap()
+                    .split(':')
+                    .next()
+                    .unwrap()
+                    .to_string(),
+                r["role"].as_str().unwrap().to_string(),
+                r["netns_cookie"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    seen.sort();
+    let (ia, ib) = (a.ip.to_string(), "127.0.0.6".to_string());
+    let mut want = vec![
+        (ia.clone(), "client".to_string(), ca), // app → relay A (15001)
+        (ia.clone(), "server".to_string(), ca),
+        (ia.clone(), "client".to_string(), ca), // relay A → relay B (15006)
+        (ia, "server".to_string(), cb),
+        (ib.clone(), "client".to_string(), cb), // relay B → app (127.0.0.6)
+        (ib, "server".to_string(), cb),
+    ];
+    want.sort();
+    assert_eq!(seen, want, "{rows:?}");
+    assert!(
+        rows.iter()
+            .all(|r| r["netns_cookie"] == ca || r["netns_cookie"] == cb)
+    );
+    finished(slow, "listed transfer");
+}
