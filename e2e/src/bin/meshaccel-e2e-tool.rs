@@ -669,10 +669,14 @@ fn swarm(
     let start = Instant::now();
     let next = Arc::new(AtomicU64::new(0));
     let failed = Arc::new(AtomicU64::new(0));
+    // Failures where the sink answered with other bytes than were sent (as opposed to a broken
+    // connection): wrong bytes delivered, which must never happen.
+    let mismatched = Arc::new(AtomicU64::new(0));
     let first_error = Arc::new(std::sync::Mutex::new(None::<String>));
     let workers: Vec<_> = (0..concurrency.clamp(1, connections.max(1)))
         .map(|_| {
             let (next, failed, first_error) = (next.clone(), failed.clone(), first_error.clone());
+            let mismatched = mismatched.clone();
             thread::spawn(move || {
                 loop {
                     let i = next.fetch_add(1, Ordering::Relaxed);
@@ -683,6 +687,9 @@ fn swarm(
                     let err = match send_inner(to, bytes, None, chunk.max(1), seed, 0, hold_ms) {
                         Ok((crc, peer_bytes, peer_crc)) => {
                             let crc = format!("{crc:08x}");
+                            if peer_bytes != bytes || peer_crc != crc {
+                                mismatched.fetch_add(1, Ordering::Relaxed);
+                            }
                             (peer_bytes != bytes || peer_crc != crc).then(|| {
                                 format!("connection {i}: sent {bytes} bytes crc {crc}, sink saw {peer_bytes} crc {peer_crc}")
                             })
@@ -701,10 +708,11 @@ fn swarm(
         let _ = w.join();
     }
     let failed = failed.load(Ordering::Relaxed);
+    let mismatched = mismatched.load(Ordering::Relaxed);
     let first_error = first_error.lock().expect("lock").clone();
     println!(
         "{}",
-        json!({"ok": failed == 0, "connections": connections, "failed": failed, "first_error": first_error,
+        json!({"ok": failed == 0, "connections": connections, "failed": failed, "mismatched": mismatched, "first_error": first_error,
                "bytes_each": bytes, "elapsed_ms": start.elapsed().as_millis() as u64})
     );
     if failed == 0 {
