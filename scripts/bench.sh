@@ -12,10 +12,10 @@
 #
 # Options: --debug (use the debug build, e.g. the one scripts/test.sh just made; default: release),
 # --out DIR (default benches/results; in --short mode a temporary directory),
-# --wait-quiet SECONDS (first wait up to that long for the 1-minute load average to drop below
-# 0.5: other work on a 2-vCPU machine is noise), and bench names to run only some of them
-# (hop, mesh, sweep). Every bench's own options are also read from MESHACCEL_* variables (see
-# `target/release/<bench> --help`).
+# --wait-quiet SECONDS (first wait up to that long for the machine to be idle: under 6% of its
+# CPU time busy over 5 s; other work on a 2-vCPU machine is noise), and bench names to run only
+# some of them (hop, mesh, sweep). Every bench's own options are also read from MESHACCEL_*
+# variables (see `target/release/<bench> --help`).
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
@@ -62,16 +62,25 @@ fi
 cleanup() { [ -n "$tmp" ] && rm -rf "$tmp"; }
 trap cleanup EXIT
 
+# Share of the machine's CPU time in use over the next 5 seconds (/proc/stat), in percent.
+busy_pct() {
+  local a b c d e f g h t1 i1 t2 i2
+  read -r _ a b c d e f g h _ < /proc/stat; t1=$((a+b+c+d+e+f+g+h)); i1=$((d+e))
+  sleep 5
+  read -r _ a b c d e f g h _ < /proc/stat; t2=$((a+b+c+d+e+f+g+h)); i2=$((d+e))
+  echo $(( 100 * ((t2 - t1) - (i2 - i1)) / (t2 - t1 + 1) ))
+}
 if [ "$wait_quiet" -gt 0 ]; then
   end=$((SECONDS + wait_quiet))
-  while [ $SECONDS -lt $end ] && awk '{exit !($1 >= 0.5)}' /proc/loadavg; do
-    echo "[bench] waiting for a quiet machine (load average $(cut -d' ' -f1-3 /proc/loadavg))" >&2
-    sleep 15
+  while [ $SECONDS -lt $end ]; do
+    b=$(busy_pct)
+    [ "$b" -lt 6 ] && break
+    echo "[bench] waiting for a quiet machine ($b% busy)" >&2
   done
 fi
-load=$(cut -d' ' -f1 /proc/loadavg)
-if awk -v l="$load" 'BEGIN{exit !(l >= 1.0)}'; then
-  echo "[bench] note: load average $load: other work on this machine adds noise to the numbers" >&2
+b=$(busy_pct)
+if [ "$b" -ge 10 ]; then
+  echo "[bench] note: the machine is $b% busy with other work: that adds noise to the numbers" >&2
 fi
 
 export MESHACCEL_BENCH_OUT=$out

@@ -200,6 +200,13 @@ fn run(a: &Args) -> anyhow::Result<bool> {
         "\nrun noise (largest A/A or B/B p50 difference between halves): {:.3}",
         c.noise(Metric::P50)
     );
+    let segs = c.pooled(true).metric(Metric::SegsPerReq);
+    if segs > 0.5 {
+        println!(
+            "WARNING: the accelerated side sent {segs:.2} TCP segments per request: acceleration \
+             did not engage (see the kernel counters in hop.json)"
+        );
+    }
     if inverted {
         println!(
             "INVERSION: accelerated p50 is not lower than baseline ({})",

@@ -53,10 +53,11 @@ struct Args {
     /// Skip the fixed-rate runs.
     #[arg(long, env = "MESHACCEL_MESH_NO_RATE")]
     no_rate: bool,
-    /// CPU pinning: `pods` each pod (its app and its Envoy) on a CPU of its own, client pod on
-    /// CPU 0 and server pod on CPU 1; `one` all four processes on CPU 0 (no cross-CPU wake-up at
-    /// all); `none` the scheduler decides.
-    #[arg(long, env = "MESHACCEL_MESH_PIN", value_enum, default_value_t = Pin::Pods)]
+    /// CPU pinning: `one` all four processes on CPU 0 (no cross-CPU wake-up: waking an idle
+    /// vCPU costs tens of µs on the 2-vCPU VM and would dominate otherwise); `pods` each pod (its
+    /// app and its Envoy) on a CPU of its own, client pod on CPU 0, server pod on CPU 1; `none`
+    /// the scheduler decides.
+    #[arg(long, env = "MESHACCEL_MESH_PIN", value_enum, default_value_t = Pin::One)]
     pin: Pin,
     /// Where mesh.json and mesh.png go.
     #[arg(long, env = "MESHACCEL_BENCH_OUT", default_value = "benches/results")]
@@ -68,6 +69,9 @@ struct Args {
     /// Length of each profiled block.
     #[arg(long, env = "MESHACCEL_BENCH_PERF_BLOCK_MS", default_value_t = 4000)]
     perf_block_ms: u64,
+    /// Profile the fixed-rate mode instead of the closed loop.
+    #[arg(long, env = "MESHACCEL_MESH_PERF_RATE")]
+    perf_rate: bool,
     /// CI's short mode: 3 rounds of 12 blocks, closed loop only.
     #[arg(long, env = "MESHACCEL_BENCH_SHORT")]
     short: bool,
@@ -240,7 +244,13 @@ fn run(a: &Args) -> anyhow::Result<bool> {
             cpus: &client_cpus,
             dir: tmp.path(),
         };
-        let r = driver::run_ab_profiled(&mut m.mesh, &mut setup, &base, dir, a.perf_block_ms)?;
+        let mut args = base.clone();
+        if a.perf_rate
+            && let Some(rate) = rate
+        {
+            args.extend(["--rate".into(), rate.to_string()]);
+        }
+        let r = driver::run_ab_profiled(&mut m.mesh, &mut setup, &args, dir, a.perf_block_ms)?;
         driver::write_json(
             dir,
             "profiled-run.json",
@@ -271,6 +281,13 @@ fn run(a: &Args) -> anyhow::Result<bool> {
             rate.unwrap_or(0.0)
         );
         print!("{}", table(&fixed, &METRICS, &RATE_TARGETS));
+    }
+    let segs = closed.pooled(true).metric(Metric::SegsPerReq);
+    if segs > 0.5 {
+        println!(
+            "WARNING: the accelerated side sent {segs:.2} TCP segments per request: acceleration \
+             did not engage (see the kernel counters in mesh.json)"
+        );
     }
     if inverted {
         println!(

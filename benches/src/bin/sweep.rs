@@ -69,9 +69,11 @@ struct Args {
         default_value = "throughput,latency"
     )]
     kinds: Vec<Kind>,
-    /// CPU pinning: `split` the client side on CPU 0, the server side on CPU 1 (hop: app and
-    /// sidecar; mesh: each pod with its Envoy); `none` the scheduler decides.
-    #[arg(long, env = "MESHACCEL_SWEEP_PIN", value_enum, default_value_t = Pin::Split)]
+    /// CPU pinning: `same` every process on CPU 0 (no cross-CPU wake-up, as `hop` and `mesh`);
+    /// `split` the client side on CPU 0, the server side on CPU 1 (hop: app and sidecar; mesh:
+    /// each pod with its Envoy), so that sender and receiver work in parallel; `none` the
+    /// scheduler decides.
+    #[arg(long, env = "MESHACCEL_SWEEP_PIN", value_enum, default_value_t = Pin::Same)]
     pin: Pin,
     /// Also profile each cell: one more run of two long blocks (baseline, accelerated), each
     /// recorded system-wide with `perf record`, into DIR/<path>-<kind>-<dir>-<size>/ (select
@@ -100,6 +102,7 @@ enum Kind {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum Pin {
+    Same,
     Split,
     None,
 }
@@ -196,6 +199,7 @@ fn run(a: &Args) -> anyhow::Result<()> {
     anyhow::ensure!(!a.sizes.is_empty(), "no sizes");
     let mut machine = driver::machine();
     let (client_cpus, server_cpus): (Cpus, Cpus) = match a.pin {
+        Pin::Same => (Some("0".into()), Some("0".into())),
         Pin::Split => (Some("0".into()), Some("1".into())),
         Pin::None => (None, None),
     };
