@@ -140,10 +140,21 @@ fn wait_all_closed(accel: &Accel, pods: &[&Pod]) {
         if estab.iter().all(|&n| n == 0) && sockets == Some(0) {
             return;
         }
-        assert!(
-            Instant::now() < deadline,
-            "connections still established 30 s after the soak: {estab:?}, sockhash {sockets:?}"
-        );
+        if Instant::now() >= deadline {
+            // Which processes hold them, and what sits in their queues: for the diagnosis.
+            let ss: Vec<String> = pods
+                .iter()
+                .map(|p| {
+                    p.netns_exec("ss", &["-tnpi", "state", "established"])
+                        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                        .unwrap_or_else(|e| e.to_string())
+                })
+                .collect();
+            panic!(
+                "connections still established 30 s after the soak: {estab:?}, sockhash {sockets:?}\n{}",
+                ss.join("\n")
+            );
+        }
         thread::sleep(Duration::from_millis(100));
     }
 }
