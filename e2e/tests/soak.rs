@@ -219,7 +219,13 @@ fn soak_every_byte_exact_under_agent_kill_and_upgrade() {
     };
     thread::sleep(Duration::from_millis(800));
     while alive(pid) && faults.len() < if long { 1000 } else { 2 } {
-        let upgrade = faults.len() % 2 == 1;
+        // MESHACCEL_SOAK_FAULTS=kill|upgrade runs one kind only (to find which one a problem
+        // follows); default: alternate.
+        let upgrade = match std::env::var("MESHACCEL_SOAK_FAULTS").as_deref() {
+            Ok("kill") => false,
+            Ok("upgrade") => true,
+            _ => faults.len() % 2 == 1,
+        };
         accel.kill_agent();
         thread::sleep(Duration::from_millis(200));
         accel.set_agent_env(
