@@ -223,6 +223,23 @@ pub enum Metric {
 }
 
 impl Metric {
+    /// The rows of a request/response benchmark's table (hop, mesh), in order.
+    pub const TABLE: [Metric; 11] = [
+        Metric::P50,
+        Metric::P90,
+        Metric::P99,
+        Metric::P999,
+        Metric::Max,
+        Metric::Mean,
+        Metric::Rate,
+        Metric::CpuPerReq,
+        Metric::UserCpuPerReq,
+        Metric::SysCpuPerReq,
+        Metric::SegsPerReq,
+    ];
+}
+
+impl Metric {
     pub const ALL: [Metric; 12] = [
         Metric::P50,
         Metric::P90,

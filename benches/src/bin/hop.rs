@@ -66,19 +66,7 @@ enum Pin {
     None,
 }
 
-const METRICS: [Metric; 11] = [
-    Metric::P50,
-    Metric::P90,
-    Metric::P99,
-    Metric::P999,
-    Metric::Max,
-    Metric::Mean,
-    Metric::Rate,
-    Metric::CpuPerReq,
-    Metric::UserCpuPerReq,
-    Metric::SysCpuPerReq,
-    Metric::SegsPerReq,
-];
+const METRICS: [Metric; 11] = Metric::TABLE;
 
 /// The targets (ratios accelerated/baseline).
 const TARGETS: [Target; 2] = [
