@@ -45,6 +45,8 @@ pub struct SourceState {
     /// From istiod (xDS): the last good snapshot; its capture ports and passthrough addresses
     /// override the static file's (see [`crate::xds::apply`]).
     pub xds: Option<istio_integration::xds::XdsSnapshot>,
+    /// The dataplane's tunables (agent flags).
+    pub tuning: desired::Tuning,
 }
 
 impl SourceState {
@@ -56,6 +58,7 @@ impl SourceState {
             scope: base.scope,
             capture: base.capture,
             workloads: Vec::new(),
+            tuning: self.tuning,
         };
         // A netns claimed by two sources: the static file wins (it is the operator's explicit
         // word), the other claim is dropped and logged rather than failing the whole state.

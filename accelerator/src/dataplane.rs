@@ -384,6 +384,15 @@ impl Dataplane {
         for (name, path) in &paths {
             loader.map_pin_path(name, path.as_path());
         }
+        // This kernel's struct offsets for the peer-queue and small-write checks (0 = unknown:
+        // the verifier drops those checks).
+        let offsets = crate::kernel_btf::running_kernel().unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "no kernel BTF offsets: peer queues are not bounded and the small-write policy is off");
+            Default::default()
+        });
+        loader.override_global("OFF_RMEM_ALLOC", &offsets.rmem_alloc, true);
+        loader.override_global("OFF_WRITE_SEQ", &offsets.write_seq, true);
+        loader.override_global("OFF_SND_UNA", &offsets.snd_una, true);
         if let Some(n) = opts.sockhash_capacity {
             loader.map_max_entries(names::SOCKS, n);
             loader.map_max_entries(names::PEERS, n);
@@ -724,19 +733,25 @@ fn leftovers(only: Option<&[u32]>) -> (Vec<u32>, Vec<u32>, usize) {
 pub fn uninstall(bpffs: &Path, wait: std::time::Duration) -> Result<UninstallReport> {
     let mut removed = Vec::new();
     let mut ours: Option<Vec<u32>> = None;
-    match Dataplane::open(bpffs) {
-        Ok(mut dp) => {
-            let cfg = dp.config()?;
-            dp.set_config(Config {
-                enabled: 0,
-                epoch: cfg.epoch.wrapping_add(1),
-                ..cfg
-            })?;
-            let st = dp.status()?;
-            ours = Some(st.map_ids.iter().chain(&st.prog_ids).copied().collect());
-        }
+    // Switch everything to TCP first (senders stop redirecting at their next message). Pins of
+    // another version (other map layouts) cannot be opened as ours: they are removed all the
+    // same, which is what the error of an incompatible upgrade tells the operator to do.
+    let switch_off = |dp: &mut Dataplane| -> Result<Vec<u32>> {
+        let cfg = dp.config()?;
+        dp.set_config(Config {
+            enabled: 0,
+            epoch: cfg.epoch.wrapping_add(1),
+            ..cfg
+        })?;
+        let st = dp.status()?;
+        Ok(st.map_ids.iter().chain(&st.prog_ids).copied().collect())
+    };
+    match Dataplane::open(bpffs).and_then(|mut dp| switch_off(&mut dp)) {
+        Ok(ids) => ours = Some(ids),
         Err(Error::NotInstalled { .. }) => {}
-        Err(e) => return Err(e),
+        Err(e) => {
+            tracing::warn!(error = %e, bpffs = %bpffs.display(), "the pinned objects are not this version's: removing their pins without switching them off first");
+        }
     }
     let link = bpffs.join(SOCK_OPS_LINK);
     let mut pins = vec![link];

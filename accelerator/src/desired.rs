@@ -56,6 +56,29 @@ pub struct WorkloadSpec {
     pub exclude_outbound_ports: Vec<u16>,
 }
 
+/// The dataplane's tunables (agent flags), see `meshaccel_common::tuning`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Tuning {
+    /// Bytes a receiving socket may have unread before its sender is held on TCP (0: no limit;
+    /// the kernel itself bounds no sk_msg ingress queue).
+    pub max_unread_bytes: u32,
+    /// Writes under this size form a small-write stream when the peer does not keep up; such
+    /// streams go over TCP (0: the policy is off).
+    pub small_write_bytes: u32,
+    /// TCP keepalive idle time for accelerated sockets without their own (0: none).
+    pub keepalive_secs: u32,
+}
+
+impl Default for Tuning {
+    fn default() -> Self {
+        Self {
+            max_unread_bytes: meshaccel_common::tuning::QUEUE_LIMIT,
+            small_write_bytes: meshaccel_common::tuning::SMALL_WRITE,
+            keepalive_secs: meshaccel_common::tuning::KEEPALIVE_SECS,
+        }
+    }
+}
+
 /// Everything the desired state is computed from. Sources (the static file, Kubernetes, xDS)
 /// each contribute workloads; the global switch is on unless a source turns it off.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -65,10 +88,11 @@ pub struct Inputs {
     /// Istio's capture configuration (the static file's, or learned from xDS).
     pub capture: Capture,
     pub workloads: Vec<WorkloadSpec>,
+    pub tuning: Tuning,
 }
 
 /// The kernel config for a scope and a capture configuration.
-pub fn kernel_config(enabled: bool, scope: Scope, capture: &Capture) -> Config {
+pub fn kernel_config(enabled: bool, scope: Scope, capture: &Capture, tuning: Tuning) -> Config {
     let mut c = Config {
         enabled: enabled.into(),
         epoch: 0,
@@ -80,6 +104,10 @@ pub fn kernel_config(enabled: bool, scope: Scope, capture: &Capture) -> Config {
         inbound_port: capture.inbound_port.into(),
         passthrough_v4_be: 0,
         passthrough_v6_be: [0; 4],
+        queue_limit: tuning.max_unread_bytes,
+        small_write: tuning.small_write_bytes,
+        small_streak: meshaccel_common::tuning::SMALL_STREAK,
+        keepalive_secs: tuning.keepalive_secs,
     };
     for a in &capture.passthrough_addresses {
         match a {
@@ -113,6 +141,7 @@ impl Inputs {
                     exclude_outbound_ports: w.exclude_outbound_ports.clone(),
                 })
                 .collect(),
+            tuning: Tuning::default(),
         }
     }
 }
@@ -126,7 +155,7 @@ pub fn compute(
 ) -> Result<DesiredState> {
     let mut out = DesiredState {
         enabled: inputs.enabled,
-        config: kernel_config(inputs.enabled, inputs.scope, &inputs.capture),
+        config: kernel_config(inputs.enabled, inputs.scope, &inputs.capture, inputs.tuning),
         ..Default::default()
     };
     for w in &inputs.workloads {

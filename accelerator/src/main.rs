@@ -61,6 +61,22 @@ enum Command {
         /// always replaces them; pinned maps and every socket's state stay).
         #[arg(long, env = "MESHACCEL_REPLACE_PROGRAMS")]
         replace_programs: bool,
+        /// Bytes a receiving socket may hold unread before its sender moves to TCP until the
+        /// reader has caught up (the kernel bounds no sk_msg ingress queue: without a limit a
+        /// stalled reader lets its sender fill the host's TCP memory). 0: no limit.
+        #[arg(long, env = "MESHACCEL_MAX_UNREAD_BYTES", default_value_t = meshaccel_common::tuning::QUEUE_LIMIT)]
+        max_unread_bytes: u32,
+        /// Writes smaller than this form a small-write stream when the reader does not keep up;
+        /// such a stream moves to TCP (which coalesces small writes) until the reader has caught
+        /// up. 0: the policy is off.
+        #[arg(long, env = "MESHACCEL_SMALL_WRITE_BYTES", default_value_t = meshaccel_common::tuning::SMALL_WRITE)]
+        small_write_bytes: u32,
+        /// TCP keepalive idle time (seconds) for accelerated sockets that have none of their own.
+        /// Their bytes bypass TCP, and the kernel drops a RST that reaches a busy socket holding
+        /// more unread than its backlog limit (it is never retransmitted): the keepalive probe
+        /// draws a new one, so a connection whose peer is gone ends. 0: none.
+        #[arg(long, env = "MESHACCEL_KEEPALIVE_SECS", default_value_t = meshaccel_common::tuning::KEEPALIVE_SECS, value_parser = clap::value_parser!(u32).range(0..=86_400))]
+        keepalive_secs: u32,
         /// Serve /metrics (Prometheus), /healthz and /readyz on this address, e.g. 0.0.0.0:9880
         /// (port 0 picks a free port; the state file records it). Off when not given.
         #[arg(long, env = "MESHACCEL_METRICS_ADDR")]
@@ -156,6 +172,9 @@ fn main() -> anyhow::Result<()> {
             resync_secs,
             sockhash_capacity,
             replace_programs,
+            max_unread_bytes,
+            small_write_bytes,
+            keepalive_secs,
             metrics_addr,
             state_dir,
             node_name,
@@ -172,6 +191,13 @@ fn main() -> anyhow::Result<()> {
                 .enable_all()
                 .build()?;
             let shared = std::sync::Arc::new(agent::Shared::default());
+            shared.update(|s| {
+                s.tuning = meshaccel::desired::Tuning {
+                    max_unread_bytes,
+                    small_write_bytes,
+                    keepalive_secs,
+                }
+            });
             shared
                 .metrics
                 .configure(&bpffs, Some(statefile::StateFile::new(&state_dir, &bpffs)));

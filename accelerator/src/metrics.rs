@@ -372,6 +372,16 @@ pub fn counter_metric(name: &'static str) -> CounterMetric {
             label: "reason",
             value: &n["fallback_".len()..],
         },
+        n if n.starts_with("hold_") => CounterMetric::Labelled {
+            family: "meshaccel_holds",
+            help: "Times a redirecting socket moved to TCP until its reader caught up, by reason (queue: the peer had more than --max-unread-bytes unread; small_writes: a stream of small writes its reader did not keep up with)",
+            label: "reason",
+            value: &n["hold_".len()..],
+        },
+        "resumed" => CounterMetric::Plain(
+            "meshaccel_resumes",
+            "Times a held socket went back to redirecting (everything it sent over TCP had been read)",
+        ),
         n if n.starts_with("skip_") => CounterMetric::Labelled {
             family: "meshaccel_skipped_sockets",
             help: SKIPPED_HELP,

@@ -145,9 +145,36 @@ fn wait_all_closed(accel: &Accel, pods: &[&Pod]) {
             let ss: Vec<String> = pods
                 .iter()
                 .map(|p| {
-                    p.netns_exec("ss", &["-tnpi", "state", "established"])
-                        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-                        .unwrap_or_else(|e| e.to_string())
+                    let run = |cmd: &str, args: &[&str]| {
+                        p.netns_exec(cmd, args)
+                            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                            .unwrap_or_else(|e| e.to_string())
+                    };
+                    // Sockets with memory (r: unread, ingress queue included) and the netns's
+                    // TCP error counters (RSTs dropped, challenge ACKs, listen overflows).
+                    let counters: String = run("nstat", &["-az"])
+                        .lines()
+                        .filter(|l| {
+                            [
+                                "Rst",
+                                "Challenge",
+                                "Listen",
+                                "Reset",
+                                "Abort",
+                                "InErr",
+                                "Syncookies",
+                                "Backlog",
+                            ]
+                            .iter()
+                            .any(|k| l.contains(k))
+                        })
+                        .filter(|l| l.split_whitespace().nth(1).is_some_and(|v| v != "0"))
+                        .map(|l| format!("{l}\n"))
+                        .collect();
+                    format!(
+                        "{}{counters}",
+                        run("ss", &["-tnpmi", "state", "established"])
+                    )
                 })
                 .collect();
             panic!(
@@ -169,8 +196,16 @@ fn soak_every_byte_exact_under_agent_kill_and_upgrade() {
     let mut mesh = Mesh::new().expect("mesh");
     let a = mesh_pod(&mut mesh, "a");
     let b = mesh_pod(&mut mesh, "b");
-    let mut accel =
-        Accel::start(&mesh, true, &[Workload::on(&a), Workload::on(&b)]).expect("agent");
+    // A short keepalive (default 60 s) so that a connection whose RST the kernel dropped (see
+    // `Config::keepalive_secs`) ends within the final check's 30 s.
+    let mut accel = Accel::start_env(
+        &mesh,
+        true,
+        meshaccel_e2e::accel::Scope::Mesh,
+        &[Workload::on(&a), Workload::on(&b)],
+        &[("MESHACCEL_KEEPALIVE_SECS", "5")],
+    )
+    .expect("agent");
     let target = format!("{}:8080", b.ip);
     soak_server(&mut mesh, &b, &target);
     let c0 = counters(&accel);
@@ -431,4 +466,86 @@ fn pod_deleted_with_live_accelerated_sockets_leaves_no_entries() {
     // (The sockhash may hold more than PEERS here: a socket reset by its vanished peer reaches
     // TCP_CLOSE, which removes its PEERS entry, while its fd is still open in the relay; it
     // leaves the sockhash at close().)
+}
+
+/// One accelerated connection whose reader stalls for 3 s while its sender pushes 256 MiB in
+/// 1 MiB writes, through the three legs. The kernel bounds no sk_msg ingress queue (with
+/// `--max-unread-bytes 0` the sender gets all 256 MiB into the reader's socket during the stall:
+/// kernel memory, not backpressure); the agent's limit holds the sender on TCP once the reader
+/// has 4 MiB unread, TCP's flow control then blocks it, and when the reader has caught up the
+/// connection redirects again. Every byte exact both ways.
+#[test]
+fn stalled_reader_holds_its_sender_back_and_the_connection_resumes() {
+    require_root();
+    const SLOW: u64 = 256 << 20;
+    let run = |limit: Option<&str>| -> (Value, Value, Value) {
+        let mut mesh = Mesh::new().expect("mesh");
+        let a = mesh_pod(&mut mesh, "a");
+        let b = mesh_pod(&mut mesh, "b");
+        let env: Vec<(&str, &str)> = limit
+            .map(|l| ("MESHACCEL_MAX_UNREAD_BYTES", l))
+            .into_iter()
+            .collect();
+        let accel = Accel::start_env(
+            &mesh,
+            true,
+            meshaccel_e2e::accel::Scope::Mesh,
+            &[Workload::on(&a), Workload::on(&b)],
+            &env,
+        )
+        .expect("agent");
+        let target = format!("{}:8080", b.ip);
+        soak_server(&mut mesh, &b, &target);
+        let c0 = counters(&accel);
+        let client = soak(
+            &mut mesh,
+            &a,
+            &target,
+            &[
+                "--connections",
+                "1",
+                "--rst-every",
+                "0",
+                "--slow-every",
+                "1",
+                "--stall-ms",
+                "3000",
+                "--slow-bytes",
+                &SLOW.to_string(),
+                "--max-msg",
+                "1048576",
+            ],
+        );
+        let r = soak_report(client, "stalled reader", Duration::from_secs(120));
+        (r, c0, counters(&accel))
+    };
+
+    let (r, c0, c1) = run(None);
+    let early = r["slow_max_early_bytes"].as_u64().unwrap();
+    eprintln!(
+        "limit 4 MiB: {early} B pushed in the first half of the stall; holds {}, resumed {}, redirected {} B",
+        delta(&c1, &c0, "hold_queue"),
+        delta(&c1, &c0, "resumed"),
+        delta(&c1, &c0, "redirect_bytes")
+    );
+    assert_eq!(r["slow_ok"], 1, "{r}");
+    // Three legs, each 4 MiB unread at most, plus the relays' and TCP's buffers.
+    assert!(early < 64 << 20, "the sender was not held back: {early} B");
+    assert!(delta(&c1, &c0, "hold_queue") >= 1, "{c1}");
+    assert!(delta(&c1, &c0, "resumed") >= 1, "{c1}");
+    // After the stall the connection redirects again: most of the 256 MiB crossed each leg
+    // redirected.
+    assert!(
+        delta(&c1, &c0, "redirect_bytes") >= 2 * SLOW,
+        "the connection did not resume redirecting: {c1}"
+    );
+
+    // The kernel on its own: no limit, no backpressure.
+    let (r, _, _) = run(Some("0"));
+    let unbounded = r["slow_max_early_bytes"].as_u64().unwrap();
+    eprintln!("no limit: {unbounded} B pushed in the first half of the stall");
+    assert!(
+        unbounded > 4 * early,
+        "without the limit the kernel held the sender back too ({unbounded} B vs {early} B): the limit proves nothing here"
+    );
 }

@@ -6,7 +6,10 @@
 //! * `meshaccel_msg` (sk_msg, on the sockhash): the first message of a socket decides for its
 //!   whole life: redirect into the peer socket's ingress when the peer is there and both ends are
 //!   enabled, else TCP for life. A redirecting socket re-checks when user space moves the epoch and
-//!   may then fall back to TCP (safe); it never goes from TCP to redirect (that would reorder).
+//!   may then fall back to TCP (safe). It is *held* on TCP while its peer has too much unread
+//!   (the kernel bounds no sk_msg ingress queue) or while it writes a small-write stream faster
+//!   than its peer reads, and resumes redirecting only when everything it sent over TCP has been
+//!   acknowledged and read (nothing left for a redirected byte to overtake).
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
 
@@ -20,14 +23,17 @@ mod progs {
             sk_action::SK_PASS,
         },
         btf_maps::{Array, HashMap, PerCpuArray, PerCpuHashMap, SkStorage, SockHash},
-        helpers::generated::{bpf_get_netns_cookie, bpf_sk_storage_get},
+        helpers::generated::{
+            bpf_get_netns_cookie, bpf_getsockopt, bpf_ktime_get_ns, bpf_probe_read_kernel,
+            bpf_setsockopt, bpf_sk_storage_get, bpf_skc_to_tcp_sock,
+        },
         macros::{btf_map, sk_msg, sock_ops},
         programs::{SkMsgContext, SockOpsContext},
     };
     use meshaccel_common::{
         Config, DIR_INBOUND, DIR_OUTBOUND, POLICY_ENABLED, PairKey, PeerInfo, PortKey, ROLE_CLIENT,
-        ROLE_SERVER, SCOPE_MESH, STATE_REDIRECT, STATE_TCP, STATE_UNDECIDED, SockState,
-        WorkloadPolicy, WorkloadStats, capacity, counter, is_loopback, port_from_be_field,
+        ROLE_SERVER, SCOPE_MESH, STATE_HELD, STATE_REDIRECT, STATE_TCP, STATE_UNDECIDED, SockState,
+        WorkloadPolicy, WorkloadStats, capacity, counter, is_loopback, port_from_be_field, tuning,
         v4_mapped,
     };
 
@@ -52,6 +58,17 @@ mod progs {
     static MESHACCEL_STATS: PerCpuArray<u64, STATS_LEN> = PerCpuArray::new();
     #[btf_map]
     static MESHACCEL_WLST: PerCpuHashMap<u64, WorkloadStats, WL_MAX> = PerCpuHashMap::new();
+
+    // Byte offsets in this kernel's `struct tcp_sock` (from its BTF, set by the agent before
+    // loading; read-only: the verifier sees constants, checks each load through a BTF pointer
+    // against the BTF, and drops the code that uses them when they are 0 = unknown).
+    // `OFF_RMEM_ALLOC` is `sk_rmem_alloc` (the same offset in `struct sock`).
+    #[unsafe(no_mangle)]
+    static OFF_RMEM_ALLOC: u32 = 0;
+    #[unsafe(no_mangle)]
+    static OFF_WRITE_SEQ: u32 = 0;
+    #[unsafe(no_mangle)]
+    static OFF_SND_UNA: u32 = 0;
 
     const AF_INET: u32 = 2;
     const AF_INET6: u32 = 10;
@@ -96,6 +113,42 @@ mod progs {
     #[inline(always)]
     fn rd(p: *const u32) -> u32 {
         unsafe { ptr::read_volatile(p) }
+    }
+
+    /// A u32 field of a `struct tcp_sock` (a BTF pointer) at a BTF-checked offset.
+    #[inline(always)]
+    fn tcp_field(tp: *const u8, off: u32) -> u32 {
+        unsafe { ptr::read_volatile(tp.add(off as usize).cast::<u32>()) }
+    }
+
+    /// Bytes the peer socket has not read yet (its sk_msg ingress queue and its TCP receive
+    /// queue: `sk_rmem_alloc`); None when unknown (no BTF offsets, or the read failed).
+    #[inline(always)]
+    fn unread(st: &SockState) -> Option<u32> {
+        let off = rd(&raw const OFF_RMEM_ALLOC);
+        if off == 0 || st.peer_sk == 0 {
+            return None;
+        }
+        let mut v = 0u32;
+        let rc = unsafe {
+            bpf_probe_read_kernel(
+                ptr::from_mut(&mut v).cast(),
+                4,
+                (st.peer_sk + off as u64) as *const core::ffi::c_void,
+            )
+        };
+        (rc == 0).then_some(v)
+    }
+
+    /// Whether every byte this socket wrote over TCP has been acknowledged.
+    #[inline(always)]
+    fn tcp_all_acked(sk: *mut aya_ebpf::bindings::bpf_sock) -> bool {
+        let (ws, una) = (rd(&raw const OFF_WRITE_SEQ), rd(&raw const OFF_SND_UNA));
+        if ws == 0 || una == 0 {
+            return false;
+        }
+        let tp = unsafe { bpf_skc_to_tcp_sock(sk.cast()) };
+        !tp.is_null() && tcp_field(tp.cast(), ws) == tcp_field(tp.cast(), una)
     }
 
     #[inline(always)]
@@ -218,6 +271,7 @@ mod progs {
             key,
             PeerInfo {
                 netns_cookie: netns,
+                sk_addr: sk as u64,
                 leg: leg.into(),
                 _pad: 0,
             },
@@ -237,10 +291,14 @@ mod progs {
             own: key,
             netns_cookie: netns,
             peer_netns_cookie: 0,
+            peer_sk: 0,
             state: STATE_UNDECIDED,
             epoch: cfg.epoch,
             leg: leg.into(),
-            _pad: 0,
+            streak: 0,
+            unchecked: 0,
+            hold_reason: 0,
+            held_at_ns: 0,
         };
         let st = unsafe {
             bpf_sk_storage_get(
@@ -273,10 +331,57 @@ mod progs {
             );
             return Err(());
         }
+        keepalive(ctx, cfg.keepalive_secs);
         // Ask for a callback at TCP_CLOSE so the PEERS entry goes with the socket.
         let _ = ctx.set_cb_flags((ops.bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
         count(counter::INSERTED, 1);
         Ok(())
+    }
+
+    const SOL_SOCKET: i32 = 1;
+    const SO_KEEPALIVE: i32 = 9;
+    const SOL_TCP: i32 = 6;
+    const TCP_KEEPIDLE: i32 = 4;
+    const TCP_KEEPINTVL: i32 = 5;
+    const TCP_KEEPCNT: i32 = 6;
+
+    /// TCP keepalive for an accelerated socket that has none of its own: its data never
+    /// crosses TCP, so without it a peer whose RST the kernel dropped (see `Config`) is never
+    /// noticed. An application's own keepalive settings are left alone.
+    #[inline(always)]
+    fn keepalive(ctx: &SockOpsContext, idle: u32) {
+        if idle == 0 {
+            return;
+        }
+        let ops = ctx.ops.cast();
+        let mut on: i32 = 0;
+        let opt = |level: i32, name: i32, v: &mut i32| unsafe {
+            bpf_setsockopt(ops, level, name, ptr::from_mut(v).cast(), 4)
+        };
+        if unsafe {
+            bpf_getsockopt(
+                ops,
+                SOL_SOCKET,
+                SO_KEEPALIVE,
+                ptr::from_mut(&mut on).cast(),
+                4,
+            )
+        } != 0
+            || on != 0
+        {
+            return;
+        }
+        let (mut idle, mut intvl, mut cnt, mut one) = (
+            idle as i32,
+            (idle / 6).max(1) as i32,
+            tuning::KEEPALIVE_PROBES as i32,
+            1i32,
+        );
+        // Times first: enabling arms the timer with the idle time in force.
+        let _ = opt(SOL_TCP, TCP_KEEPIDLE, &mut idle);
+        let _ = opt(SOL_TCP, TCP_KEEPINTVL, &mut intvl);
+        let _ = opt(SOL_TCP, TCP_KEEPCNT, &mut cnt);
+        let _ = opt(SOL_SOCKET, SO_KEEPALIVE, &mut one);
     }
 
     #[inline(always)]
@@ -324,8 +429,9 @@ mod progs {
             return tcp(st.netns_cookie, size);
         }
         let cfg = config();
-        // Fast path: redirecting, and nothing that could stop it has changed since last checked.
-        if !(st.state == STATE_REDIRECT && st.epoch == cfg.epoch) {
+        // Fast path: decided (redirecting or held), and nothing that could stop it has changed
+        // since last checked.
+        if st.state == STATE_UNDECIDED || st.epoch != cfg.epoch {
             if cfg.enabled == 0 || !enabled(st.netns_cookie) {
                 return tcp_for_life(st, counter::FALLBACK_DISABLED, size);
             }
@@ -333,6 +439,7 @@ mod progs {
                 match unsafe { MESHACCEL_PEERS.get(st.own.peer()) } {
                     Some(peer) => {
                         st.peer_netns_cookie = peer.netns_cookie;
+                        st.peer_sk = peer.sk_addr;
                         // Either end knows whether this connection is an Istio leg.
                         st.leg |= peer.leg;
                     }
@@ -345,8 +452,25 @@ mod progs {
             if !enabled(st.peer_netns_cookie) {
                 return tcp_for_life(st, counter::FALLBACK_DISABLED, size);
             }
-            st.state = STATE_REDIRECT;
+            if st.state == STATE_UNDECIDED {
+                st.state = STATE_REDIRECT;
+            }
             st.epoch = cfg.epoch;
+        }
+        if st.state == STATE_HELD {
+            if !may_resume(st, sk) {
+                return tcp(st.netns_cookie, size);
+            }
+            st.state = STATE_REDIRECT;
+            st.streak = 0;
+            st.unchecked = 0;
+            count(counter::RESUMED, 1);
+        } else if let Some(reason) = must_hold(st, &cfg, size) {
+            st.state = STATE_HELD;
+            st.hold_reason = reason;
+            st.held_at_ns = unsafe { bpf_ktime_get_ns() };
+            count(reason, 1);
+            return tcp(st.netns_cookie, size);
         }
         let mut peer = st.own.peer();
         if MESHACCEL_SOCKS.redirect_msg(ctx, &mut peer, BPF_F_INGRESS.into()) == SK_PASS.into() {
@@ -364,6 +488,47 @@ mod progs {
             // The peer left the sockhash (it closed): this message and all later ones use TCP.
             tcp_for_life(st, counter::FALLBACK_REDIRECT_FAILED, size)
         }
+    }
+
+    /// Whether a redirecting socket must move to TCP before this message: its peer has more
+    /// than the limit unread, or this is one more small message of a stream its peer does not
+    /// keep up with. Small messages look every time, larger ones every `CHECK_BYTES`.
+    #[inline(always)]
+    fn must_hold(st: &mut SockState, cfg: &Config, size: u64) -> Option<u32> {
+        let small = size < cfg.small_write as u64;
+        st.unchecked = st.unchecked.saturating_add(size as u32);
+        if !small && st.unchecked < tuning::CHECK_BYTES {
+            return None;
+        }
+        st.unchecked = 0;
+        let unread = unread(st)?;
+        if cfg.queue_limit != 0 && unread > cfg.queue_limit {
+            return Some(counter::HOLD_QUEUE);
+        }
+        if small {
+            if unread == 0 {
+                st.streak = 0;
+            } else {
+                st.streak += 1;
+                if st.streak >= cfg.small_streak {
+                    return Some(counter::HOLD_SMALL_WRITES);
+                }
+            }
+        }
+        None
+    }
+
+    /// A held socket may redirect again once everything it wrote over TCP has been acknowledged
+    /// and its peer has read everything (nothing of its TCP stream is left for a redirected
+    /// byte to overtake). Checked at most every `HOLD_RECHECK_NS`.
+    #[inline(always)]
+    fn may_resume(st: &mut SockState, sk: *mut aya_ebpf::bindings::bpf_sock) -> bool {
+        let now = unsafe { bpf_ktime_get_ns() };
+        if now.wrapping_sub(st.held_at_ns) < tuning::HOLD_RECHECK_NS {
+            return false;
+        }
+        st.held_at_ns = now;
+        tcp_all_acked(sk) && unread(st) == Some(0)
     }
 
     #[inline(always)]
