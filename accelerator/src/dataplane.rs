@@ -384,10 +384,10 @@ impl Dataplane {
         for (name, path) in &paths {
             loader.map_pin_path(name, path.as_path());
         }
-        // This kernel's struct offsets for the peer-queue and small-write checks (0 = unknown:
+        // This kernel's struct offsets for the peer-queue check (0 = unknown:
         // the verifier drops those checks).
         let offsets = crate::kernel_btf::running_kernel().unwrap_or_else(|e| {
-            tracing::warn!(error = %e, "no kernel BTF offsets: peer queues are not bounded and the small-write policy is off");
+            tracing::warn!(error = %e, "no kernel BTF offsets: peer queues are not bounded");
             Default::default()
         });
         loader.override_global("OFF_RMEM_ALLOC", &offsets.rmem_alloc, true);

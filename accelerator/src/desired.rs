@@ -62,9 +62,6 @@ pub struct Tuning {
     /// Bytes a receiving socket may have unread before its sender is held on TCP (0: no limit;
     /// the kernel itself bounds no sk_msg ingress queue).
     pub max_unread_bytes: u32,
-    /// Writes under this size form a small-write stream when the peer does not keep up; such
-    /// streams go over TCP (0: the policy is off).
-    pub small_write_bytes: u32,
     /// TCP keepalive idle time for accelerated sockets without their own (0: none).
     pub keepalive_secs: u32,
 }
@@ -73,7 +70,6 @@ impl Default for Tuning {
     fn default() -> Self {
         Self {
             max_unread_bytes: meshaccel_common::tuning::QUEUE_LIMIT,
-            small_write_bytes: meshaccel_common::tuning::SMALL_WRITE,
             keepalive_secs: meshaccel_common::tuning::KEEPALIVE_SECS,
         }
     }
@@ -105,8 +101,6 @@ pub fn kernel_config(enabled: bool, scope: Scope, capture: &Capture, tuning: Tun
         passthrough_v4_be: 0,
         passthrough_v6_be: [0; 4],
         queue_limit: tuning.max_unread_bytes,
-        small_write: tuning.small_write_bytes,
-        small_streak: meshaccel_common::tuning::SMALL_STREAK,
         keepalive_secs: tuning.keepalive_secs,
     };
     for a in &capture.passthrough_addresses {

@@ -6,8 +6,8 @@
 //! queue and its TCP receive queue) and its own `write_seq` / `snd_una`. The verifier checks
 //! each load against the kernel's BTF, so the offsets must be this kernel's: they are read here
 //! and handed to the program as read-only globals before it is loaded. Without BTF the program
-//! gets 0 and those checks are compiled out by the verifier (no queue limit, no small-write
-//! policy; `doctor` reports BTF missing).
+//! gets 0 and those checks are compiled out by the verifier (no queue limit; `doctor`
+//! reports BTF missing).
 use std::{collections::HashMap, path::Path};
 
 /// Byte offsets inside `struct tcp_sock`.

@@ -66,11 +66,6 @@ enum Command {
         /// stalled reader lets its sender fill the host's TCP memory). 0: no limit.
         #[arg(long, env = "MESHACCEL_MAX_UNREAD_BYTES", default_value_t = meshaccel_common::tuning::QUEUE_LIMIT)]
         max_unread_bytes: u32,
-        /// Writes smaller than this form a small-write stream when the reader does not keep up;
-        /// such a stream moves to TCP (which coalesces small writes) until the reader has caught
-        /// up. 0: the policy is off.
-        #[arg(long, env = "MESHACCEL_SMALL_WRITE_BYTES", default_value_t = meshaccel_common::tuning::SMALL_WRITE)]
-        small_write_bytes: u32,
         /// TCP keepalive idle time (seconds) for accelerated sockets that have none of their own.
         /// Their bytes bypass TCP, and the kernel drops a RST that reaches a busy socket holding
         /// more unread than its backlog limit (it is never retransmitted): the keepalive probe
@@ -173,7 +168,6 @@ fn main() -> anyhow::Result<()> {
             sockhash_capacity,
             replace_programs,
             max_unread_bytes,
-            small_write_bytes,
             keepalive_secs,
             metrics_addr,
             state_dir,
@@ -194,7 +188,6 @@ fn main() -> anyhow::Result<()> {
             shared.update(|s| {
                 s.tuning = meshaccel::desired::Tuning {
                     max_unread_bytes,
-                    small_write_bytes,
                     keepalive_secs,
                 }
             });

@@ -374,7 +374,7 @@ pub fn counter_metric(name: &'static str) -> CounterMetric {
         },
         n if n.starts_with("hold_") => CounterMetric::Labelled {
             family: "meshaccel_holds",
-            help: "Times a redirecting socket moved to TCP until its reader caught up, by reason (queue: the peer had more than --max-unread-bytes unread; small_writes: a stream of small writes its reader did not keep up with)",
+            help: "Times a redirecting socket moved to TCP until its reader caught up, by reason (queue: the peer had more than --max-unread-bytes unread)",
             label: "reason",
             value: &n["hold_".len()..],
         },

@@ -292,6 +292,11 @@ fn run(a: &Args) -> anyhow::Result<()> {
             .to_vec();
             let mut args = base.clone();
             args.extend(driver::block_args(a.blocks, a.block_ms, 200));
+            // What the dataplane's policies did during the cell (holds on TCP, resumes).
+            let policy = |a: &Accel| -> [u64; 2] {
+                ["hold_queue", "resumed"].map(|n| a.counter(n).unwrap_or(0))
+            };
+            let before = policy(&accel);
             let mut setup = AbSetup {
                 accel: &mut accel,
                 workloads: &wl,
@@ -300,17 +305,20 @@ fn run(a: &Args) -> anyhow::Result<()> {
                 dir: tmp.path(),
             };
             let r = driver::run_ab(&mut m.mesh, &mut setup, &args)?;
+            let after = policy(setup.accel);
             done += 1;
             let metric = cell.metric();
             let (x, y) = (r.side(false).metric(metric), r.side(true).metric(metric));
             eprintln!(
-                "[sweep] {done}/{total} round {round} {:?} {:?} {} {} B: {} {x:.1} → {y:.1} ({:.2})",
+                "[sweep] {done}/{total} round {round} {:?} {:?} {} {} B: {} {x:.1} → {y:.1} ({:.2}); held {}, resumed {}",
                 cell.path,
                 cell.kind,
                 cell.dir.key(),
                 cell.size,
                 metric.label(),
-                y / x
+                y / x,
+                after[0] - before[0],
+                after[1] - before[1],
             );
             cell.c.rounds.push(r);
             if let (Some(dir), 1) = (&a.perf, round) {

@@ -80,12 +80,9 @@ pub mod counter {
     /// `Config::queue_limit` bytes unread (the kernel does not bound an sk_msg ingress queue:
     /// without this a stalled reader lets its sender fill the host's TCP memory).
     pub const HOLD_QUEUE: u32 = 16;
-    /// ... because it wrote a stream of small messages faster than its peer read them (on such
-    /// streams TCP, which coalesces, moves more bytes per second than one redirect per write).
-    pub const HOLD_SMALL_WRITES: u32 = 17;
     /// A held socket went back to redirecting: everything it sent over TCP had been read.
-    pub const RESUMED: u32 = 18;
-    pub const COUNT: u32 = 19;
+    pub const RESUMED: u32 = 17;
+    pub const COUNT: u32 = 18;
 
     /// Names used by `status` and `/metrics`, indexed like the constants above.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -106,7 +103,6 @@ pub mod counter {
         "fallback_not_mesh",
         "skip_not_mesh",
         "hold_queue",
-        "hold_small_writes",
         "resumed",
     ];
 }
@@ -119,7 +115,7 @@ pub const ROLE_SERVER: u32 = 1;
 pub const STATE_UNDECIDED: u32 = 0;
 pub const STATE_REDIRECT: u32 = 1;
 pub const STATE_TCP: u32 = 2;
-/// On TCP for now (peer queue over its limit, or a small-write stream); back to redirecting
+/// On TCP for now (the peer has too much unread); back to redirecting
 /// once everything sent over TCP has been acknowledged and read, so no byte overtakes another.
 pub const STATE_HELD: u32 = 3;
 
@@ -188,16 +184,12 @@ pub struct SockState {
     pub epoch: u32,
     /// 1 when this socket is known at insert to be one of Istio's legs.
     pub leg: u32,
-    /// Consecutive small messages sent while the peer still had unread data.
-    pub streak: u32,
     /// Bytes redirected since the peer's queue was last looked at.
     pub unchecked: u32,
-    /// `counter::HOLD_*` while `STATE_HELD`.
-    pub hold_reason: u32,
     /// `bpf_ktime_get_ns` when the hold began or its end was last checked.
     pub held_at_ns: u64,
 }
-const _: () = assert!(size_of::<SockState>() == 96);
+const _: () = assert!(size_of::<SockState>() == 88);
 
 /// Who owns the socket stored under a `PairKey`.
 #[repr(C)]
@@ -283,26 +275,18 @@ pub struct Config {
     pub passthrough_v6_be: [u32; 4],
     /// Bytes a peer may have unread before its sender moves to TCP (`STATE_HELD`); 0: no limit.
     pub queue_limit: u32,
-    /// Messages smaller than this count towards a small-write stream; 0: no small-write policy.
-    pub small_write: u32,
-    /// Small messages in a row that find the peer with unread data: a small-write stream.
-    pub small_streak: u32,
     /// TCP keepalive idle time (seconds) given to accelerated sockets that have no keepalive of
     /// their own; 0: none. A RST that arrives while the receiving socket is busy and holds more
     /// than its backlog limit unread (sk_msg ingress counts there) is dropped by the kernel and
     /// never retransmitted; the keepalive probe then draws a fresh RST from the peer's stack.
     pub keepalive_secs: u32,
 }
-const _: () = assert!(size_of::<Config>() == 56);
+const _: () = assert!(size_of::<Config>() == 48);
 
 /// Defaults of the tunables in `Config`.
 pub mod tuning {
     /// 4 MiB: what a TCP receive buffer holds at most by default (tcp_rmem max 6 MiB).
     pub const QUEUE_LIMIT: u32 = 4 << 20;
-    /// Below 1 KiB per write, one redirect per write moves fewer bytes per second than TCP
-    /// (benches/ sweep: 64–512 B streams).
-    pub const SMALL_WRITE: u32 = 1024;
-    pub const SMALL_STREAK: u32 = 16;
     /// A socket looks at its peer's queue at least every this many redirected bytes.
     pub const CHECK_BYTES: u32 = 64 << 10;
     /// A held socket checks whether it may resume at most this often.

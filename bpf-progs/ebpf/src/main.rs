@@ -7,9 +7,9 @@
 //!   whole life: redirect into the peer socket's ingress when the peer is there and both ends are
 //!   enabled, else TCP for life. A redirecting socket re-checks when user space moves the epoch and
 //!   may then fall back to TCP (safe). It is *held* on TCP while its peer has too much unread
-//!   (the kernel bounds no sk_msg ingress queue) or while it writes a small-write stream faster
-//!   than its peer reads, and resumes redirecting only when everything it sent over TCP has been
-//!   acknowledged and read (nothing left for a redirected byte to overtake).
+//!   (the kernel bounds no sk_msg ingress queue), and resumes redirecting only when everything it
+//!   sent over TCP has been acknowledged and read (nothing left for a redirected byte to
+//!   overtake).
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
 
@@ -295,9 +295,7 @@ mod progs {
             state: STATE_UNDECIDED,
             epoch: cfg.epoch,
             leg: leg.into(),
-            streak: 0,
             unchecked: 0,
-            hold_reason: 0,
             held_at_ns: 0,
         };
         let st = unsafe {
@@ -462,14 +460,12 @@ mod progs {
                 return tcp(st.netns_cookie, size);
             }
             st.state = STATE_REDIRECT;
-            st.streak = 0;
             st.unchecked = 0;
             count(counter::RESUMED, 1);
-        } else if let Some(reason) = must_hold(st, &cfg, size) {
+        } else if must_hold(st, &cfg, size) {
             st.state = STATE_HELD;
-            st.hold_reason = reason;
             st.held_at_ns = unsafe { bpf_ktime_get_ns() };
-            count(reason, 1);
+            count(counter::HOLD_QUEUE, 1);
             return tcp(st.netns_cookie, size);
         }
         let mut peer = st.own.peer();
@@ -491,31 +487,18 @@ mod progs {
     }
 
     /// Whether a redirecting socket must move to TCP before this message: its peer has more
-    /// than the limit unread, or this is one more small message of a stream its peer does not
-    /// keep up with. Small messages look every time, larger ones every `CHECK_BYTES`.
+    /// than the limit unread. Looked at every `CHECK_BYTES` redirected.
     #[inline(always)]
-    fn must_hold(st: &mut SockState, cfg: &Config, size: u64) -> Option<u32> {
-        let small = size < cfg.small_write as u64;
+    fn must_hold(st: &mut SockState, cfg: &Config, size: u64) -> bool {
+        if cfg.queue_limit == 0 {
+            return false;
+        }
         st.unchecked = st.unchecked.saturating_add(size as u32);
-        if !small && st.unchecked < tuning::CHECK_BYTES {
-            return None;
+        if st.unchecked < tuning::CHECK_BYTES {
+            return false;
         }
         st.unchecked = 0;
-        let unread = unread(st)?;
-        if cfg.queue_limit != 0 && unread > cfg.queue_limit {
-            return Some(counter::HOLD_QUEUE);
-        }
-        if small {
-            if unread == 0 {
-                st.streak = 0;
-            } else {
-                st.streak += 1;
-                if st.streak >= cfg.small_streak {
-                    return Some(counter::HOLD_SMALL_WRITES);
-                }
-            }
-        }
-        None
+        unread(st).is_some_and(|n| n > cfg.queue_limit)
     }
 
     /// A held socket may redirect again once everything it wrote over TCP has been acknowledged
