@@ -481,5 +481,18 @@ fn status_lists_the_sockets_of_the_three_legs() {
         rows.iter()
             .all(|r| r["netns_cookie"] == ca || r["netns_cookie"] == cb)
     );
+    // None of these applications asked for TCP keepalive; every accelerated socket has it (a
+    // RST the kernel drops at a busy socket is never resent: the probe draws a new one).
+    for p in [&a, &b] {
+        let out = p
+            .netns_exec("ss", &["-tnoH", "state", "established"])
+            .expect("ss");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            !text.trim().is_empty() && text.lines().all(|l| l.contains("timer:(keepalive")),
+            "accelerated sockets without a keepalive timer in pod {}:\n{text}",
+            p.name
+        );
+    }
     finished(slow, "listed transfer");
 }
