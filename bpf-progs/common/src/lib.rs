@@ -186,10 +186,8 @@ pub struct SockState {
     pub leg: u32,
     /// Bytes redirected since the peer's queue was last looked at.
     pub unchecked: u32,
-    /// `bpf_ktime_get_ns` when the hold began or its end was last checked.
-    pub held_at_ns: u64,
 }
-const _: () = assert!(size_of::<SockState>() == 88);
+const _: () = assert!(size_of::<SockState>() == 80);
 
 /// Who owns the socket stored under a `PairKey`.
 #[repr(C)]
@@ -289,8 +287,6 @@ pub mod tuning {
     pub const QUEUE_LIMIT: u32 = 4 << 20;
     /// A socket looks at its peer's queue at least every this many redirected bytes.
     pub const CHECK_BYTES: u32 = 64 << 10;
-    /// A held socket checks whether it may resume at most this often.
-    pub const HOLD_RECHECK_NS: u64 = 1_000_000;
     /// Keepalive idle time of accelerated sockets without their own (`Config::keepalive_secs`).
     pub const KEEPALIVE_SECS: u32 = 60;
     /// Probes 1/6 of the idle time apart (at least 1 s), this many before the kernel gives up.

@@ -24,8 +24,8 @@ mod progs {
         },
         btf_maps::{Array, HashMap, PerCpuArray, PerCpuHashMap, SkStorage, SockHash},
         helpers::generated::{
-            bpf_get_netns_cookie, bpf_getsockopt, bpf_ktime_get_ns, bpf_probe_read_kernel,
-            bpf_setsockopt, bpf_sk_storage_get, bpf_skc_to_tcp_sock,
+            bpf_get_netns_cookie, bpf_getsockopt, bpf_probe_read_kernel, bpf_setsockopt,
+            bpf_sk_storage_get, bpf_skc_to_tcp_sock,
         },
         macros::{btf_map, sk_msg, sock_ops},
         programs::{SkMsgContext, SockOpsContext},
@@ -296,7 +296,6 @@ mod progs {
             epoch: cfg.epoch,
             leg: leg.into(),
             unchecked: 0,
-            held_at_ns: 0,
         };
         let st = unsafe {
             bpf_sk_storage_get(
@@ -464,7 +463,6 @@ mod progs {
             count(counter::RESUMED, 1);
         } else if must_hold(st, &cfg, size) {
             st.state = STATE_HELD;
-            st.held_at_ns = unsafe { bpf_ktime_get_ns() };
             count(counter::HOLD_QUEUE, 1);
             return tcp(st.netns_cookie, size);
         }
@@ -503,14 +501,9 @@ mod progs {
 
     /// A held socket may redirect again once everything it wrote over TCP has been acknowledged
     /// and its peer has read everything (nothing of its TCP stream is left for a redirected
-    /// byte to overtake). Checked at most every `HOLD_RECHECK_NS`.
+    /// byte to overtake). Checked at every message while held (a few loads).
     #[inline(always)]
-    fn may_resume(st: &mut SockState, sk: *mut aya_ebpf::bindings::bpf_sock) -> bool {
-        let now = unsafe { bpf_ktime_get_ns() };
-        if now.wrapping_sub(st.held_at_ns) < tuning::HOLD_RECHECK_NS {
-            return false;
-        }
-        st.held_at_ns = now;
+    fn may_resume(st: &SockState, sk: *mut aya_ebpf::bindings::bpf_sock) -> bool {
         tcp_all_acked(sk) && unread(st) == Some(0)
     }
 
