@@ -232,7 +232,22 @@ fn btf() -> Check {
         Ok(magic)
     }) {
         Ok(m) if u16::from_le_bytes(m) == 0xeb9f || u16::from_be_bytes(m) == 0xeb9f => {
-            Check::new("btf", Level::Ok, format!("kernel BTF at {PATH}"))
+            // The queue bound needs three socket field offsets from it (hazard 5).
+            match crate::kernel_btf::running_kernel() {
+                Ok(o) => Check::new(
+                    "btf",
+                    Level::Ok,
+                    format!(
+                        "kernel BTF at {PATH}; socket offsets for the unread-bytes bound: sk_rmem_alloc {}, write_seq {}, snd_una {}",
+                        o.rmem_alloc, o.write_seq, o.snd_una
+                    ),
+                ),
+                Err(e) => Check::new(
+                    "btf",
+                    Level::Warn,
+                    format!("kernel BTF at {PATH}, but not the socket fields the unread-bytes bound needs ({e}): a stalled reader's queue will not be bounded"),
+                ),
+            }
         }
         Ok(_) => Check::new("btf", Level::Warn, format!("{PATH} is not BTF")),
         Err(e) => Check::new(
