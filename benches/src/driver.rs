@@ -463,7 +463,7 @@ pub fn run_ab_profiled(
                 .spawn()
                 .context("running perf stat (Debian: linux-perf)")?;
             let out = Command::new("perf")
-                .args(["record", "-a", "-q", "-F", "2999", "-o"])
+                .args(["record", "-a", "-g", "-q", "-F", "2999", "-o"])
                 .arg(dir.join(format!("{side}.data")))
                 .args(["--", "sleep", &secs])
                 .stdout(Stdio::null())
