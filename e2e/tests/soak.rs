@@ -44,6 +44,25 @@ fn soak_server(mesh: &mut Mesh, pod: &Pod, listen: &str) {
     wait_ready(&mut s).expect("soak-server ready");
 }
 
+/// Two mesh pods, both accelerated by an agent started with `env` (extra `MESHACCEL_*`
+/// settings), and a soak server in pod b on 8080. Returns the soak target too.
+fn soak_pods(env: &[(&str, &str)]) -> (Mesh, Pod, Pod, Accel, String) {
+    let mut mesh = Mesh::new().expect("mesh");
+    let a = mesh_pod(&mut mesh, "a");
+    let b = mesh_pod(&mut mesh, "b");
+    let accel = Accel::start_env(
+        &mesh,
+        true,
+        Default::default(),
+        &[Workload::on(&a), Workload::on(&b)],
+        env,
+    )
+    .expect("agent");
+    let target = format!("{}:8080", b.ip);
+    soak_server(&mut mesh, &b, &target);
+    (mesh, a, b, accel, target)
+}
+
 fn soak(mesh: &mut Mesh, from: &Pod, target: &str, args: &[&str]) -> Child {
     mesh.spawn(
         from,
@@ -193,21 +212,9 @@ fn wait_all_closed(accel: &Accel, pods: &[&Pod]) {
 fn soak_every_byte_exact_under_agent_kill_and_upgrade() {
     require_root();
     let long = long_mode();
-    let mut mesh = Mesh::new().expect("mesh");
-    let a = mesh_pod(&mut mesh, "a");
-    let b = mesh_pod(&mut mesh, "b");
     // A short keepalive (default 60 s) so that a connection whose RST the kernel dropped (see
     // `Config::keepalive_secs`) ends within the final check's 30 s.
-    let mut accel = Accel::start_env(
-        &mesh,
-        true,
-        meshaccel_e2e::accel::Scope::Mesh,
-        &[Workload::on(&a), Workload::on(&b)],
-        &[("MESHACCEL_KEEPALIVE_SECS", "5")],
-    )
-    .expect("agent");
-    let target = format!("{}:8080", b.ip);
-    soak_server(&mut mesh, &b, &target);
+    let (mut mesh, a, b, mut accel, target) = soak_pods(&[("MESHACCEL_KEEPALIVE_SECS", "5")]);
     let c0 = counters(&accel);
     let mem_before = tcp_mem_pages();
     let mut sampler = MemSampler::start();
@@ -332,19 +339,7 @@ fn soak_every_byte_exact_under_agent_kill_and_upgrade() {
 #[test]
 fn soak_with_full_sockhash_falls_back_and_loses_nothing() {
     require_root();
-    let mut mesh = Mesh::new().expect("mesh");
-    let a = mesh_pod(&mut mesh, "a");
-    let b = mesh_pod(&mut mesh, "b");
-    let accel = Accel::start_env(
-        &mesh,
-        true,
-        Default::default(),
-        &[Workload::on(&a), Workload::on(&b)],
-        &[("MESHACCEL_SOCKHASH_CAPACITY", "64")],
-    )
-    .expect("agent");
-    let target = format!("{}:8080", b.ip);
-    soak_server(&mut mesh, &b, &target);
+    let (mut mesh, a, b, accel, target) = soak_pods(&[("MESHACCEL_SOCKHASH_CAPACITY", "64")]);
     let c0 = counters(&accel);
     let r = soak_report(
         soak(
@@ -479,23 +474,11 @@ fn stalled_reader_holds_its_sender_back_and_the_connection_resumes() {
     require_root();
     const SLOW: u64 = 256 << 20;
     let run = |limit: Option<&str>| -> (Value, Value, Value) {
-        let mut mesh = Mesh::new().expect("mesh");
-        let a = mesh_pod(&mut mesh, "a");
-        let b = mesh_pod(&mut mesh, "b");
         let env: Vec<(&str, &str)> = limit
             .map(|l| ("MESHACCEL_MAX_UNREAD_BYTES", l))
             .into_iter()
             .collect();
-        let accel = Accel::start_env(
-            &mesh,
-            true,
-            meshaccel_e2e::accel::Scope::Mesh,
-            &[Workload::on(&a), Workload::on(&b)],
-            &env,
-        )
-        .expect("agent");
-        let target = format!("{}:8080", b.ip);
-        soak_server(&mut mesh, &b, &target);
+        let (mut mesh, a, _b, accel, target) = soak_pods(&env);
         let c0 = counters(&accel);
         let client = soak(
             &mut mesh,
@@ -560,19 +543,8 @@ fn stalled_reader_holds_its_sender_back_and_the_connection_resumes() {
 fn a_lost_rst_still_ends_the_connection() {
     require_root();
     let run = |keepalive: &str| -> (bool, u64) {
-        let mut mesh = Mesh::new().expect("mesh");
-        let a = mesh_pod(&mut mesh, "a");
-        let b = mesh_pod(&mut mesh, "b");
-        let accel = Accel::start_env(
-            &mesh,
-            true,
-            meshaccel_e2e::accel::Scope::Mesh,
-            &[Workload::on(&a), Workload::on(&b)],
-            &[("MESHACCEL_KEEPALIVE_SECS", keepalive)],
-        )
-        .expect("agent");
-        let target = format!("{}:8080", b.ip);
-        soak_server(&mut mesh, &b, &target);
+        let (mut mesh, a, _b, accel, target) =
+            soak_pods(&[("MESHACCEL_KEEPALIVE_SECS", keepalive)]);
         let rule = [
             "OUTPUT",
             "-p",
