@@ -77,6 +77,13 @@ mod progs {
     const STATE_CB: u32 = 10;
     const TCP_CLOSE: u32 = 7;
     const EEXIST: i32 = 17;
+    // Socket options (uapi values) for the keepalive of accelerated sockets.
+    const SOL_SOCKET: i32 = 1;
+    const SO_KEEPALIVE: i32 = 9;
+    const SOL_TCP: i32 = 6;
+    const TCP_KEEPIDLE: i32 = 4;
+    const TCP_KEEPINTVL: i32 = 5;
+    const TCP_KEEPCNT: i32 = 6;
 
     #[inline(always)]
     fn count(idx: u32, n: u64) {
@@ -334,13 +341,6 @@ mod progs {
         count(counter::INSERTED, 1);
         Ok(())
     }
-
-    const SOL_SOCKET: i32 = 1;
-    const SO_KEEPALIVE: i32 = 9;
-    const SOL_TCP: i32 = 6;
-    const TCP_KEEPIDLE: i32 = 4;
-    const TCP_KEEPINTVL: i32 = 5;
-    const TCP_KEEPCNT: i32 = 6;
 
     /// TCP keepalive for an accelerated socket that has none of its own: its data never
     /// crosses TCP, so without it a peer whose RST the kernel dropped (see `Config`) is never
