@@ -54,6 +54,28 @@ pub fn check_stop() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The options `hop` and `mesh` share (their CI short mode and `--check` are described in their
+/// crate docs).
+#[derive(clap::Args, Debug)]
+pub struct CommonArgs {
+    /// Where <bench>.json and <bench>.png go.
+    #[arg(long, env = "MESHACCEL_BENCH_OUT", default_value = "benches/results")]
+    pub out: PathBuf,
+    /// Also profile: one more run of two long blocks (baseline, accelerated), each recorded
+    /// system-wide with `perf record` into this directory, with `perf report` summaries.
+    #[arg(long, env = "MESHACCEL_BENCH_PERF")]
+    pub perf: Option<PathBuf>,
+    /// Length of each profiled block.
+    #[arg(long, env = "MESHACCEL_BENCH_PERF_BLOCK_MS", default_value_t = 4000)]
+    pub perf_block_ms: u64,
+    /// CI's short mode: a few rounds of few blocks (closed loop only for `mesh`).
+    #[arg(long, env = "MESHACCEL_BENCH_SHORT")]
+    pub short: bool,
+    /// Exit 1 on a clear inversion of p50 measured in the run (see the bench's docs).
+    #[arg(long, env = "MESHACCEL_BENCH_CHECK")]
+    pub check: bool,
+}
+
 /// A CPU list for `taskset -c` / [`pin_pid`]: "0", "1", "0,1".
 pub type Cpus = Option<String>;
 

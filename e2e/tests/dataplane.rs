@@ -423,10 +423,7 @@ fn mesh_scope_accelerates_only_istio_legs() {
 #[test]
 fn status_lists_the_sockets_of_the_three_legs() {
     require_root();
-    let mut mesh = Mesh::new().expect("mesh");
-    let a = mesh_pod(&mut mesh, "a");
-    let b = mesh_pod(&mut mesh, "b");
-    let accel = Accel::start(&mesh, true, &[Workload::on(&a), Workload::on(&b)]).expect("agent");
+    let (mut mesh, a, b, accel) = two_mesh_pods(&[]);
     let target = format!("{}:8080", b.ip);
     sink(&mut mesh, &b, &target);
     let slow = send(

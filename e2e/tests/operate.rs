@@ -2,6 +2,8 @@
 //! Istio's capture rules, `status` per workload, JSON logs, and `doctor` (OK on this machine; the
 //! problems it must name: no bpffs, a foreign sk_msg program, a foreign exclusive sock_ops
 //! program on the cgroup, Istio capture present or missing in a pod netns). Root, real kernel.
+mod support;
+
 use std::{
     collections::BTreeMap,
     io::{Read as _, Write as _},
@@ -12,34 +14,14 @@ use std::{
     time::{Duration, Instant},
 };
 
-use meshaccel_e2e::{
-    Mesh, Pod,
-    accel::{Accel, Workload},
-    fixtures_dir, require_root, wait_output_timeout, wait_ready, workspace_bin,
-};
+use meshaccel_e2e::{Mesh, require_root, wait_output_timeout, wait_ready, workspace_bin};
 use serde_json::Value;
+use support::*;
 
-const PROXY_UID: u32 = 1337;
-const APP_UID: u32 = 1000;
 const MIB: u64 = 1024 * 1024;
-
-fn tool() -> PathBuf {
-    workspace_bin("meshaccel-e2e-tool")
-}
 
 fn meshaccel() -> PathBuf {
     workspace_bin("meshaccel")
-}
-
-/// A pod with Istio's capture rules and a relay (the sidecar) running as UID 1337.
-fn mesh_pod(mesh: &mut Mesh, name: &str) -> Pod {
-    let golden = fixtures_dir().join("iptables/istio-cni-sidecar/basic.txt.golden");
-    let pod = mesh.add_pod(name, Some(&golden)).expect("pod");
-    let mut relay = mesh
-        .spawn(&pod, Some(PROXY_UID), &tool(), &["relay"])
-        .expect("relay");
-    wait_ready(&mut relay).expect("relay ready");
-    pod
 }
 
 /// `GET path` over HTTP/1.1: (status, content type, body).
@@ -152,10 +134,7 @@ fn check_openmetrics(body: &str) {
 #[test]
 fn metrics_readiness_and_status_during_traffic() {
     require_root();
-    let mut mesh = Mesh::new().expect("mesh");
-    let a = mesh_pod(&mut mesh, "a");
-    let b = mesh_pod(&mut mesh, "b");
-    let accel = Accel::start(&mesh, true, &[Workload::on(&a), Workload::on(&b)]).expect("agent");
+    let (mut mesh, a, b, accel) = two_mesh_pods(&[]);
     let addr = accel.metrics_addr().expect("the agent serves metrics");
 
     assert_eq!(get(addr, "/healthz", "*/*").0, 200);

@@ -44,20 +44,9 @@ fn soak_server(mesh: &mut Mesh, pod: &Pod, listen: &str) {
     wait_ready(&mut s).expect("soak-server ready");
 }
 
-/// Two mesh pods, both accelerated by an agent started with `env` (extra `MESHACCEL_*`
-/// settings), and a soak server in pod b on 8080. Returns the soak target too.
+/// [`two_mesh_pods`] with a soak server in pod b on 8080; returns the soak target too.
 fn soak_pods(env: &[(&str, &str)]) -> (Mesh, Pod, Pod, Accel, String) {
-    let mut mesh = Mesh::new().expect("mesh");
-    let a = mesh_pod(&mut mesh, "a");
-    let b = mesh_pod(&mut mesh, "b");
-    let accel = Accel::start_env(
-        &mesh,
-        true,
-        Default::default(),
-        &[Workload::on(&a), Workload::on(&b)],
-        env,
-    )
-    .expect("agent");
+    let (mut mesh, a, b, accel) = two_mesh_pods(env);
     let target = format!("{}:8080", b.ip);
     soak_server(&mut mesh, &b, &target);
     (mesh, a, b, accel, target)

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use meshaccel_e2e::{
     Mesh, Pod,
-    accel::{Accel, Scope, Workload},
+    accel::{Accel, Workload},
     require_root, wait_output_timeout,
 };
 use serde_json::Value;
@@ -82,10 +82,7 @@ fn burn_cpus(mesh: &mut Mesh) {
 #[test]
 fn first_message_races_keep_every_byte_in_order() {
     require_root();
-    let mut mesh = Mesh::new().expect("mesh");
-    let a = mesh_pod(&mut mesh, "a");
-    let b = mesh_pod(&mut mesh, "b");
-    let accel = Accel::start(&mesh, true, &[Workload::on(&a), Workload::on(&b)]).expect("agent");
+    let (mut mesh, a, b, accel) = two_mesh_pods(&[]);
     sink(&mut mesh, &b, &format!("{}:8080", b.ip));
     burn_cpus(&mut mesh);
     let c0 = counters(&accel);
@@ -234,18 +231,8 @@ fn turning_off_with_unread_redirected_bytes_loses_nothing() {
 #[test]
 fn full_sockhash_falls_back_to_tcp() {
     require_root();
-    let mut mesh = Mesh::new().expect("mesh");
-    let a = mesh_pod(&mut mesh, "a");
-    let b = mesh_pod(&mut mesh, "b");
     // Room for one connection through the three legs (six sockets).
-    let accel = Accel::start_env(
-        &mesh,
-        true,
-        Scope::Mesh,
-        &[Workload::on(&a), Workload::on(&b)],
-        &[("MESHACCEL_SOCKHASH_CAPACITY", "6")],
-    )
-    .expect("agent");
+    let (mut mesh, a, b, accel) = two_mesh_pods(&[("MESHACCEL_SOCKHASH_CAPACITY", "6")]);
     let target = format!("{}:8080", b.ip);
     sink_delayed(&mut mesh, &b, &target, 1200);
     let c0 = counters(&accel);
@@ -282,11 +269,7 @@ fn full_sockhash_falls_back_to_tcp() {
 #[test]
 fn uninstall_with_unread_data_loses_nothing_and_leaves_nothing() {
     require_root();
-    let mut mesh = Mesh::new().expect("mesh");
-    let a = mesh_pod(&mut mesh, "a");
-    let b = mesh_pod(&mut mesh, "b");
-    let mut accel =
-        Accel::start(&mesh, true, &[Workload::on(&a), Workload::on(&b)]).expect("agent");
+    let (mut mesh, a, b, mut accel) = two_mesh_pods(&[]);
     let target = format!("{}:8080", b.ip);
     sink_delayed(&mut mesh, &b, &target, 2500);
     let c0 = counters(&accel);
@@ -332,11 +315,7 @@ fn uninstall_with_unread_data_loses_nothing_and_leaves_nothing() {
 #[test]
 fn agent_restart_and_upgrade_under_load_lose_nothing() {
     require_root();
-    let mut mesh = Mesh::new().expect("mesh");
-    let a = mesh_pod(&mut mesh, "a");
-    let b = mesh_pod(&mut mesh, "b");
-    let mut accel =
-        Accel::start(&mesh, true, &[Workload::on(&a), Workload::on(&b)]).expect("agent");
+    let (mut mesh, a, b, mut accel) = two_mesh_pods(&[]);
     let before = accel.status().unwrap();
     let target = format!("{}:8080", b.ip);
     sink(&mut mesh, &b, &target);

@@ -6,7 +6,7 @@
 //! Prints p50, p90, p99, p99.9, max and round trips per second for both, the ratios
 //! accelerated/baseline with their spread over the rounds, writes `hop.json` and `hop.png`, and
 //! with `--check` exits 1 on a clear inversion: accelerated p50 not lower than baseline.
-use std::{path::PathBuf, process::ExitCode};
+use std::process::ExitCode;
 
 use clap::{Parser, ValueEnum};
 use meshaccel_benches::{
@@ -41,22 +41,8 @@ struct Args {
     /// scheduler decides.
     #[arg(long, env = "MESHACCEL_HOP_PIN", value_enum, default_value_t = Pin::Same)]
     pin: Pin,
-    /// Where hop.json and hop.png go.
-    #[arg(long, env = "MESHACCEL_BENCH_OUT", default_value = "benches/results")]
-    out: PathBuf,
-    /// Also profile: one more run of two long blocks (baseline, accelerated), each recorded
-    /// system-wide with `perf record` into this directory, with `perf report` summaries.
-    #[arg(long, env = "MESHACCEL_BENCH_PERF")]
-    perf: Option<PathBuf>,
-    /// Length of each profiled block.
-    #[arg(long, env = "MESHACCEL_BENCH_PERF_BLOCK_MS", default_value_t = 4000)]
-    perf_block_ms: u64,
-    /// CI's short mode: 3 rounds of 16 blocks.
-    #[arg(long, env = "MESHACCEL_BENCH_SHORT")]
-    short: bool,
-    /// Exit 1 on a clear inversion (accelerated p50 not lower than baseline).
-    #[arg(long, env = "MESHACCEL_BENCH_CHECK")]
-    check: bool,
+    #[command(flatten)]
+    common: driver::CommonArgs,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -76,7 +62,7 @@ const TARGETS: [Target; 2] = [
 
 fn run(a: &Args) -> anyhow::Result<bool> {
     require_root();
-    let (rounds, blocks) = if a.short {
+    let (rounds, blocks) = if a.common.short {
         (3, 16)
     } else {
         (a.rounds, a.blocks)
@@ -149,7 +135,7 @@ fn run(a: &Args) -> anyhow::Result<bool> {
         );
         c.rounds.push(r);
     }
-    if let Some(dir) = &a.perf {
+    if let Some(dir) = &a.common.perf {
         eprintln!("[hop] profiling with perf into {}", dir.display());
         let mut setup = AbSetup {
             accel: &mut accel,
@@ -158,7 +144,7 @@ fn run(a: &Args) -> anyhow::Result<bool> {
             cpus: &app_cpus,
             dir: tmp.path(),
         };
-        let r = driver::run_ab_profiled(&mut mesh, &mut setup, &base, dir, a.perf_block_ms)?;
+        let r = driver::run_ab_profiled(&mut mesh, &mut setup, &base, dir, a.common.perf_block_ms)?;
         driver::write_json(
             dir,
             "profiled-run.json",
@@ -210,15 +196,15 @@ fn run(a: &Args) -> anyhow::Result<bool> {
         "rounds": rounds,
         "blocks": blocks,
         "block_ms": a.block_ms,
-        "short": a.short,
+        "short": a.common.short,
         "machine": machine,
         "targets": TARGETS.iter().map(|t| json!({"metric": t.metric.key(), "target": t.show(),
             "met": t.met(c.ratio(t.metric).median)})).collect::<Vec<_>>(),
         "inversion": inverted,
         "result": c.to_json(&METRICS, true),
     });
-    let json_path = driver::write_json(&a.out, "hop.json", &result)?;
-    let png_path = a.out.join("hop.png");
+    let json_path = driver::write_json(&a.common.out, "hop.json", &result)?;
+    let png_path = a.common.out.join("hop.png");
     let (pa, pb) = (c.pooled(false), c.pooled(true));
     plot::png(&png_path, (900, 560), |area| {
         plot::percentiles(
@@ -238,7 +224,7 @@ fn run(a: &Args) -> anyhow::Result<bool> {
         json_path.display(),
         png_path.display()
     );
-    Ok(!(a.check && inverted))
+    Ok(!(a.common.check && inverted))
 }
 
 fn main() -> ExitCode {

@@ -10,13 +10,13 @@
 //! With `--check`, exits 1 on a clear inversion: accelerated closed-loop p50 worse than baseline
 //! by more than the run's own noise (the largest A/A or B/B difference between the two halves
 //! of a side).
-use std::{path::PathBuf, process::ExitCode};
+use std::process::ExitCode;
 
 use clap::{Parser, ValueEnum};
 use meshaccel_benches::{
     driver::{self, APP_UID, AbSetup, Cpus},
     plot,
-    stats::{Compare, Metric, Target, table},
+    stats::{AbRun, Compare, Metric, Target, table},
 };
 use meshaccel_e2e::{
     accel::{Accel, Workload},
@@ -61,25 +61,11 @@ struct Args {
     /// the scheduler decides.
     #[arg(long, env = "MESHACCEL_MESH_PIN", value_enum, default_value_t = Pin::One)]
     pin: Pin,
-    /// Where mesh.json and mesh.png go.
-    #[arg(long, env = "MESHACCEL_BENCH_OUT", default_value = "benches/results")]
-    out: PathBuf,
-    /// Also profile: one more run of two long blocks (baseline, accelerated), each recorded
-    /// system-wide with `perf record` into this directory, with `perf report` summaries.
-    #[arg(long, env = "MESHACCEL_BENCH_PERF")]
-    perf: Option<PathBuf>,
-    /// Length of each profiled block.
-    #[arg(long, env = "MESHACCEL_BENCH_PERF_BLOCK_MS", default_value_t = 4000)]
-    perf_block_ms: u64,
-    /// Profile the fixed-rate mode instead of the closed loop.
+    /// Profile the fixed-rate mode instead of the closed loop (with `--perf`).
     #[arg(long, env = "MESHACCEL_MESH_PERF_RATE")]
     perf_rate: bool,
-    /// CI's short mode: 3 rounds of 12 blocks, closed loop only.
-    #[arg(long, env = "MESHACCEL_BENCH_SHORT")]
-    short: bool,
-    /// Exit 1 on a clear inversion (accelerated p50 worse than baseline beyond the run's noise).
-    #[arg(long, env = "MESHACCEL_BENCH_CHECK")]
-    check: bool,
+    #[command(flatten)]
+    common: driver::CommonArgs,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -120,9 +106,25 @@ fn targets_json(c: &Compare, targets: &[Target]) -> serde_json::Value {
     )
 }
 
+/// One line per run: p50 with its ratio, `extra` (e.g. req/s, p99), CPU per request.
+fn progress(round: u32, rounds: u32, what: &str, r: &AbRun, extra: Metric) {
+    let (x, y) = (r.side(false), r.side(true));
+    eprintln!(
+        "[mesh] round {round}/{rounds} {what}: p50 {:.1} → {:.1} µs ({:.2}), {} {:.1} → {:.1}, {:.1} → {:.1} CPU µs/req",
+        x.metric(Metric::P50),
+        y.metric(Metric::P50),
+        y.metric(Metric::P50) / x.metric(Metric::P50),
+        extra.label(),
+        x.metric(extra),
+        y.metric(extra),
+        x.metric(Metric::CpuPerReq),
+        y.metric(Metric::CpuPerReq),
+    );
+}
+
 fn run(a: &Args) -> anyhow::Result<bool> {
     require_root();
-    let (rounds, blocks, with_rate) = if a.short {
+    let (rounds, blocks, with_rate) = if a.common.short {
         (3, 12, false)
     } else {
         (a.rounds, a.blocks, !a.no_rate)
@@ -188,19 +190,9 @@ fn run(a: &Args) -> anyhow::Result<bool> {
         let mut args = base.clone();
         args.extend(driver::block_args(blocks, a.block_ms, 400));
         let r = driver::run_ab(&mut m.mesh, &mut setup, &args)?;
-        let (x, y) = (r.side(false), r.side(true));
-        eprintln!(
-            "[mesh] round {round}/{rounds} closed loop: p50 {:.1} → {:.1} µs ({:.2}), {:.0} → {:.0} req/s, {:.1} → {:.1} CPU µs/req",
-            x.metric(Metric::P50),
-            y.metric(Metric::P50),
-            y.metric(Metric::P50) / x.metric(Metric::P50),
-            x.metric(Metric::Rate),
-            y.metric(Metric::Rate),
-            x.metric(Metric::CpuPerReq),
-            y.metric(Metric::CpuPerReq),
-        );
+        progress(round, rounds, "closed loop", &r, Metric::Rate);
         let rate_now = *rate.get_or_insert_with(|| {
-            ((x.metric(Metric::Rate) * a.rate_fraction) / 100.0)
+            ((r.side(false).metric(Metric::Rate) * a.rate_fraction) / 100.0)
                 .round()
                 .max(1.0)
                 * 100.0
@@ -209,21 +201,17 @@ fn run(a: &Args) -> anyhow::Result<bool> {
         if with_rate {
             args.extend(["--rate".into(), rate_now.to_string()]);
             let r = driver::run_ab(&mut m.mesh, &mut setup, &args)?;
-            let (x, y) = (r.side(false), r.side(true));
-            eprintln!(
-                "[mesh] round {round}/{rounds} fixed rate {rate_now} req/s: p50 {:.1} → {:.1} µs ({:.2}), p99 {:.1} → {:.1} µs, {:.1} → {:.1} CPU µs/req",
-                x.metric(Metric::P50),
-                y.metric(Metric::P50),
-                y.metric(Metric::P50) / x.metric(Metric::P50),
-                x.metric(Metric::P99),
-                y.metric(Metric::P99),
-                x.metric(Metric::CpuPerReq),
-                y.metric(Metric::CpuPerReq),
+            progress(
+                round,
+                rounds,
+                &format!("fixed rate {rate_now} req/s"),
+                &r,
+                Metric::P99,
             );
             fixed.rounds.push(r);
         }
     }
-    if let Some(dir) = &a.perf {
+    if let Some(dir) = &a.common.perf {
         eprintln!("[mesh] profiling with perf into {}", dir.display());
         driver::pin_cgroup(&client.cgroup, "envoy", &client_cpus)?;
         driver::pin_cgroup(&server.cgroup, "envoy", &server_cpus)?;
@@ -240,7 +228,8 @@ fn run(a: &Args) -> anyhow::Result<bool> {
         {
             args.extend(["--rate".into(), rate.to_string()]);
         }
-        let r = driver::run_ab_profiled(&mut m.mesh, &mut setup, &args, dir, a.perf_block_ms)?;
+        let r =
+            driver::run_ab_profiled(&mut m.mesh, &mut setup, &args, dir, a.common.perf_block_ms)?;
         driver::write_json(
             dir,
             "profiled-run.json",
@@ -294,7 +283,7 @@ fn run(a: &Args) -> anyhow::Result<bool> {
         "rounds": rounds,
         "blocks": blocks,
         "block_ms": a.block_ms,
-        "short": a.short,
+        "short": a.common.short,
         "machine": machine,
         "inversion": inverted,
         "closed": {
@@ -307,8 +296,8 @@ fn run(a: &Args) -> anyhow::Result<bool> {
             "result": fixed.to_json(&METRICS, true),
         }) } else { json!(null) },
     });
-    let json_path = driver::write_json(&a.out, "mesh.json", &result)?;
-    let png_path = a.out.join("mesh.png");
+    let json_path = driver::write_json(&a.common.out, "mesh.json", &result)?;
+    let png_path = a.common.out.join("mesh.png");
     let panels = if with_rate { 2 } else { 1 };
     plot::png(&png_path, (900 * panels, 560), |area| {
         let parts = area.split_evenly((1, panels as usize));
@@ -343,7 +332,7 @@ fn run(a: &Args) -> anyhow::Result<bool> {
         json_path.display(),
         png_path.display()
     );
-    Ok(!(a.check && inverted))
+    Ok(!(a.common.check && inverted))
 }
 
 fn main() -> ExitCode {

@@ -294,7 +294,8 @@ fn run(a: &Args) -> anyhow::Result<()> {
             args.extend(driver::block_args(a.blocks, a.block_ms, 200));
             // What the dataplane's policies did during the cell (holds on TCP, resumes).
             let policy = |a: &Accel| -> [u64; 2] {
-                ["hold_queue", "resumed"].map(|n| a.counter(n).unwrap_or(0))
+                let s = a.status().unwrap_or_default();
+                ["hold_queue", "resumed"].map(|n| s["counters"][n].as_u64().unwrap_or(0))
             };
             let before = policy(&accel);
             let mut setup = AbSetup {

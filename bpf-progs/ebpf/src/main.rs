@@ -60,9 +60,10 @@ mod progs {
     static MESHACCEL_WLST: PerCpuHashMap<u64, WorkloadStats, WL_MAX> = PerCpuHashMap::new();
 
     // Byte offsets in this kernel's `struct tcp_sock` (from its BTF, set by the agent before
-    // loading; read-only: the verifier sees constants, checks each load through a BTF pointer
-    // against the BTF, and drops the code that uses them when they are 0 = unknown).
-    // `OFF_RMEM_ALLOC` is `sk_rmem_alloc` (the same offset in `struct sock`).
+    // loading; read-only, so the verifier sees constants and drops the code that uses them when
+    // they are 0 = unknown). `OFF_WRITE_SEQ`/`OFF_SND_UNA` are loads through the BTF pointer of
+    // the own socket, checked by the verifier; `OFF_RMEM_ALLOC` (`sk_rmem_alloc`, the same in
+    // `struct sock`) is read from the peer's address with `bpf_probe_read_kernel`.
     #[unsafe(no_mangle)]
     static OFF_RMEM_ALLOC: u32 = 0;
     #[unsafe(no_mangle)]

@@ -8,8 +8,9 @@ use std::{
 };
 
 use meshaccel_e2e::{
-    Mesh, Pod, TcpCounters, accel::Accel, fixtures_dir, wait_output_timeout, wait_ready,
-    workspace_bin,
+    Mesh, Pod, TcpCounters,
+    accel::{Accel, Workload},
+    fixtures_dir, wait_output_timeout, wait_ready, workspace_bin,
 };
 use serde_json::Value;
 
@@ -32,6 +33,23 @@ pub fn mesh_pod(mesh: &mut Mesh, name: &str) -> Pod {
         .expect("relay");
     wait_ready(&mut relay).expect("relay ready");
     pod
+}
+
+/// Two mesh pods ("a", "b") and an agent accelerating both, started with `env` (extra
+/// `MESHACCEL_*` settings for the agent, kept for its restarts).
+pub fn two_mesh_pods(env: &[(&str, &str)]) -> (Mesh, Pod, Pod, Accel) {
+    let mut mesh = Mesh::new().expect("mesh");
+    let a = mesh_pod(&mut mesh, "a");
+    let b = mesh_pod(&mut mesh, "b");
+    let accel = Accel::start_env(
+        &mesh,
+        true,
+        Default::default(),
+        &[Workload::on(&a), Workload::on(&b)],
+        env,
+    )
+    .expect("agent");
+    (mesh, a, b, accel)
 }
 
 /// A checksumming sink in the pod; the mesh kills and reaps it at teardown.
