@@ -46,6 +46,20 @@ pub struct Dataplane {
     pub config: Array<MapData, Config>,
     pub stats: PerCpuArray<MapData, u64>,
     pub wl_stats: PerCpuHashMap<MapData, u64, WorkloadStats>,
+    pub small_writes: HashMap<MapData, PortKey, u64>,
+}
+
+/// A service (a destination port seen from a workload) whose connections stream small writes:
+/// its new connections stay on TCP until `--small-write-secs` after it was last seen.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct SmallWriteService {
+    /// The netns cookie of the workload the service is seen from.
+    pub netns_cookie: u64,
+    pub port: u16,
+    /// `outbound` (a destination port) or `inbound` (a port of the workload itself).
+    pub direction: &'static str,
+    /// Seconds since a connection of it last showed a small-write stream.
+    pub seen_secs_ago: u64,
 }
 
 /// Traffic of one workload (its netns), summed over CPUs.
@@ -87,12 +101,31 @@ pub struct KernelStatus {
     pub workloads: BTreeMap<String, WorkloadTraffic>,
     pub workloads_enabled: usize,
     pub excluded_ports: usize,
+    /// Services kept on TCP for streaming small writes (seen within `Config::small_write_secs`).
+    pub small_write_services: Vec<SmallWriteService>,
     pub counters: BTreeMap<&'static str, u64>,
     /// Kernel ids of meshaccel's maps, link and programs, so tests and operators can check that
     /// uninstall left nothing.
     pub map_ids: Vec<u32>,
     pub link_id: Option<u32>,
     pub prog_ids: Vec<u32>,
+}
+
+/// A `PEERS` entry of a socket that was inserted (not one kept on TCP as a small-write
+/// service's, whose entry only tells its peer to stay out too).
+fn in_sockhash(v: &PeerInfo) -> bool {
+    v.flags & meshaccel_common::PEER_SMALL_WRITES == 0
+}
+
+/// CLOCK_MONOTONIC in ns: the clock of `bpf_ktime_get_ns`.
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime into a timespec we own.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 fn pin_path(bpffs: &Path, name: &str) -> PathBuf {
@@ -208,7 +241,7 @@ pub struct InstallOptions {
 
 /// Map type and key/value sizes this version expects, to refuse pinned maps of an incompatible
 /// version before anything is replaced.
-fn expected_maps() -> [(&'static str, u32, usize, usize); 8] {
+fn expected_maps() -> [(&'static str, u32, usize, usize); 9] {
     use aya::maps::MapType::*;
     use std::mem::size_of;
     [
@@ -240,6 +273,7 @@ fn expected_maps() -> [(&'static str, u32, usize, usize); 8] {
             8,
             size_of::<WorkloadStats>(),
         ),
+        (names::SMALL_WRITES, LruHash as u32, size_of::<PortKey>(), 8),
     ]
 }
 
@@ -539,6 +573,7 @@ impl Dataplane {
         let config = open_map(bpffs, names::CONFIG, Map::Array)?;
         let stats = open_map(bpffs, names::STATS, Map::PerCpuArray)?;
         let wl_stats = open_map(bpffs, names::WL_STATS, Map::PerCpuHashMap)?;
+        let small_writes = open_map(bpffs, names::SMALL_WRITES, Map::LruHashMap)?;
         Ok(Self {
             bpffs: bpffs.into(),
             adopted: false,
@@ -553,6 +588,9 @@ impl Dataplane {
             wl_stats: wl_stats
                 .try_into()
                 .map_err(map_err(names::WL_STATS, "open"))?,
+            small_writes: small_writes
+                .try_into()
+                .map_err(map_err(names::SMALL_WRITES, "open"))?,
         })
     }
 
@@ -568,6 +606,29 @@ impl Dataplane {
             .map_err(map_err(names::CONFIG, "write"))
     }
 
+    /// Services seen streaming small writes within `secs` (the entries still in force).
+    pub fn small_write_services(&self, secs: u32) -> Vec<SmallWriteService> {
+        let now = monotonic_ns();
+        let mut out: Vec<SmallWriteService> = self
+            .small_writes
+            .iter()
+            .filter_map(|kv| kv.ok())
+            .map(|(k, at)| SmallWriteService {
+                netns_cookie: k.netns_cookie,
+                port: k.port,
+                direction: if k.direction == meshaccel_common::DIR_OUTBOUND {
+                    "outbound"
+                } else {
+                    "inbound"
+                },
+                seen_secs_ago: now.saturating_sub(at) / 1_000_000_000,
+            })
+            .filter(|s| s.seen_secs_ago < u64::from(secs))
+            .collect();
+        out.sort_by_key(|s| (s.netns_cookie, s.port, s.direction));
+        out
+    }
+
     /// Sum of each per-CPU counter, by name.
     pub fn counters(&self) -> Result<BTreeMap<&'static str, u64>> {
         let mut out = BTreeMap::new();
@@ -581,11 +642,12 @@ impl Dataplane {
         Ok(out)
     }
 
-    /// Every socket in the `PEERS` map (each one in the sockhash, until it closes).
+    /// Every socket in the `PEERS` map that is in the sockhash (until it closes).
     pub fn sockets(&self) -> Vec<SocketRow> {
         self.peers
             .iter()
             .filter_map(|kv| kv.ok())
+            .filter(|(_, v)| in_sockhash(v))
             .map(|(k, v)| {
                 let b: Vec<u8> = k
                     .client_ip_be
@@ -643,7 +705,13 @@ impl Dataplane {
             .map(|p| p.id())
             .collect();
         let mut sockets_by_netns = BTreeMap::new();
-        for v in self.peers.iter().filter_map(|kv| kv.ok()).map(|(_, v)| v) {
+        for v in self
+            .peers
+            .iter()
+            .filter_map(|kv| kv.ok())
+            .map(|(_, v)| v)
+            .filter(in_sockhash)
+        {
             *sockets_by_netns
                 .entry(v.netns_cookie.to_string())
                 .or_insert(0) += 1;
@@ -670,6 +738,7 @@ impl Dataplane {
             sockets: self.socks.keys().filter(|k| k.is_ok()).count(),
             workloads_enabled: self.workloads.keys().filter(|k| k.is_ok()).count(),
             excluded_ports: self.ports.keys().filter(|k| k.is_ok()).count(),
+            small_write_services: self.small_write_services(cfg.small_write_secs),
             counters: self.counters()?,
             map_ids,
             link_id,

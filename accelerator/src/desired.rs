@@ -64,6 +64,8 @@ pub struct Tuning {
     pub max_unread_bytes: u32,
     /// TCP keepalive idle time for accelerated sockets without their own (0: none).
     pub keepalive_secs: u32,
+    /// How long a service seen streaming small writes keeps new connections on TCP (0: never).
+    pub small_write_secs: u32,
 }
 
 impl Default for Tuning {
@@ -71,6 +73,7 @@ impl Default for Tuning {
         Self {
             max_unread_bytes: meshaccel_common::tuning::QUEUE_LIMIT,
             keepalive_secs: meshaccel_common::tuning::KEEPALIVE_SECS,
+            small_write_secs: meshaccel_common::tuning::SMALL_WRITE_SECS,
         }
     }
 }
@@ -102,6 +105,8 @@ pub fn kernel_config(enabled: bool, scope: Scope, capture: &Capture, tuning: Tun
         passthrough_v6_be: [0; 4],
         queue_limit: tuning.max_unread_bytes,
         keepalive_secs: tuning.keepalive_secs,
+        small_write_secs: tuning.small_write_secs,
+        _pad: 0,
     };
     for a in &capture.passthrough_addresses {
         match a {

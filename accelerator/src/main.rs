@@ -72,6 +72,12 @@ enum Command {
         /// draws a new one, so a connection whose peer is gone ends. 0: none.
         #[arg(long, env = "MESHACCEL_KEEPALIVE_SECS", default_value_t = meshaccel_common::tuning::KEEPALIVE_SECS, value_parser = clap::value_parser!(u32).range(0..=86_400))]
         keepalive_secs: u32,
+        /// How long (seconds) a service keeps new connections on plain TCP after one of its
+        /// connections streamed small writes (under 1 KiB) faster than its reader read them: the
+        /// kernel's redirect moves such a stream one message at a time, TCP coalesces it and
+        /// moves more bytes. The connection that showed it goes on redirecting. 0: never.
+        #[arg(long, env = "MESHACCEL_SMALL_WRITE_SECS", default_value_t = meshaccel_common::tuning::SMALL_WRITE_SECS, value_parser = clap::value_parser!(u32).range(0..=86_400))]
+        small_write_secs: u32,
         /// Serve /metrics (Prometheus), /healthz and /readyz on this address, e.g. 0.0.0.0:9880
         /// (port 0 picks a free port; the state file records it). Off when not given.
         #[arg(long, env = "MESHACCEL_METRICS_ADDR")]
@@ -169,6 +175,7 @@ fn main() -> anyhow::Result<()> {
             replace_programs,
             max_unread_bytes,
             keepalive_secs,
+            small_write_secs,
             metrics_addr,
             state_dir,
             node_name,
@@ -189,6 +196,7 @@ fn main() -> anyhow::Result<()> {
                 s.tuning = meshaccel::desired::Tuning {
                     max_unread_bytes,
                     keepalive_secs,
+                    small_write_secs,
                 }
             });
             shared

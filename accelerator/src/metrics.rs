@@ -382,6 +382,10 @@ pub fn counter_metric(name: &'static str) -> CounterMetric {
             "meshaccel_resumes",
             "Times a held socket went back to redirecting (everything it sent over TCP had been read)",
         ),
+        "learned_small_writes" => CounterMetric::Plain(
+            "meshaccel_small_write_streams",
+            "Times a redirecting connection streamed small writes faster than its reader read them; its service's next connections stay on TCP for --small-write-secs",
+        ),
         n if n.starts_with("skip_") => CounterMetric::Labelled {
             family: "meshaccel_skipped_sockets",
             help: SKIPPED_HELP,

@@ -116,6 +116,15 @@ pub fn build(
 }
 
 impl StatusReport {
+    /// A workload's name when the agent's state file has it, else its netns cookie.
+    fn workload_label(&self, netns_cookie: u64) -> String {
+        self.by_workload
+            .iter()
+            .find(|r| r.netns_cookie == netns_cookie)
+            .and_then(|r| r.name.clone())
+            .unwrap_or_else(|| format!("netns {netns_cookie}"))
+    }
+
     pub fn render_text(&self) -> String {
         let k = &self.kernel;
         let mut o = String::new();
@@ -153,6 +162,21 @@ impl StatusReport {
         );
         let _ = writeln!(o, "workloads on:     {}", k.workloads_enabled);
         let _ = writeln!(o, "excluded ports:   {}", k.excluded_ports);
+        let _ = writeln!(
+            o,
+            "small-write services (new connections on TCP): {}",
+            k.small_write_services.len()
+        );
+        for s in &k.small_write_services {
+            let _ = writeln!(
+                o,
+                "  {} port {} ({}), seen {} s ago",
+                self.workload_label(s.netns_cookie),
+                s.port,
+                s.direction,
+                s.seen_secs_ago
+            );
+        }
         if let Some(x) = &self.xds {
             o.push_str(&x.render_text());
         }
@@ -221,6 +245,12 @@ mod tests {
             )]),
             workloads_enabled: 2,
             excluded_ports: 0,
+            small_write_services: vec![crate::dataplane::SmallWriteService {
+                netns_cookie: 11,
+                port: 8080,
+                direction: "outbound",
+                seen_secs_ago: 7,
+            }],
             counters: BTreeMap::from([("redirect_bytes", 500)]),
             map_ids: vec![],
             link_id: None,
@@ -261,6 +291,10 @@ mod tests {
         );
         let text = r.render_text();
         assert!(text.contains("shop/cart"), "{text}");
+        assert!(
+            text.contains("shop/cart port 8080 (outbound), seen 7 s ago"),
+            "small-write services are named: {text}"
+        );
         let json = serde_json::to_value(&r).unwrap();
         assert_eq!(json["enabled"], true, "kernel fields stay at the top level");
         assert_eq!(json["by_workload"][0]["name"], "shop/cart");

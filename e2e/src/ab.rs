@@ -145,16 +145,30 @@ impl Read for Patient<'_> {
 /// `rr-server`: answers rr requests (see [`RrHead`]), a thread per connection.
 #[derive(Args, Clone, Debug)]
 pub struct RrServerArgs {
-    /// Address to listen on.
-    #[arg(long)]
-    pub listen: SocketAddrV4,
+    /// Address to listen on (repeat the flag for more: a service per port).
+    #[arg(long, required = true)]
+    pub listen: Vec<SocketAddrV4>,
 }
 
-/// Listens, prints `ready`, serves forever.
+/// Listens on every address, prints `ready`, serves forever.
 pub fn rr_server(args: &RrServerArgs) -> anyhow::Result<()> {
-    let listener: TcpListener =
-        sock::listen(args.listen, 4096).with_context(|| format!("listening on {}", args.listen))?;
+    let mut listeners = Vec::new();
+    for &a in &args.listen {
+        let l: TcpListener = sock::listen(a, 4096).with_context(|| format!("listening on {a}"))?;
+        listeners.push(l);
+    }
     println!("ready");
+    let last = listeners.pop().context("no address to listen on")?;
+    for l in listeners {
+        thread::Builder::new()
+            .name("rr-accept".into())
+            .spawn(move || accept_loop(&l))
+            .context("starting an accept thread")?;
+    }
+    accept_loop(&last)
+}
+
+fn accept_loop(listener: &TcpListener) -> ! {
     loop {
         match listener.accept() {
             Ok((conn, _)) => {

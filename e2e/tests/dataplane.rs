@@ -7,9 +7,9 @@
 mod support;
 
 use meshaccel_e2e::{
-    Mesh,
+    Mesh, Pod,
     accel::{Accel, Scope, Workload},
-    require_root,
+    require_root, wait_ready,
 };
 use std::time::Duration;
 use support::*;
@@ -308,8 +308,8 @@ fn agent_killed_mid_transfer_restarts_adopting_pins_and_uninstall_leaves_nothing
     let report = accel.uninstall().expect("uninstall");
     assert_eq!(
         report["removed_pins"].as_array().unwrap().len(),
-        9,
-        "link + 8 maps: {report}"
+        10,
+        "link + 9 maps: {report}"
     );
     drop(mesh); // every pod process ends, their sockets close
     // A second uninstall finishes the job: it waits until the kernel freed everything.
@@ -492,4 +492,107 @@ fn status_lists_the_sockets_of_the_three_legs() {
         );
     }
     finished(slow, "listed transfer");
+}
+
+/// A service whose connection streams small writes faster than its reader reads them (the
+/// kernel's redirect moves them one message at a time, TCP coalesces them) is remembered: its
+/// next connections stay on plain TCP, on every leg that belongs to it, until
+/// `--small-write-secs` has passed; other services and large writes are accelerated as before,
+/// and every byte arrives exactly either way. With `--small-write-secs 0` nothing is remembered.
+#[test]
+fn small_write_streams_keep_their_service_on_tcp_for_a_while() {
+    require_root();
+    let (mut mesh, a, b, accel, c) = small_write_stream("4");
+    assert!(
+        c >= 1,
+        "the stream was not recognised as a small-write stream"
+    );
+    let small_svc = format!("{}:8080", b.ip);
+    let listed = accel.status().expect("status")["small_write_services"].clone();
+    assert!(
+        listed
+            .as_array()
+            .is_some_and(|l| l.iter().any(|s| s["port"] == 8080 && s["direction"] == "outbound")),
+        "status lists the service: {listed}"
+    );
+    // The same service again (64 KiB writes now, but the service is known): the app's leg and
+    // its sidecar's leg to the other sidecar (the same service seen from pod a) stay out; the
+    // other pod's sidecar → app leg too when its writes were small as well (the relay forwards
+    // what it has read).
+    let (inserted, skipped) = large_writes(&mut mesh, &accel, &a, &small_svc);
+    assert!(
+        inserted + skipped == 6 && skipped >= 4,
+        "known small-write service: {inserted} sockets inserted, {skipped} kept on TCP"
+    );
+    // Another service of the same pods: accelerated.
+    let other_svc = format!("{}:8081", b.ip);
+    assert_eq!(large_writes(&mut mesh, &accel, &a, &other_svc), (6, 0));
+    // Once the time has passed, the service is tried again.
+    std::thread::sleep(Duration::from_secs(5));
+    assert_eq!(
+        large_writes(&mut mesh, &accel, &a, &small_svc),
+        (6, 0),
+        "the service is accelerated again after --small-write-secs"
+    );
+    drop(accel);
+    drop(mesh);
+
+    let (mut mesh, a, b, accel, c) = small_write_stream("0");
+    assert_eq!(c, 0, "policy off, yet a small-write stream was remembered");
+    let small_svc = format!("{}:8080", b.ip);
+    assert_eq!(large_writes(&mut mesh, &accel, &a, &small_svc), (6, 0));
+}
+
+/// Two mesh pods, sinks on b:8080 (which waits 1 s before reading: its sidecars' queues fill and
+/// the app's 200 B writes find their reader behind) and b:8081, and one accelerated connection
+/// streaming 32 MiB in 200 B writes to b:8080. Returns the pods, the agent and how often a
+/// small-write stream was recognised.
+fn small_write_stream(secs: &str) -> (Mesh, Pod, Pod, Accel, u64) {
+    let (mut mesh, a, b, accel) = two_mesh_pods(&[("MESHACCEL_SMALL_WRITE_SECS", secs)]);
+    let small_svc = format!("{}:8080", b.ip);
+    let mut s = mesh
+        .spawn(
+            &b,
+            Some(APP_UID),
+            &tool(),
+            &["sink", "--listen", &small_svc, "--read-delay-ms", "1000"],
+        )
+        .expect("sink");
+    wait_ready(&mut s).expect("sink ready");
+    sink(&mut mesh, &b, &format!("{}:8081", b.ip));
+    const BYTES: u64 = 32 << 20;
+    let c0 = counters(&accel);
+    finished(
+        send(
+            &mut mesh,
+            &a,
+            &["--connect", &small_svc, "--bytes", &BYTES.to_string(), "--chunk", "200"],
+        ),
+        "small writes",
+    );
+    let c1 = counters(&accel);
+    eprintln!("small-write stream (--small-write-secs {secs}): {c1}");
+    assert_eq!(
+        delta(&c1, &c0, "inserted"),
+        6,
+        "the first connection is accelerated: {c1}"
+    );
+    assert!(delta(&c1, &c0, "redirect_bytes") >= 2 * BYTES, "{c1}");
+    let learned = delta(&c1, &c0, "learned_small_writes");
+    (mesh, a, b, accel, learned)
+}
+
+/// Sends 8 MiB in 64 KiB writes to `to`; returns (sockets inserted, sockets kept on TCP as a
+/// small-write service's).
+fn large_writes(mesh: &mut Mesh, accel: &Accel, from: &Pod, to: &str) -> (u64, u64) {
+    let before = counters(accel);
+    finished(
+        send(mesh, from, &["--connect", to, "--bytes", "8388608"]),
+        to,
+    );
+    let after = counters(accel);
+    (
+        delta(&after, &before, "inserted"),
+        delta(&after, &before, "skip_small_writes"),
+    )
 }

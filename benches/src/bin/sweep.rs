@@ -12,6 +12,11 @@
 //!   bytes in writes of S. N = clamp(1024·S, 1 MiB, 16 MiB). MB/s = bytes / time of the blocks.
 //! - latency up: request of S bytes, response 64 B; down: request 64 B, response S bytes.
 //!
+//! Each (size, kind) is its own service (destination port), as services in a mesh have their
+//! own traffic shapes: the dataplane remembers a service whose connections stream small writes
+//! and keeps its next connections on TCP (`--small-write-secs`). A first unmeasured round
+//! (`--learn-rounds`) lets it see every service once, as a long-running mesh has.
+//!
 //! Every socket has TCP_NODELAY (as gRPC, Go and Envoy set it). Prints per size the ratios
 //! accelerated/baseline with their spread, and names every cell where the accelerated side is
 //! slower; writes `sweep.json` and `sweep.png`.
@@ -37,6 +42,9 @@ struct Args {
     /// Rounds (each: every cell once, interleaved A/B, fresh connections).
     #[arg(long, env = "MESHACCEL_SWEEP_ROUNDS", default_value_t = 3)]
     rounds: u32,
+    /// Unmeasured rounds first, in which the dataplane sees each service's traffic shape.
+    #[arg(long, env = "MESHACCEL_SWEEP_LEARN_ROUNDS", default_value_t = 1)]
+    learn_rounds: u32,
     /// Measured blocks per cell (sides alternate A B B A …).
     #[arg(long, env = "MESHACCEL_SWEEP_BLOCKS", default_value_t = 8)]
     blocks: u32,
@@ -153,8 +161,14 @@ struct Cell {
     kind: Kind,
     dir: Dir,
     size: u64,
+    /// Its service: the port offset of its (size, kind).
+    service: u16,
     c: Compare,
 }
+
+/// First port of the services (hop: any port is captured to the pod's 15001; mesh: the server
+/// app listens on `BASE_PORT + service`).
+const BASE_PORT: u16 = 8080;
 
 impl Cell {
     /// The metric the cell is judged by.
@@ -207,10 +221,12 @@ fn run(a: &Args) -> anyhow::Result<()> {
         "[sweep] pods with Istio's capture rules: client and server with Envoy sidecars (mTLS), \
          and a hop pod whose sidecar stand-in answers on 15001"
     );
+    let services = (a.sizes.len() * a.kinds.len()) as u16;
+    let ports: Vec<u16> = (0..services).map(|s| BASE_PORT + s).collect();
     let mut m = SidecarMesh::start_with(
         &[
             PodSpec::mesh("client", &[]),
-            PodSpec::mesh("server", &[8080]),
+            PodSpec::mesh("server", &ports),
         ],
         Rules::Generated,
     )?;
@@ -225,57 +241,56 @@ fn run(a: &Args) -> anyhow::Result<()> {
     ];
     let mut accel = Accel::start(&m.mesh, false, &wl)?;
     let other = driver::OtherLoad::start(m.mesh.cgroup_root());
-    let rr = |listen: &str| vec!["rr-server".to_string(), "--listen".into(), listen.into()];
-    driver::serve(
-        &mut m.mesh,
-        &server,
-        driver::APP_UID,
-        &server_cpus,
-        &rr("0.0.0.0:8080"),
-    )?;
+    let mut rr = vec!["rr-server".to_string()];
+    for p in &ports {
+        rr.extend(["--listen".into(), format!("0.0.0.0:{p}")]);
+    }
+    driver::serve(&mut m.mesh, &server, driver::APP_UID, &server_cpus, &rr)?;
     driver::serve(
         &mut m.mesh,
         &hop,
         PROXY_UID,
         &server_cpus,
-        &rr("0.0.0.0:15001"),
+        &["rr-server".into(), "--listen".into(), "0.0.0.0:15001".into()],
     )?;
-    let setup_of = |p: Path| match p {
+    let setup_of = |p: Path, service: u16| match p {
         Path::Hop => PathSetup {
             pod: hop.clone(),
             // Any mesh address: Istio's rules redirect it to the pod's own 15001.
-            target: format!("{}:9000", server.ip),
+            target: format!("{}:{}", server.ip, BASE_PORT + service),
             cpus: client_cpus.clone(),
         },
         Path::Mesh => PathSetup {
             pod: client.clone(),
-            target: format!("{}:8080", server.ip),
+            target: format!("{}:{}", server.ip, BASE_PORT + service),
             cpus: client_cpus.clone(),
         },
     };
     let mut cells: Vec<Cell> = Vec::new();
     for &path in &a.paths {
-        for &size in &a.sizes {
-            for &kind in &a.kinds {
+        for (si, &size) in a.sizes.iter().enumerate() {
+            for (ki, &kind) in a.kinds.iter().enumerate() {
                 for dir in [Dir::Up, Dir::Down] {
                     cells.push(Cell {
                         path,
                         kind,
                         dir,
                         size,
+                        service: (si * a.kinds.len() + ki) as u16,
                         c: Compare::default(),
                     });
                 }
             }
         }
     }
-    let total = cells.len() as u32 * a.rounds;
+    let total = cells.len() as u32 * (a.learn_rounds + a.rounds);
     let mut done = 0;
-    for round in 1..=a.rounds {
+    for round in 1..=a.learn_rounds + a.rounds {
+        let learning = round <= a.learn_rounds;
         for cell in cells.iter_mut() {
             driver::pin_cgroup(&client.cgroup, "envoy", &client_cpus)?;
             driver::pin_cgroup(&server.cgroup, "envoy", &server_cpus)?;
-            let ps = setup_of(cell.path);
+            let ps = setup_of(cell.path, cell.service);
             let (req, resp, chunk) = shape(cell.kind, cell.dir, cell.size);
             let base: Vec<String> = [
                 "ab-rr",
@@ -292,10 +307,17 @@ fn run(a: &Args) -> anyhow::Result<()> {
             .to_vec();
             let mut args = base.clone();
             args.extend(driver::block_args(a.blocks, a.block_ms, 200));
-            // What the dataplane's policies did during the cell (holds on TCP, resumes).
-            let policy = |a: &Accel| -> [u64; 2] {
+            // What the dataplane's policies did during the cell (holds on TCP, resumes,
+            // small-write streams seen, sockets kept out for being one).
+            let policy = |a: &Accel| -> [u64; 4] {
                 let s = a.status().unwrap_or_default();
-                ["hold_queue", "resumed"].map(|n| s["counters"][n].as_u64().unwrap_or(0))
+                [
+                    "hold_queue",
+                    "resumed",
+                    "learned_small_writes",
+                    "skip_small_writes",
+                ]
+                .map(|n| s["counters"][n].as_u64().unwrap_or(0))
             };
             let before = policy(&accel);
             let mut setup = AbSetup {
@@ -311,7 +333,8 @@ fn run(a: &Args) -> anyhow::Result<()> {
             let metric = cell.metric();
             let (x, y) = (r.side(false).metric(metric), r.side(true).metric(metric));
             eprintln!(
-                "[sweep] {done}/{total} round {round} {:?} {:?} {} {} B: {} {x:.1} → {y:.1} ({:.2}); held {}, resumed {}",
+                "[sweep] {done}/{total} round {round}{} {:?} {:?} {} {} B: {} {x:.1} → {y:.1} ({:.2}); held {}, resumed {}, small-write streams seen {}, sockets kept on TCP {}",
+                if learning { " (learning, not counted)" } else { "" },
                 cell.path,
                 cell.kind,
                 cell.dir.key(),
@@ -320,9 +343,14 @@ fn run(a: &Args) -> anyhow::Result<()> {
                 y / x,
                 after[0] - before[0],
                 after[1] - before[1],
+                after[2] - before[2],
+                after[3] - before[3],
             );
+            if learning {
+                continue;
+            }
             cell.c.rounds.push(r);
-            if let (Some(dir), 1) = (&a.perf, round) {
+            if let Some(dir) = a.perf.as_ref().filter(|_| round == a.learn_rounds + 1) {
                 let dir = dir.join(format!(
                     "{:?}-{:?}-{}-{}",
                     cell.path,
@@ -348,8 +376,8 @@ fn run(a: &Args) -> anyhow::Result<()> {
 
     println!();
     println!(
-        "sweep: by message size, both directions, {} rounds × {} blocks of {} ms per cell, interleaved, pinning {:?}",
-        a.rounds, a.blocks, a.block_ms, a.pin
+        "sweep: by message size, both directions, {} rounds × {} blocks of {} ms per cell (after {} unmeasured), interleaved, pinning {:?}, a service (port) per size and kind",
+        a.rounds, a.blocks, a.block_ms, a.learn_rounds, a.pin
     );
     println!("{}", driver::machine_line(&machine));
     let mut slower = Vec::new();
@@ -438,6 +466,7 @@ fn run(a: &Args) -> anyhow::Result<()> {
         "bench": "sweep",
         "what": "throughput and latency by message size, both directions; hop = app ↔ sidecar, mesh = app → Envoy → (mTLS) → Envoy → app",
         "rounds": a.rounds,
+        "learn_rounds": a.learn_rounds,
         "blocks": a.blocks,
         "block_ms": a.block_ms,
         "pin": format!("{:?}", a.pin).to_lowercase(),

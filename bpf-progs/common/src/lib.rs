@@ -25,9 +25,20 @@ pub mod names {
     pub const STATS: &str = "MESHACCEL_STATS";
     /// PERCPU_HASH: netns cookie -> `WorkloadStats` (entries made by user space per workload).
     pub const WL_STATS: &str = "MESHACCEL_WLST";
+    /// LRU_HASH: `PortKey` (a service, see `SockState::service`) -> when (ns, boot clock) one of
+    /// its connections last showed a small-write stream: new connections of it stay on TCP.
+    pub const SMALL_WRITES: &str = "MESHACCEL_SMALL";
     /// All maps, in the order the agent pins them.
-    pub const ALL: [&str; 8] = [
-        SOCKS, PEERS, STATE, WORKLOADS, PORTS, CONFIG, STATS, WL_STATS,
+    pub const ALL: [&str; 9] = [
+        SOCKS,
+        PEERS,
+        STATE,
+        WORKLOADS,
+        PORTS,
+        CONFIG,
+        STATS,
+        WL_STATS,
+        SMALL_WRITES,
     ];
 
     /// Program names (function names in the eBPF crate).
@@ -41,6 +52,8 @@ pub mod capacity {
     pub const SOCKS: u32 = 65_536;
     pub const WORKLOADS: u32 = 4_096;
     pub const PORTS: u32 = 16_384;
+    /// Services remembered as small-write streams (least recently used go first).
+    pub const SMALL_WRITES: u32 = 4_096;
 }
 
 /// Indexes into the per-CPU counter array.
@@ -82,7 +95,12 @@ pub mod counter {
     pub const HOLD_QUEUE: u32 = 16;
     /// A held socket went back to redirecting: everything it sent over TCP had been read.
     pub const RESUMED: u32 = 17;
-    pub const COUNT: u32 = 18;
+    /// Sockets not inserted because their service was seen streaming small writes lately
+    /// (`Config::small_write_secs`): on plain TCP such a stream moves more bytes.
+    pub const SKIP_SMALL_WRITES: u32 = 18;
+    /// A redirecting socket found its service to be a small-write stream (and remembered it).
+    pub const LEARNED_SMALL_WRITES: u32 = 19;
+    pub const COUNT: u32 = 20;
 
     /// Names used by `status` and `/metrics`, indexed like the constants above.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -104,6 +122,8 @@ pub mod counter {
         "skip_not_mesh",
         "hold_queue",
         "resumed",
+        "skip_small_writes",
+        "learned_small_writes",
     ];
 }
 
@@ -186,8 +206,19 @@ pub struct SockState {
     pub leg: u32,
     /// Bytes redirected since the peer's queue was last looked at.
     pub unchecked: u32,
+    /// The service this connection belongs to, the key under which a small-write stream is
+    /// remembered: the client's destination port in the client's netns (`DIR_OUTBOUND`) — for
+    /// the sidecar's socket of a captured connection, that of the app's socket it pairs with —
+    /// or, when no local client is known, the server's own port (`DIR_INBOUND`). Port 0: none
+    /// (a capture port names no service).
+    pub service: PortKey,
+    /// Small messages redirected in a row (none of `tuning::SMALL_WRITE_BYTES` or more between).
+    pub small_run: u32,
+    /// Looks at the peer in a row, one per `tuning::SMALL_RUN` small messages, that found it
+    /// with bytes unread (the reader falls behind a stream of small writes).
+    pub small_behind: u32,
 }
-const _: () = assert!(size_of::<SockState>() == 80);
+const _: () = assert!(size_of::<SockState>() == 104);
 
 /// Who owns the socket stored under a `PairKey`.
 #[repr(C)]
@@ -200,9 +231,17 @@ pub struct PeerInfo {
     pub sk_addr: u64,
     /// 1 when this socket is known at insert to be one of Istio's legs (see `Config`).
     pub leg: u32,
-    pub _pad: u32,
+    /// An active socket's destination port (its service, see `SockState::service`); 0 for a
+    /// passive socket.
+    pub service_port: u16,
+    /// `PEER_*` bits.
+    pub flags: u16,
 }
 const _: () = assert!(size_of::<PeerInfo>() == 24);
+
+/// `PeerInfo::flags`: the socket stayed out of the sockhash because its service streams small
+/// writes; its peer stays out too.
+pub const PEER_SMALL_WRITES: u16 = 1;
 
 /// Per-workload traffic counters (PERCPU_HASH value, summed by user space).
 #[repr(C)]
@@ -278,8 +317,13 @@ pub struct Config {
     /// than its backlog limit unread (sk_msg ingress counts there) is dropped by the kernel and
     /// never retransmitted; the keepalive probe then draws a fresh RST from the peer's stack.
     pub keepalive_secs: u32,
+    /// How long (seconds) a service whose connection streamed small writes while its reader
+    /// fell behind keeps new connections on plain TCP (the kernel's redirect costs more per
+    /// message than TCP, which coalesces small writes); 0: never.
+    pub small_write_secs: u32,
+    pub _pad: u32,
 }
-const _: () = assert!(size_of::<Config>() == 48);
+const _: () = assert!(size_of::<Config>() == 56);
 
 /// Defaults of the tunables in `Config`.
 pub mod tuning {
@@ -291,6 +335,15 @@ pub mod tuning {
     pub const KEEPALIVE_SECS: u32 = 60;
     /// Probes 1/6 of the idle time apart (at least 1 s), this many before the kernel gives up.
     pub const KEEPALIVE_PROBES: u32 = 4;
+    /// A message under this many bytes is small (the benches' sweep: 1 KiB writes gain when
+    /// accelerated, 256 B ones lose).
+    pub const SMALL_WRITE_BYTES: u64 = 1024;
+    /// Every this many small messages in a row, a sender looks at its peer's unread bytes ...
+    pub const SMALL_RUN: u32 = 64;
+    /// ... and this many looks in a row with bytes unread make its service a small-write stream.
+    pub const SMALL_BEHIND: u32 = 4;
+    /// `Config::small_write_secs` default.
+    pub const SMALL_WRITE_SECS: u32 = 600;
 }
 
 /// IPv4 (network order u32) as an IPv4-mapped IPv6 address in network-order words.

@@ -9,7 +9,8 @@
 //!   may then fall back to TCP (safe). It is *held* on TCP while its peer has too much unread
 //!   (the kernel bounds no sk_msg ingress queue), and resumes redirecting only when everything it
 //!   sent over TCP has been acknowledged and read (nothing left for a redirected byte to
-//!   overtake).
+//!   overtake). A socket that streams small writes faster than its peer reads them marks its
+//!   service (`MESHACCEL_SMALL`): the service's next connections stay out of the sockhash.
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
 
@@ -22,16 +23,17 @@ mod progs {
             BPF_F_INGRESS, BPF_NOEXIST, BPF_SK_STORAGE_GET_F_CREATE, BPF_SOCK_OPS_STATE_CB_FLAG,
             sk_action::SK_PASS,
         },
-        btf_maps::{Array, HashMap, PerCpuArray, PerCpuHashMap, SkStorage, SockHash},
+        btf_maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, SkStorage, SockHash},
         helpers::generated::{
-            bpf_get_netns_cookie, bpf_getsockopt, bpf_probe_read_kernel, bpf_setsockopt,
-            bpf_sk_storage_get, bpf_skc_to_tcp_sock,
+            bpf_get_netns_cookie, bpf_getsockopt, bpf_ktime_get_ns, bpf_probe_read_kernel,
+            bpf_setsockopt, bpf_sk_storage_get, bpf_skc_to_tcp_sock,
         },
         macros::{btf_map, sk_msg, sock_ops},
         programs::{SkMsgContext, SockOpsContext},
     };
     use meshaccel_common::{
-        Config, DIR_INBOUND, DIR_OUTBOUND, POLICY_ENABLED, PairKey, PeerInfo, PortKey, ROLE_CLIENT,
+        Config, DIR_INBOUND, DIR_OUTBOUND, PEER_SMALL_WRITES, POLICY_ENABLED, PairKey, PeerInfo,
+        PortKey, ROLE_CLIENT,
         ROLE_SERVER, SCOPE_MESH, STATE_HELD, STATE_REDIRECT, STATE_TCP, STATE_UNDECIDED, SockState,
         WorkloadPolicy, WorkloadStats, capacity, counter, is_loopback, port_from_be_field, tuning,
         v4_mapped,
@@ -41,6 +43,7 @@ mod progs {
     const WL_MAX: usize = capacity::WORKLOADS as usize;
     const PORTS_MAX: usize = capacity::PORTS as usize;
     const STATS_LEN: usize = counter::COUNT as usize;
+    const SMALL_MAX: usize = capacity::SMALL_WRITES as usize;
 
     #[btf_map]
     static MESHACCEL_SOCKS: SockHash<PairKey, SOCKS_MAX> = SockHash::new();
@@ -58,6 +61,8 @@ mod progs {
     static MESHACCEL_STATS: PerCpuArray<u64, STATS_LEN> = PerCpuArray::new();
     #[btf_map]
     static MESHACCEL_WLST: PerCpuHashMap<u64, WorkloadStats, WL_MAX> = PerCpuHashMap::new();
+    #[btf_map]
+    static MESHACCEL_SMALL: LruHashMap<PortKey, u64, SMALL_MAX> = LruHashMap::new();
 
     // Byte offsets in this kernel's `struct tcp_sock` (from its BTF, set by the agent before
     // loading; read-only, so the verifier sees constants and drops the code that uses them when
@@ -271,6 +276,28 @@ mod progs {
             role,
         };
 
+        // The connection's service (see `SockState::service`) and whether it was seen streaming
+        // small writes lately: then this socket stays on plain TCP, and so does its peer.
+        let mut service = if active {
+            PortKey::new(netns, remote_port as u16, DIR_OUTBOUND)
+        } else {
+            PortKey::new(netns, local_port as u16, DIR_INBOUND)
+        };
+        if !active && let Some(p) = unsafe { MESHACCEL_PEERS.get(key.peer()) } {
+            if p.flags & PEER_SMALL_WRITES != 0 {
+                count(counter::SKIP_SMALL_WRITES, 1);
+                return Ok(());
+            }
+            if p.service_port != 0 {
+                service = PortKey::new(p.netns_cookie, p.service_port, DIR_OUTBOUND);
+            }
+        }
+        let port = service.port as u32;
+        if port == cfg.outbound_port || port == cfg.inbound_port {
+            service.port = 0;
+        }
+        let small_writes = service.port != 0 && small_write_service(&cfg, &service);
+
         let sk = unsafe { ops.__bindgen_anon_2.sk };
         if sk.is_null() {
             return Err(());
@@ -281,7 +308,8 @@ mod progs {
                 netns_cookie: netns,
                 sk_addr: sk as u64,
                 leg: leg.into(),
-                _pad: 0,
+                service_port: if active { service.port } else { 0 },
+                flags: if small_writes { PEER_SMALL_WRITES } else { 0 },
             },
             BPF_NOEXIST.into(),
         ) {
@@ -300,10 +328,17 @@ mod progs {
             netns_cookie: netns,
             peer_netns_cookie: 0,
             peer_sk: 0,
-            state: STATE_UNDECIDED,
+            state: if small_writes {
+                STATE_TCP
+            } else {
+                STATE_UNDECIDED
+            },
             epoch: cfg.epoch,
             leg: leg.into(),
             unchecked: 0,
+            service,
+            small_run: 0,
+            small_behind: 0,
         };
         let st = unsafe {
             bpf_sk_storage_get(
@@ -321,6 +356,14 @@ mod progs {
         }
         // A socket reused after close keeps no old state: start undecided.
         unsafe { *st = init };
+        if small_writes {
+            // Out of the sockhash; its PEERS entry (which tells its peer to stay out too) goes
+            // at close.
+            let _ = ctx
+                .set_cb_flags((ops.bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
+            count(counter::SKIP_SMALL_WRITES, 1);
+            return Ok(());
+        }
         let mut k = key;
         if let Err(e) = MESHACCEL_SOCKS.update(&mut k, unsafe { &mut *ctx.ops }, BPF_NOEXIST.into())
         {
@@ -341,6 +384,22 @@ mod progs {
         let _ = ctx.set_cb_flags((ops.bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
         count(counter::INSERTED, 1);
         Ok(())
+    }
+
+    /// Whether a connection of this service showed a small-write stream in the last
+    /// `Config::small_write_secs`.
+    #[inline(always)]
+    fn small_write_service(cfg: &Config, service: &PortKey) -> bool {
+        if cfg.small_write_secs == 0 {
+            return false;
+        }
+        match unsafe { MESHACCEL_SMALL.get(service) } {
+            Some(&at) => {
+                let now = unsafe { bpf_ktime_get_ns() };
+                now.wrapping_sub(at) < cfg.small_write_secs as u64 * 1_000_000_000
+            }
+            None => false,
+        }
     }
 
     /// TCP keepalive for an accelerated socket that has none of its own: its data never
@@ -467,6 +526,7 @@ mod progs {
             count(counter::HOLD_QUEUE, 1);
             return tcp(st.netns_cookie, size);
         }
+        small_writes(st, &cfg, size);
         let mut peer = st.own.peer();
         if MESHACCEL_SOCKS.redirect_msg(ctx, &mut peer, BPF_F_INGRESS.into()) == SK_PASS.into() {
             count(counter::REDIRECT_MSGS, 1);
@@ -498,6 +558,43 @@ mod progs {
         }
         st.unchecked = 0;
         unread(st).is_some_and(|n| n > cfg.queue_limit)
+    }
+
+    /// Watches for a small-write stream: `tuning::SMALL_BEHIND` looks in a row, one every
+    /// `tuning::SMALL_RUN` small messages in a row, that find the peer with bytes unread (a
+    /// request/response exchange finds it with nothing unread). Such a stream moves more bytes
+    /// over plain TCP, which coalesces small writes, than redirected one message at a time; and
+    /// a socket cannot leave the sockhash safely while its peer may redirect into it. So the
+    /// service is remembered and its next connections stay out (`established`); this one goes
+    /// on. Remembering again while the stream lasts keeps its service out.
+    #[inline(always)]
+    fn small_writes(st: &mut SockState, cfg: &Config, size: u64) {
+        if cfg.small_write_secs == 0 || st.service.port == 0 {
+            return;
+        }
+        if size >= tuning::SMALL_WRITE_BYTES {
+            st.small_run = 0;
+            st.small_behind = 0;
+            return;
+        }
+        st.small_run += 1;
+        if st.small_run < tuning::SMALL_RUN {
+            return;
+        }
+        st.small_run = 0;
+        if unread(st).is_none_or(|n| n == 0) {
+            st.small_behind = 0;
+            return;
+        }
+        st.small_behind += 1;
+        if st.small_behind < tuning::SMALL_BEHIND {
+            return;
+        }
+        st.small_behind = 0;
+        let now = unsafe { bpf_ktime_get_ns() };
+        if MESHACCEL_SMALL.insert(&st.service, &now, 0).is_ok() {
+            count(counter::LEARNED_SMALL_WRITES, 1);
+        }
     }
 
     /// A held socket may redirect again once everything it wrote over TCP has been acknowledged
