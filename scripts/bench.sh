@@ -59,7 +59,7 @@ if [ -z "$out" ]; then
     out=benches/results
   fi
 fi
-cleanup() { [ -n "$tmp" ] && rm -rf "$tmp"; }
+cleanup() { if [ -n "$tmp" ]; then rm -rf "$tmp"; fi; }
 trap cleanup EXIT
 
 # Share of the machine's CPU time in use over the next 5 seconds (/proc/stat), in percent.

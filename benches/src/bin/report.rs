@@ -213,19 +213,19 @@ fn run(a: &Args) -> anyhow::Result<()> {
                             Some(c) => {
                                 let key = c["metric"].as_str().unwrap_or("");
                                 let r = &c["result"]["ratio"][key];
-                                let slower = if kind == "throughput" {
-                                    f(&r["median"]) < 1.0
-                                } else {
-                                    f(&r["median"]) > 1.0
+                                // Bold: slower beyond the run's noise; "≈": slower within it.
+                                let (bold, mark) = match c["verdict"].as_str() {
+                                    Some("slower") => ("**", ""),
+                                    Some("within_noise") => ("", " ≈"),
+                                    _ => ("", ""),
                                 };
+                                let tcp = if c["kept_on_tcp"] == true { " ᵀ" } else { "" };
                                 let _ = write!(
                                     md,
-                                    " {}{:.2} [{:.2}–{:.2}]{} |",
-                                    if slower { "**" } else { "" },
+                                    " {bold}{:.2} [{:.2}–{:.2}]{bold}{mark}{tcp} |",
                                     f(&r["median"]),
                                     f(&r["min"]),
                                     f(&r["max"]),
-                                    if slower { "**" } else { "" },
                                 );
                             }
                             None => md.push_str(" |"),
@@ -235,6 +235,12 @@ fn run(a: &Args) -> anyhow::Result<()> {
                 md.push('\n');
             }
         }
+        let _ = writeln!(
+            md,
+            "\n**bold**: slower beyond the run's own noise; ≈: slower within it; ᵀ: the \
+             accelerated side's connection stayed on TCP (its service had streamed small writes \
+             in the unmeasured round, see the dataplane's small-write policy): TCP against TCP."
+        );
     }
     let md_path = a.dir.join("performance.md");
     fs::write(&md_path, &md).with_context(|| format!("writing {}", md_path.display()))?;

@@ -178,6 +178,28 @@ impl Cell {
             Kind::Latency => Metric::P50,
         }
     }
+    /// The accelerated side's sockets stayed on TCP in every measured round: its service was
+    /// known to stream small writes (the dataplane kept them out of the sockhash).
+    fn kept_on_tcp(&self) -> bool {
+        !self.c.rounds.is_empty()
+            && self.c.rounds.iter().all(|r| {
+                let k = &r.extra["kernel_counters"];
+                k["inserted"].as_u64().unwrap_or(0) == 0
+                    && k["skip_small_writes"].as_u64().unwrap_or(0) > 0
+            })
+    }
+    /// Where the gain falls: `slower` only beyond the run's own noise (the largest gap between
+    /// the two halves of one side, A/A or B/B).
+    fn verdict(&self) -> Verdict {
+        let g = self.gain();
+        if g.median >= 1.0 {
+            Verdict::NotSlower
+        } else if g.median >= 1.0 - self.c.noise(self.metric()) {
+            Verdict::WithinNoise
+        } else {
+            Verdict::Slower
+        }
+    }
     /// Ratio oriented so that > 1 means "accelerated is better".
     fn gain(&self) -> Spread {
         let r = self.c.ratio(self.metric());
@@ -188,6 +210,23 @@ impl Cell {
                 min: 1.0 / r.max,
                 max: 1.0 / r.min,
             },
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Verdict {
+    NotSlower,
+    WithinNoise,
+    Slower,
+}
+
+impl Verdict {
+    fn key(self) -> &'static str {
+        match self {
+            Verdict::NotSlower => "not_slower",
+            Verdict::WithinNoise => "within_noise",
+            Verdict::Slower => "slower",
         }
     }
 }
@@ -400,28 +439,31 @@ fn run(a: &Args) -> anyhow::Result<()> {
                 let metric = cell.metric();
                 let (pa, pb) = (cell.c.pooled(false), cell.c.pooled(true));
                 let r = cell.c.ratio(metric);
-                let g = cell.gain();
-                let verdict = if g.max < 1.0 {
-                    " **slower**"
-                } else if g.median < 1.0 {
-                    " (slower, within spread)"
+                let noise = cell.c.noise(metric);
+                let tcp = if cell.kept_on_tcp() {
+                    " (TCP both: small-write service)"
                 } else {
                     ""
                 };
-                if g.median < 1.0 {
+                let verdict = match cell.verdict() {
+                    Verdict::Slower => " **slower**",
+                    Verdict::WithinNoise => " (slower, within the run's noise)",
+                    Verdict::NotSlower => "",
+                };
+                if cell.verdict() == Verdict::Slower {
                     slower.push(format!(
-                        "{path:?} {kind:?} {} {} B: {} {:.1} → {:.1}, ratio {}{}",
+                        "{path:?} {kind:?} {} {} B: {} {:.1} → {:.1}, ratio {} (noise ±{:.2}){tcp}",
                         cell.dir.key(),
                         cell.size,
                         metric.label(),
                         pa.metric(metric),
                         pb.metric(metric),
                         r.show(),
-                        if g.max < 1.0 { " (every round)" } else { "" }
+                        noise,
                     ));
                 }
                 println!(
-                    "| {} | {} | {:.1} | {:.1} | {}{verdict} | {:.2} | {:.2} → {:.2} |",
+                    "| {} | {} | {:.1} | {:.1} | {}{verdict}{tcp} | {:.2} | {:.2} → {:.2} |",
                     plot::size_label(cell.size as f64),
                     cell.dir.arrow(),
                     pa.metric(metric),
@@ -436,9 +478,11 @@ fn run(a: &Args) -> anyhow::Result<()> {
     }
     println!();
     if slower.is_empty() {
-        println!("accelerated is at least as fast as baseline in every cell (median of rounds)");
+        println!(
+            "accelerated is not slower than baseline beyond the run's noise in any cell (median of rounds)"
+        );
     } else {
-        println!("cells where accelerated is slower (median of rounds):");
+        println!("cells where accelerated is slower beyond the run's noise (median of rounds):");
         for s in &slower {
             println!("  - {s}");
         }
@@ -458,6 +502,8 @@ fn run(a: &Args) -> anyhow::Result<()> {
                 "write_size": chunk,
                 "metric": c.metric().key(),
                 "gain": c.gain().to_json(),
+                "verdict": c.verdict().key(),
+                "kept_on_tcp": c.kept_on_tcp(),
                 "result": c.c.to_json(&CELL_METRICS, false),
             })
         })
