@@ -590,3 +590,57 @@ impl OtherLoad {
         ((host - pods) / wall.max(1.0)).clamp(0.0, 1.0)
     }
 }
+
+/// A diagnostic: one thread per CPU, pinned and at `SCHED_IDLE` (it runs only when nothing
+/// else wants the CPU), spinning, so that the CPU never enters idle. What a run gains with it
+/// is what waking idle vCPUs costs. Stops when dropped. Its CPU time counts as other load.
+pub struct IdleSpinner {
+    stop: std::sync::Arc<AtomicBool>,
+    threads: Vec<thread::JoinHandle<()>>,
+}
+
+impl IdleSpinner {
+    pub fn start(cpus: &[usize]) -> anyhow::Result<IdleSpinner> {
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        let mut threads = Vec::new();
+        for &cpu in cpus {
+            let (stop, ready) = (stop.clone(), std::sync::mpsc::channel::<Result<(), String>>());
+            let (tx, rx) = ready;
+            threads.push(thread::spawn(move || {
+                // SAFETY: a zeroed cpu_set_t and a sched_param we own, for this thread (pid 0).
+                let set = unsafe {
+                    let mut set: libc::cpu_set_t = std::mem::zeroed();
+                    libc::CPU_SET(cpu, &mut set);
+                    libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set)
+                };
+                let param = libc::sched_param { sched_priority: 0 };
+                // SAFETY: as above.
+                let idle = unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) };
+                if set != 0 || idle != 0 {
+                    let _ = tx.send(Err(format!(
+                        "CPU {cpu}: {}",
+                        std::io::Error::last_os_error()
+                    )));
+                    return;
+                }
+                let _ = tx.send(Ok(()));
+                while !stop.load(Ordering::Relaxed) {
+                    std::hint::spin_loop();
+                }
+            }));
+            rx.recv()
+                .context("the idle spinner thread ended")?
+                .map_err(|e| anyhow::anyhow!("starting an idle spinner: {e}"))?;
+        }
+        Ok(IdleSpinner { stop, threads })
+    }
+}
+
+impl Drop for IdleSpinner {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}

@@ -61,6 +61,11 @@ struct Args {
     /// the scheduler decides.
     #[arg(long, env = "MESHACCEL_MESH_PIN", value_enum, default_value_t = Pin::One)]
     pin: Pin,
+    /// Diagnostic: keep the pinned CPUs out of idle with a `SCHED_IDLE` spinner on each (it runs
+    /// only when nothing else wants the CPU), to measure what waking an idle vCPU costs each
+    /// side at a fixed rate. Not the default: real nodes idle.
+    #[arg(long, env = "MESHACCEL_MESH_BUSY_IDLE")]
+    busy_idle: bool,
     /// Profile the fixed-rate mode instead of the closed loop (with `--perf`).
     #[arg(long, env = "MESHACCEL_MESH_PERF_RATE")]
     perf_rate: bool,
@@ -174,6 +179,17 @@ fn run(a: &Args) -> anyhow::Result<bool> {
     ]
     .map(String::from)
     .to_vec();
+    let _spinner = if a.busy_idle {
+        let cpus: Vec<usize> = match a.pin {
+            Pin::One => vec![0],
+            Pin::Pods => vec![0, 1],
+            Pin::None => (0..num_cpus()).collect(),
+        };
+        eprintln!("[mesh] keeping CPUs {cpus:?} out of idle (SCHED_IDLE spinners)");
+        Some(driver::IdleSpinner::start(&cpus)?)
+    } else {
+        None
+    };
     let (mut closed, mut fixed) = (Compare::default(), Compare::default());
     let mut rate = a.rate;
     for round in 1..=rounds {
@@ -251,6 +267,12 @@ fn run(a: &Args) -> anyhow::Result<bool> {
         a.size, a.connections, a.pin, a.block_ms
     );
     println!("{}", driver::machine_line(&machine));
+    if a.busy_idle {
+        println!(
+            "DIAGNOSTIC (--busy-idle): the pinned CPUs never went idle (SCHED_IDLE spinners); \
+             the other-load figure counts the spinners"
+        );
+    }
     println!("\nclosed loop:\n");
     print!("{}", table(&closed, &METRICS, &TARGETS));
     println!("\nrun noise (largest A/A or B/B p50 difference between halves): {noise:.3}");
@@ -284,6 +306,7 @@ fn run(a: &Args) -> anyhow::Result<bool> {
         "blocks": blocks,
         "block_ms": a.block_ms,
         "short": a.common.short,
+        "busy_idle": a.busy_idle,
         "machine": machine,
         "inversion": inverted,
         "closed": {
@@ -333,6 +356,11 @@ fn run(a: &Args) -> anyhow::Result<bool> {
         png_path.display()
     );
     Ok(!(a.common.check && inverted))
+}
+
+fn num_cpus() -> usize {
+    // SAFETY: sysconf has no preconditions.
+    unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) }.max(1) as usize
 }
 
 fn main() -> ExitCode {
