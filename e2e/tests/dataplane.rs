@@ -583,16 +583,24 @@ fn small_write_stream(secs: &str) -> (Mesh, Pod, Pod, Accel, u64) {
 }
 
 /// Sends 8 MiB in 64 KiB writes to `to`; returns (sockets inserted, sockets kept on TCP as a
-/// small-write service's).
+/// small-write service's), once every socket of the connection has closed (and checks that
+/// only inserted ones count as `closed`).
 fn large_writes(mesh: &mut Mesh, accel: &Accel, from: &Pod, to: &str) -> (u64, u64) {
     let before = counters(accel);
     finished(
         send(mesh, from, &["--connect", to, "--bytes", "8388608"]),
         to,
     );
+    wait_until("the connection's sockets closed", || {
+        accel.status().expect("status")["sockets"] == 0
+    });
+    std::thread::sleep(Duration::from_millis(200));
     let after = counters(accel);
-    (
-        delta(&after, &before, "inserted"),
-        delta(&after, &before, "skip_small_writes"),
-    )
+    let inserted = delta(&after, &before, "inserted");
+    assert_eq!(
+        delta(&after, &before, "closed"),
+        inserted,
+        "`closed` counts inserted sockets only: {after}"
+    );
+    (inserted, delta(&after, &before, "skip_small_writes"))
 }

@@ -453,13 +453,18 @@ mod progs {
             return Err(());
         }
         let own = unsafe { (*st).own };
+        let mut inserted = true;
         // Only our own entry: a colliding socket never inserted one under this key.
         if let Some(info) = unsafe { MESHACCEL_PEERS.get(own) }
             && info.netns_cookie == unsafe { (*st).netns_cookie }
         {
+            // A small-write service's socket kept its entry only to keep its peer out.
+            inserted = info.flags & PEER_SMALL_WRITES == 0;
             let _ = MESHACCEL_PEERS.remove(own);
         }
-        count(counter::CLOSED, 1);
+        if inserted {
+            count(counter::CLOSED, 1);
+        }
         Ok(())
     }
 
