@@ -572,12 +572,18 @@ fn small_write_stream(secs: &str) -> (Mesh, Pod, Pod, Accel, u64) {
     );
     let c1 = counters(&accel);
     eprintln!("small-write stream (--small-write-secs {secs}): {c1}");
-    assert_eq!(
+    // The app's leg is accelerated and carries the stream. The relay connects its upstream leg
+    // after accepting, while the app already writes: when the stream was recognised by then,
+    // that leg (the same service, seen from pod a) already stays out.
+    let (inserted, skipped) = (
         delta(&c1, &c0, "inserted"),
-        6,
+        delta(&c1, &c0, "skip_small_writes"),
+    );
+    assert!(
+        inserted >= 2 && inserted + skipped == 6,
         "the first connection is accelerated: {c1}"
     );
-    assert!(delta(&c1, &c0, "redirect_bytes") >= 2 * BYTES, "{c1}");
+    assert!(delta(&c1, &c0, "redirect_bytes") >= BYTES, "{c1}");
     let learned = delta(&c1, &c0, "learned_small_writes");
     (mesh, a, b, accel, learned)
 }
