@@ -402,6 +402,12 @@ pub fn machine_line(m: &Value) -> String {
             other * 100.0
         ));
     }
+    if let Some(steal) = m["steal"].as_f64() {
+        s.push_str(&format!(
+            ", taken by the hypervisor (steal): {:.2}%",
+            steal * 100.0
+        ));
+    }
     s
 }
 
@@ -532,21 +538,34 @@ pub fn run_ab_profiled(
 }
 
 /// Busy time of the whole machine (all CPUs, `/proc/stat`), in µs.
-fn host_busy_usec() -> u64 {
+/// The machine's CPU time (all CPUs) by /proc/stat field, in µs: user nice system idle iowait
+/// irq softirq steal (guest is included in user).
+fn host_cpu_usec() -> Vec<u64> {
     // SAFETY: sysconf has no preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
     let stat = fs::read_to_string("/proc/stat").unwrap_or_default();
     let Some(cpu) = stat.lines().find(|l| l.starts_with("cpu ")) else {
-        return 0;
+        return vec![0; 8];
     };
-    let v: Vec<u64> = cpu
+    let mut v: Vec<u64> = cpu
         .split_whitespace()
         .skip(1)
-        .filter_map(|x| x.parse().ok())
+        .take(8)
+        .filter_map(|x| x.parse::<u64>().ok())
+        .map(|t| t * 1_000_000 / hz)
         .collect();
-    // user nice system idle iowait irq softirq steal (guest is included in user)
-    let busy: u64 = v.iter().take(8).sum::<u64>() - v.get(3).unwrap_or(&0) - v.get(4).unwrap_or(&0);
-    busy * 1_000_000 / hz
+    v.resize(8, 0);
+    v
+}
+
+fn host_busy_usec() -> u64 {
+    let v = host_cpu_usec();
+    v.iter().sum::<u64>() - v[3] - v[4]
+}
+
+/// CPU time the hypervisor gave to others while a vCPU wanted to run (µs, all CPUs).
+fn host_steal_usec() -> u64 {
+    host_cpu_usec()[7]
 }
 
 fn cgroup_usage_usec(cgroup: &Path) -> u64 {
@@ -565,6 +584,7 @@ fn cgroup_usage_usec(cgroup: &Path) -> u64 {
 pub struct OtherLoad {
     start: Instant,
     host0: u64,
+    steal0: u64,
     cg0: u64,
     cgroup: PathBuf,
 }
@@ -575,6 +595,7 @@ impl OtherLoad {
         OtherLoad {
             start: Instant::now(),
             host0: host_busy_usec(),
+            steal0: host_steal_usec(),
             cg0: cgroup_usage_usec(cgroup),
             cgroup: cgroup.to_path_buf(),
         }
@@ -588,6 +609,21 @@ impl OtherLoad {
         let pods = cgroup_usage_usec(&self.cgroup).saturating_sub(self.cg0) as f64;
         let wall = self.start.elapsed().as_micros() as f64 * cpus;
         ((host - pods) / wall.max(1.0)).clamp(0.0, 1.0)
+    }
+
+    /// The share of the machine's CPU time (0–1) the hypervisor took away since `start` (steal:
+    /// a vCPU that wanted to run did not; each time is a stall of the processes on it).
+    pub fn steal_fraction(&self) -> f64 {
+        // SAFETY: sysconf has no preconditions.
+        let cpus = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) }.max(1) as f64;
+        let steal = host_steal_usec().saturating_sub(self.steal0) as f64;
+        (steal / (self.start.elapsed().as_micros() as f64 * cpus).max(1.0)).clamp(0.0, 1.0)
+    }
+
+    /// Records both shares in a result's `machine` object.
+    pub fn record(&self, machine: &mut Value) {
+        machine["other_cpu_load"] = json!(crate::stats::round3(self.fraction()));
+        machine["steal"] = json!((self.steal_fraction() * 1e5).round() / 1e5);
     }
 }
 

@@ -105,22 +105,29 @@ fn run(a: &Args) -> anyhow::Result<()> {
         .unwrap_or_default();
     if let Some(m) = machine.as_object_mut() {
         m.remove("other_cpu_load");
+        m.remove("steal");
     }
     let _ = writeln!(
         md,
         "Ratios are accelerated / baseline, both measured in the same run, interleaved (blocks A B B A …\n\
          on baseline and accelerated connections that live side by side); the ratio is the median over\n\
          the rounds, [min–max] its spread; baseline and accelerated values are pooled over the rounds.\n\
-         Machine: {}. Other work on the machine during the runs (share of its CPU time, noise): {}.",
+         Machine: {}. Other work on the machine during the runs (share of its CPU time, noise; steal: time the hypervisor took the vCPUs away, each time a stall): {}.",
         machine_line(&machine),
         [&hop, &mesh, &sweep]
             .into_iter()
             .flatten()
-            .map(|v| format!(
-                "{} {:.0}%",
-                v["bench"].as_str().unwrap_or("?"),
-                f(&v["machine"]["other_cpu_load"]) * 100.0
-            ))
+            .map(|v| {
+                let steal = v["machine"]["steal"]
+                    .as_f64()
+                    .map(|x| format!(" (steal {:.2}%)", x * 100.0))
+                    .unwrap_or_default();
+                format!(
+                    "{} {:.0}%{steal}",
+                    v["bench"].as_str().unwrap_or("?"),
+                    f(&v["machine"]["other_cpu_load"]) * 100.0,
+                )
+            })
             .collect::<Vec<_>>()
             .join(", ")
     );

@@ -409,7 +409,7 @@ fn run(a: &Args) -> anyhow::Result<()> {
         }
     }
     machine["loadavg_end"] = json!(driver::loadavg());
-    machine["other_cpu_load"] = json!(meshaccel_benches::stats::round3(other.fraction()));
+    other.record(&mut machine);
     drop(accel);
     drop(m);
 
