@@ -640,7 +640,10 @@ impl IdleSpinner {
         let stop = std::sync::Arc::new(AtomicBool::new(false));
         let mut threads = Vec::new();
         for &cpu in cpus {
-            let (stop, ready) = (stop.clone(), std::sync::mpsc::channel::<Result<(), String>>());
+            let (stop, ready) = (
+                stop.clone(),
+                std::sync::mpsc::channel::<Result<(), String>>(),
+            );
             let (tx, rx) = ready;
             threads.push(thread::spawn(move || {
                 // SAFETY: a zeroed cpu_set_t and a sched_param we own, for this thread (pid 0).

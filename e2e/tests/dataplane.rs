@@ -510,9 +510,9 @@ fn small_write_streams_keep_their_service_on_tcp_for_a_while() {
     let small_svc = format!("{}:8080", b.ip);
     let listed = accel.status().expect("status")["small_write_services"].clone();
     assert!(
-        listed
-            .as_array()
-            .is_some_and(|l| l.iter().any(|s| s["port"] == 8080 && s["direction"] == "outbound")),
+        listed.as_array().is_some_and(|l| l
+            .iter()
+            .any(|s| s["port"] == 8080 && s["direction"] == "outbound")),
         "status lists the service: {listed}"
     );
     // The same service again (64 KiB writes now, but the service is known): the app's leg and
@@ -566,7 +566,14 @@ fn small_write_stream(secs: &str) -> (Mesh, Pod, Pod, Accel, u64) {
         send(
             &mut mesh,
             &a,
-            &["--connect", &small_svc, "--bytes", &BYTES.to_string(), "--chunk", "200"],
+            &[
+                "--connect",
+                &small_svc,
+                "--bytes",
+                &BYTES.to_string(),
+                "--chunk",
+                "200",
+            ],
         ),
         "small writes",
     );

@@ -98,6 +98,17 @@ fn http_load(m: &mut SidecarMesh, from: &str, target: &str, extra: &[&str]) -> s
     .expect("http-load")
 }
 
+/// `n` keep-alive requests from the client pod to `target`, every response checked: the report.
+fn client_requests(m: &mut SidecarMesh, target: &str, n: u64, what: &str) -> Value {
+    let v = finished(
+        http_load(m, "client", target, &["--requests", &n.to_string()]),
+        what,
+    );
+    assert_eq!(v["errors"], 0, "{what}: {v}");
+    assert_eq!(v["requests"], n, "{what}: {v}");
+    v
+}
+
 /// A pod without a sidecar (no capture rules, no Envoy, not a workload) calls a mesh pod: correct,
 /// and none of its sockets enters the sockhash; the mesh pod's own legs are still accelerated.
 #[test]
@@ -178,16 +189,12 @@ fn disabled_workload_and_excluded_inbound_port_stay_on_tcp() {
     let server_ns = server.netns_cookie().unwrap().to_string();
 
     let c0 = counters(&accel);
-    let v = finished(
-        http_load(
-            &mut m,
-            "client",
-            &format!("{}:8080", server.ip),
-            &["--requests", "500"],
-        ),
+    client_requests(
+        &mut m,
+        &format!("{}:8080", server.ip),
+        500,
         "server disabled",
     );
-    assert_eq!(v["errors"], 0);
     let c1 = counters(&accel);
     assert_eq!(
         delta(&c1, &c0, "inserted"),
@@ -207,16 +214,7 @@ fn disabled_workload_and_excluded_inbound_port_stay_on_tcp() {
         .set_workloads(true, &[Workload::on(&client), s])
         .unwrap();
     let c1 = counters(&accel);
-    let v = finished(
-        http_load(
-            &mut m,
-            "client",
-            &format!("{}:9090", server.ip),
-            &["--requests", "500"],
-        ),
-        "port excluded",
-    );
-    assert_eq!(v["errors"], 0);
+    client_requests(&mut m, &format!("{}:9090", server.ip), 500, "port excluded");
     let c2 = counters(&accel);
     assert_eq!(
         delta(&c2, &c1, "skip_excluded_port"),
@@ -229,15 +227,7 @@ fn disabled_workload_and_excluded_inbound_port_stay_on_tcp() {
     );
     // Port 8080 of the same workload is accelerated on all legs.
     let c2 = counters(&accel);
-    finished(
-        http_load(
-            &mut m,
-            "client",
-            &format!("{}:8080", server.ip),
-            &["--requests", "500"],
-        ),
-        "8080",
-    );
+    client_requests(&mut m, &format!("{}:8080", server.ip), 500, "8080");
     let c3 = counters(&accel);
     assert_eq!(delta(&c3, &c2, "inserted"), 6, "{c3}");
     assert_eq!(delta(&c3, &c2, "fallback_no_peer"), 0, "{c3}");
@@ -346,11 +336,7 @@ fn envoy_restart_under_load_recovers() {
     );
     // After the restart: a fresh load is fully correct and accelerated on all legs.
     let c0 = counters(&accel);
-    let v = finished(
-        http_load(&mut m, "client", &target, &["--requests", "2000"]),
-        "after restart",
-    );
-    assert_eq!(v["errors"], 0);
+    client_requests(&mut m, &target, 2000, "after restart");
     let c1 = counters(&accel);
     assert_eq!(delta(&c1, &c0, "inserted"), 6, "{c1}");
     assert_eq!(delta(&c1, &c0, "insert_collision"), 0, "{c1}");
@@ -395,12 +381,7 @@ fn http_keepalive_through_envoy_is_accelerated_and_correct() {
         accel.set_workloads(enabled, &wl).unwrap();
         let c0 = counters(&accel);
         let before = segs(&m, &pods);
-        let v = finished(
-            http_load(&mut m, "client", &target, &["--requests", &N.to_string()]),
-            "http",
-        );
-        assert_eq!(v["errors"], 0, "{v}");
-        assert_eq!(v["requests"], N, "{v}");
+        client_requests(&mut m, &target, N, "http");
         let segs: u64 = in_segs_since(&m, &pods, &before).iter().sum();
         let c1 = counters(&accel);
         per_request.push(segs as f64 / N as f64);

@@ -290,7 +290,11 @@ fn run(a: &Args) -> anyhow::Result<()> {
         &hop,
         PROXY_UID,
         &server_cpus,
-        &["rr-server".into(), "--listen".into(), "0.0.0.0:15001".into()],
+        &[
+            "rr-server".into(),
+            "--listen".into(),
+            "0.0.0.0:15001".into(),
+        ],
     )?;
     let setup_of = |p: Path, service: u16| match p {
         Path::Hop => PathSetup {
@@ -373,7 +377,11 @@ fn run(a: &Args) -> anyhow::Result<()> {
             let (x, y) = (r.side(false).metric(metric), r.side(true).metric(metric));
             eprintln!(
                 "[sweep] {done}/{total} round {round}{} {:?} {:?} {} {} B: {} {x:.1} → {y:.1} ({:.2}); held {}, resumed {}, small-write streams seen {}, sockets kept on TCP {}",
-                if learning { " (learning, not counted)" } else { "" },
+                if learning {
+                    " (learning, not counted)"
+                } else {
+                    ""
+                },
                 cell.path,
                 cell.kind,
                 cell.dir.key(),

@@ -33,10 +33,9 @@ mod progs {
     };
     use meshaccel_common::{
         Config, DIR_INBOUND, DIR_OUTBOUND, PEER_SMALL_WRITES, POLICY_ENABLED, PairKey, PeerInfo,
-        PortKey, ROLE_CLIENT,
-        ROLE_SERVER, SCOPE_MESH, STATE_HELD, STATE_REDIRECT, STATE_TCP, STATE_UNDECIDED, SockState,
-        WorkloadPolicy, WorkloadStats, capacity, counter, is_loopback, port_from_be_field, tuning,
-        v4_mapped,
+        PortKey, ROLE_CLIENT, ROLE_SERVER, SCOPE_MESH, STATE_HELD, STATE_REDIRECT, STATE_TCP,
+        STATE_UNDECIDED, SockState, WorkloadPolicy, WorkloadStats, capacity, counter, is_loopback,
+        port_from_be_field, tuning, v4_mapped,
     };
 
     const SOCKS_MAX: usize = capacity::SOCKS as usize;
@@ -359,8 +358,8 @@ mod progs {
         if small_writes {
             // Out of the sockhash; its PEERS entry (which tells its peer to stay out too) goes
             // at close.
-            let _ = ctx
-                .set_cb_flags((ops.bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
+            let _ =
+                ctx.set_cb_flags((ops.bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
             count(counter::SKIP_SMALL_WRITES, 1);
             return Ok(());
         }
