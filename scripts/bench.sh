@@ -3,7 +3,7 @@
 # (benches/, see its crate docs). Installs what is missing first (scripts/env.sh, Envoy), builds,
 # runs, and cleans up after itself (also on Ctrl-C). Needs root.
 #
-#   sudo scripts/bench.sh            full mode: hop, mesh and sweep (about 10 minutes on 2 vCPUs);
+#   sudo scripts/bench.sh            full mode: hop, mesh and sweep (10–15 minutes on 2 vCPUs);
 #                                    results in benches/results/ (JSON, PNG, performance.md)
 #   sudo scripts/bench.sh --short    CI's short mode: short hop and mesh runs; exits 1 only on a
 #                                    clear inversion measured as a ratio in the same run
