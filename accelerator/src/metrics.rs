@@ -322,9 +322,19 @@ pub enum CounterMetric {
 }
 
 const FALLBACKS_HELP: &str = "Sockets that went to plain TCP for life, by reason (no_peer: the peer was not in the sockhash at the first message; disabled: a workload or the global switch was off; redirect_failed; no_state; not_mesh: not one of Istio's legs)";
-const SKIPPED_HELP: &str = "Sockets of enabled workloads never inserted into the sockhash, by reason (excluded_port, early_data: TCP Fast Open, not_mesh)";
+const SKIPPED_HELP: &str = "Sockets of enabled workloads never inserted into the sockhash, by reason (excluded_port, early_data: TCP Fast Open, not_mesh, small_writes: a service seen streaming small writes)";
 const INSERT_FAILURES_HELP: &str = "Sockhash inserts refused, by reason (collision: the key existed; failed: e.g. the map is full); those sockets stay on TCP";
 const EVENTS_HELP: &str = "Other kernel counters of meshaccel, by name";
+/// Counter name prefixes whose counters are one family labelled by the rest of the name.
+const REASON_FAMILIES: [(&str, &str, &str); 3] = [
+    ("fallback_", "meshaccel_fallbacks", FALLBACKS_HELP),
+    (
+        "hold_",
+        "meshaccel_holds",
+        "Times a redirecting socket moved to TCP until its reader caught up, by reason (queue: the peer had more than --max-unread-bytes unread)",
+    ),
+    ("skip_", "meshaccel_skipped_sockets", SKIPPED_HELP),
+];
 
 /// Maps a kernel counter name to its metric. Names without a dedicated family (a counter added
 /// later) go to `meshaccel_kernel_events{event=NAME}`, so nothing is lost.
@@ -366,18 +376,6 @@ pub fn counter_metric(name: &'static str) -> CounterMetric {
             label: "reason",
             value: "failed",
         },
-        n if n.starts_with("fallback_") => CounterMetric::Labelled {
-            family: "meshaccel_fallbacks",
-            help: FALLBACKS_HELP,
-            label: "reason",
-            value: &n["fallback_".len()..],
-        },
-        n if n.starts_with("hold_") => CounterMetric::Labelled {
-            family: "meshaccel_holds",
-            help: "Times a redirecting socket moved to TCP until its reader caught up, by reason (queue: the peer had more than --max-unread-bytes unread)",
-            label: "reason",
-            value: &n["hold_".len()..],
-        },
         "resumed" => CounterMetric::Plain(
             "meshaccel_resumes",
             "Times a held socket went back to redirecting (everything it sent over TCP had been read)",
@@ -386,17 +384,22 @@ pub fn counter_metric(name: &'static str) -> CounterMetric {
             "meshaccel_small_write_streams",
             "Times a redirecting connection streamed small writes faster than its reader read them; its service's next connections stay on TCP for --small-write-secs",
         ),
-        n if n.starts_with("skip_") => CounterMetric::Labelled {
-            family: "meshaccel_skipped_sockets",
-            help: SKIPPED_HELP,
-            label: "reason",
-            value: &n["skip_".len()..],
-        },
-        n => CounterMetric::Labelled {
-            family: "meshaccel_kernel_events",
-            help: EVENTS_HELP,
-            label: "event",
-            value: n,
+        n => match REASON_FAMILIES
+            .iter()
+            .find_map(|&(prefix, family, help)| Some((n.strip_prefix(prefix)?, family, help)))
+        {
+            Some((reason, family, help)) => CounterMetric::Labelled {
+                family,
+                help,
+                label: "reason",
+                value: reason,
+            },
+            None => CounterMetric::Labelled {
+                family: "meshaccel_kernel_events",
+                help: EVENTS_HELP,
+                label: "event",
+                value: n,
+            },
         },
     }
 }

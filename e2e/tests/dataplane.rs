@@ -9,7 +9,7 @@ mod support;
 use meshaccel_e2e::{
     Mesh, Pod,
     accel::{Accel, Scope, Workload},
-    require_root, wait_ready,
+    require_root,
 };
 use std::time::Duration;
 use support::*;
@@ -550,15 +550,7 @@ fn small_write_streams_keep_their_service_on_tcp_for_a_while() {
 fn small_write_stream(secs: &str) -> (Mesh, Pod, Pod, Accel, u64) {
     let (mut mesh, a, b, accel) = two_mesh_pods(&[("MESHACCEL_SMALL_WRITE_SECS", secs)]);
     let small_svc = format!("{}:8080", b.ip);
-    let mut s = mesh
-        .spawn(
-            &b,
-            Some(APP_UID),
-            &tool(),
-            &["sink", "--listen", &small_svc, "--read-delay-ms", "1000"],
-        )
-        .expect("sink");
-    wait_ready(&mut s).expect("sink ready");
+    sink_delayed(&mut mesh, &b, &small_svc, 1000);
     sink(&mut mesh, &b, &format!("{}:8081", b.ip));
     const BYTES: u64 = 32 << 20;
     let c0 = counters(&accel);

@@ -38,24 +38,6 @@ fn swarm_report(child: std::process::Child, what: &str) -> Value {
     v
 }
 
-fn sink_delayed(mesh: &mut Mesh, pod: &Pod, listen: &str, delay_ms: u64) {
-    let mut s = mesh
-        .spawn(
-            pod,
-            Some(APP_UID),
-            &tool(),
-            &[
-                "sink",
-                "--listen",
-                listen,
-                "--read-delay-ms",
-                &delay_ms.to_string(),
-            ],
-        )
-        .expect("sink");
-    meshaccel_e2e::wait_ready(&mut s).expect("sink ready");
-}
-
 fn counter(a: &Accel, name: &str) -> u64 {
     a.counter(name).expect("counter")
 }

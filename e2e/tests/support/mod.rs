@@ -54,8 +54,20 @@ pub fn two_mesh_pods(env: &[(&str, &str)]) -> (Mesh, Pod, Pod, Accel) {
 
 /// A checksumming sink in the pod; the mesh kills and reaps it at teardown.
 pub fn sink(mesh: &mut Mesh, pod: &Pod, listen: &str) {
+    sink_delayed(mesh, pod, listen, 0);
+}
+
+/// [`sink`] that waits `delay_ms` after accepting before its first read (the bytes sent
+/// meanwhile stay unread at the receiver).
+pub fn sink_delayed(mesh: &mut Mesh, pod: &Pod, listen: &str, delay_ms: u64) {
+    let delay = delay_ms.to_string();
     let mut s = mesh
-        .spawn(pod, Some(APP_UID), &tool(), &["sink", "--listen", listen])
+        .spawn(
+            pod,
+            Some(APP_UID),
+            &tool(),
+            &["sink", "--listen", listen, "--read-delay-ms", &delay],
+        )
         .expect("sink");
     wait_ready(&mut s).expect("sink ready");
 }
