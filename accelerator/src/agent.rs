@@ -291,6 +291,7 @@ mod tests {
             enabled: true,
             exclude_inbound_ports: vec![],
             exclude_outbound_ports: vec![],
+            app_sockets: Default::default(),
         }
     }
 

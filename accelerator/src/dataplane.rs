@@ -111,10 +111,10 @@ pub struct KernelStatus {
     pub prog_ids: Vec<u32>,
 }
 
-/// A `PEERS` entry of a socket that was inserted (not one kept on TCP as a small-write
-/// service's, whose entry only tells its peer to stay out too).
+/// A `PEERS` entry of a socket in the sockhash (not one kept on TCP as a small-write service's,
+/// whose entry only tells its peer to stay out too, nor an app's socket that left).
 fn in_sockhash(v: &PeerInfo) -> bool {
-    v.flags & meshaccel_common::PEER_SMALL_WRITES == 0
+    v.flags & (meshaccel_common::PEER_SMALL_WRITES | meshaccel_common::PEER_LEFT) == 0
 }
 
 /// CLOCK_MONOTONIC in ns: the clock of `bpf_ktime_get_ns`.
@@ -427,6 +427,10 @@ impl Dataplane {
         loader.override_global("OFF_RMEM_ALLOC", &offsets.rmem_alloc, true);
         loader.override_global("OFF_WRITE_SEQ", &offsets.write_seq, true);
         loader.override_global("OFF_SND_UNA", &offsets.snd_una, true);
+        loader.override_global("OFF_SK_SOCKET", &offsets.sk_socket, true);
+        loader.override_global("OFF_SOCKET_FILE", &offsets.socket_file, true);
+        loader.override_global("OFF_FILE_FLAGS", &offsets.file_flags, true);
+        loader.override_global("OFF_SK_UID", &offsets.sk_uid, true);
         if let Some(n) = opts.sockhash_capacity {
             loader.map_max_entries(names::SOCKS, n);
             loader.map_max_entries(names::PEERS, n);

@@ -5,13 +5,13 @@ use std::{
 };
 
 use meshaccel_common::{
-    Config, DIR_INBOUND, DIR_OUTBOUND, POLICY_ENABLED, PortKey, SCOPE_ALL, SCOPE_MESH,
-    WorkloadPolicy,
+    Config, DIR_INBOUND, DIR_OUTBOUND, POLICY_ENABLED, POLICY_TRUST_APPS, PortKey, SCOPE_ALL,
+    SCOPE_MESH, WorkloadPolicy,
 };
 
 use crate::{
     error::{Error, Result},
-    workloads::{Capture, Scope, WorkloadsFile},
+    workloads::{AppSockets, Capture, Scope, WorkloadsFile},
 };
 
 /// What the maps should hold. Only enabled workloads get entries; a workload that is absent
@@ -54,6 +54,7 @@ pub struct WorkloadSpec {
     pub enabled: bool,
     pub exclude_inbound_ports: Vec<u16>,
     pub exclude_outbound_ports: Vec<u16>,
+    pub app_sockets: AppSockets,
 }
 
 /// The dataplane's tunables (agent flags), see `meshaccel_common::tuning`.
@@ -106,7 +107,7 @@ pub fn kernel_config(enabled: bool, scope: Scope, capture: &Capture, tuning: Tun
         queue_limit: tuning.max_unread_bytes,
         keepalive_secs: tuning.keepalive_secs,
         small_write_secs: tuning.small_write_secs,
-        _pad: 0,
+        proxy_uid: capture.proxy_uid,
     };
     for a in &capture.passthrough_addresses {
         match a {
@@ -138,6 +139,7 @@ impl Inputs {
                     enabled: w.enabled,
                     exclude_inbound_ports: w.exclude_inbound_ports.clone(),
                     exclude_outbound_ports: w.exclude_outbound_ports.clone(),
+                    app_sockets: w.app_sockets,
                 })
                 .collect(),
             tuning: Tuning::default(),
@@ -182,7 +184,11 @@ pub fn compute(
         out.workloads.insert(
             cookie,
             WorkloadPolicy {
-                flags: POLICY_ENABLED,
+                flags: POLICY_ENABLED
+                    | match w.app_sockets {
+                        AppSockets::Auto => 0,
+                        AppSockets::Trusted => POLICY_TRUST_APPS,
+                    },
                 workload_id: workload_id(&w.id),
             },
         );

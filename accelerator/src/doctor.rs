@@ -238,14 +238,14 @@ fn btf() -> Check {
                     "btf",
                     Level::Ok,
                     format!(
-                        "kernel BTF at {PATH}; socket offsets for the unread-bytes bound: sk_rmem_alloc {}, write_seq {}, snd_una {}",
-                        o.rmem_alloc, o.write_seq, o.snd_una
+                        "kernel BTF at {PATH}; socket offsets for the unread-bytes bound: sk_rmem_alloc {}, write_seq {}, snd_una {}; for telling app sockets and how they read: sk_uid {}, sk_socket {}, socket.file {}, file.f_flags {}",
+                        o.rmem_alloc, o.write_seq, o.snd_una, o.sk_uid, o.sk_socket, o.socket_file, o.file_flags
                     ),
                 ),
                 Err(e) => Check::new(
                     "btf",
                     Level::Warn,
-                    format!("kernel BTF at {PATH}, but not the socket fields the unread-bytes bound needs ({e}): a stalled reader's queue will not be bounded"),
+                    format!("kernel BTF at {PATH}, but not the socket fields meshaccel reads ({e}): a stalled reader's queue will not be bounded, and every app socket stays on TCP"),
                 ),
             }
         }

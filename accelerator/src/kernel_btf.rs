@@ -1,6 +1,10 @@
 //! Field offsets of the running kernel's socket structures, from its BTF
 //! (`/sys/kernel/btf/vmlinux`).
 //!
+//! Both programs also read, with `bpf_probe_read_kernel`, who created a socket (`sk_uid`: the
+//! sidecar's UID or an app's) and whether its file is non-blocking (`sk_socket` -> `file` ->
+//! `f_flags`): an app's socket enters the sockhash only when it is (kernel hazard 4).
+//!
 //! The sk_msg program reads three fields through BTF pointers (`bpf_skc_to_tcp_sock`): the
 //! peer socket's receive memory (`sk_rmem_alloc`, which counts what waits in its sk_msg ingress
 //! queue and its TCP receive queue) and its own `write_seq` / `snd_una`. The verifier checks
@@ -17,6 +21,12 @@ pub struct TcpSockOffsets {
     pub rmem_alloc: u32,
     pub write_seq: u32,
     pub snd_una: u32,
+    /// `struct sock`'s `sk_socket`, `struct socket`'s `file`, `struct file`'s `f_flags`.
+    pub sk_socket: u32,
+    pub socket_file: u32,
+    pub file_flags: u32,
+    /// `struct sock`'s `sk_uid` (a `kuid_t`: one u32).
+    pub sk_uid: u32,
 }
 
 const BTF_MAGIC: u16 = 0xeb9f;
@@ -223,6 +233,10 @@ impl Btf {
             rmem_alloc: self.offset("sock", &["sk_backlog", "rmem_alloc"])?,
             write_seq: self.offset("tcp_sock", &["write_seq"])?,
             snd_una: self.offset("tcp_sock", &["snd_una"])?,
+            sk_socket: self.offset("sock", &["sk_socket"])?,
+            socket_file: self.offset("socket", &["file"])?,
+            file_flags: self.offset("file", &["f_flags"])?,
+            sk_uid: self.offset("sock", &["sk_uid", "val"])?,
         })
     }
 }
@@ -314,8 +328,17 @@ mod tests {
     #[test]
     fn running_kernel_has_the_fields() {
         let o = running_kernel().expect("this kernel's BTF");
-        for v in [o.rmem_alloc, o.write_seq, o.snd_una] {
+        for v in [
+            o.rmem_alloc,
+            o.write_seq,
+            o.snd_una,
+            o.sk_socket,
+            o.file_flags,
+            o.sk_uid,
+        ] {
             assert!(v > 0 && v < 4096 && v % 4 == 0, "{o:?}");
         }
+        // `file` is a later member of `struct socket` (after state, type, flags).
+        assert!(o.socket_file > 0 && o.socket_file % 8 == 0, "{o:?}");
     }
 }

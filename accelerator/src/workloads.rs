@@ -43,6 +43,32 @@ pub enum Scope {
     All,
 }
 
+/// How a workload's apps read their sockets, which decides whether its app sockets may be
+/// accelerated (kernel hazard 4: a socket in a sockmap reads through the kernel's tcp_bpf path,
+/// where a blocking read can fail with EAGAIN and `splice` misses redirected bytes).
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[serde(rename_all = "lowercase")]
+pub enum AppSockets {
+    /// meshaccel finds out: an app's socket is accelerated towards its sidecar only while it is
+    /// non-blocking, and nothing is redirected into it.
+    #[default]
+    Auto,
+    /// The operator vouches that the apps read only with non-blocking `recv`/`read` (an event
+    /// loop; no splice, no `SO_RCVLOWAT`): app sockets are accelerated like the sidecar's.
+    Trusted,
+}
+
+impl AppSockets {
+    /// The annotation's / file's value, or an error naming the accepted ones.
+    pub fn parse(v: &str) -> std::result::Result<Self, String> {
+        match v {
+            "auto" => Ok(Self::Auto),
+            "trusted" => Ok(Self::Trusted),
+            _ => Err(format!("{v:?} is not one of \"auto\", \"trusted\"")),
+        }
+    }
+}
+
 fn default_outbound_port() -> u16 {
     15001
 }
@@ -83,6 +109,9 @@ pub struct Workload {
     pub exclude_inbound_ports: Vec<u16>,
     #[serde(default)]
     pub exclude_outbound_ports: Vec<u16>,
+    /// `auto` (default) or `trusted`, see [`AppSockets`].
+    #[serde(default)]
+    pub app_sockets: AppSockets,
 }
 
 fn default_namespace() -> String {
@@ -203,6 +232,11 @@ mod tests {
         let minimal = parse("workloads:\n  - name: a\n    netns: /run/netns/a\n").unwrap();
         assert!(minimal.workloads[0].enabled);
         assert_eq!(minimal.workloads[0].namespace, "default");
+        assert_eq!(minimal.workloads[0].app_sockets, AppSockets::Auto);
+        let trusted =
+            parse("workloads:\n  - name: a\n    netns: /run/netns/a\n    appSockets: trusted\n")
+                .unwrap();
+        assert_eq!(trusted.workloads[0].app_sockets, AppSockets::Trusted);
         assert!(parse("").is_ok_and(|f| f.workloads.is_empty()));
     }
 
@@ -224,6 +258,10 @@ mod tests {
         rejects(
             "workloads:\n  - name: a\n    netns: /x\n    ips: [10.0.0.300]\n",
             &["workloads[0]"],
+        );
+        rejects(
+            "workloads:\n  - name: a\n    netns: /x\n    appSockets: yes\n",
+            &["workloads[0]", "appSockets", "auto", "trusted"],
         );
         rejects(
             "workloads:\n  - name: a\n    netns: /x\n    ips: [10.0.0.2]\n  - name: b\n    netns: /y\n    ips: [10.0.0.2]\n",

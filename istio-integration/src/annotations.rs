@@ -17,6 +17,10 @@ pub const EXCLUDE_OUTBOUND_IP_RANGES: &str = "traffic.sidecar.istio.io/excludeOu
 pub const INCLUDE_OUTBOUND_IP_RANGES: &str = "traffic.sidecar.istio.io/includeOutboundIPRanges";
 /// The name of the injected sidecar container.
 pub const PROXY_CONTAINER: &str = "istio-proxy";
+/// meshaccel's own pod annotation: how the pod's apps read their sockets, `auto` (default:
+/// meshaccel finds out) or `trusted` (non-blocking reads only: app sockets accelerated like
+/// the sidecar's).
+pub const APP_SOCKETS: &str = "meshaccel.io/app-sockets";
 /// The name of the injected init container that installs the capture rules (absent with
 /// istio-cni).
 pub const INIT_CONTAINER: &str = "istio-init";

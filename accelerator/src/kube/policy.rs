@@ -13,7 +13,7 @@ use k8s_openapi::api::core::v1::Pod;
 use crate::{
     desired::{Inputs, NetnsRef, WorkloadSpec},
     kube::podnetns::Lookup,
-    workloads::Capture,
+    workloads::{AppSockets, Capture},
 };
 
 /// The opt-in label, on namespaces and (overriding) on pods.
@@ -69,6 +69,7 @@ pub enum Outcome {
         ip: IpAddr,
         exclude_inbound_ports: Vec<u16>,
         exclude_outbound_ports: Vec<u16>,
+        app_sockets: AppSockets,
     },
     /// Not accelerated, and nothing is wrong (no sidecar, not opted in, not running, ...).
     Skip(&'static str),
@@ -196,6 +197,19 @@ fn outcome(pod: &Pod, ns_labels: Option<&BTreeMap<String, String>>, capture: &Ca
         Ok(t) => t,
         Err(e) => return Outcome::Invalid(format!("malformed annotation {e}")),
     };
+    let app_sockets = match annotations
+        .get(ann::APP_SOCKETS)
+        .map(|v| AppSockets::parse(v))
+    {
+        None => AppSockets::Auto,
+        Some(Ok(a)) => a,
+        Some(Err(e)) => {
+            return Outcome::Invalid(format!(
+                "malformed annotation {}: {e} (remove it for the default, auto)",
+                ann::APP_SOCKETS
+            ));
+        }
+    };
     if traffic.interception_mode == InterceptionMode::None {
         return Outcome::Skip("interceptionMode NONE: Istio captures nothing");
     }
@@ -278,6 +292,7 @@ fn outcome(pod: &Pod, ns_labels: Option<&BTreeMap<String, String>>, capture: &Ca
             v.sort_unstable();
             v
         },
+        app_sockets,
     }
 }
 
@@ -310,6 +325,7 @@ pub fn compute<'a>(
             ip,
             exclude_inbound_ports,
             exclude_outbound_ports,
+            app_sockets,
         } = &d.outcome
         else {
             continue;
@@ -332,6 +348,7 @@ pub fn compute<'a>(
             enabled: true,
             exclude_inbound_ports: exclude_inbound_ports.clone(),
             exclude_outbound_ports: exclude_outbound_ports.clone(),
+            app_sockets: *app_sockets,
         });
     }
     out.decisions = decisions;
@@ -532,6 +549,7 @@ mod tests {
                     exclude_inbound_ports,
                     exclude_outbound_ports,
                     ip,
+                    ..
                 } => {
                     assert_eq!(ip.to_string(), "10.1.0.2", "{}", c.name);
                     Ok((
@@ -545,6 +563,32 @@ mod tests {
             assert_eq!(got, c.want, "{}", c.name);
             assert_eq!(d.id, "mesh/p");
         }
+    }
+
+    #[test]
+    fn the_app_sockets_annotation() {
+        let with = |v: Value| {
+            let p = pod(json!({"metadata": {"annotations": {"meshaccel.io/app-sockets": v}}}));
+            decide(&p, Some(&on_ns()), &Capture::default()).outcome
+        };
+        let apps = |o: Outcome| match o {
+            Outcome::Accelerate { app_sockets, .. } => Ok(app_sockets),
+            Outcome::Invalid(m) => Err(m),
+            Outcome::Skip(s) => Err(s.to_string()),
+        };
+        assert_eq!(apps(with(json!("trusted"))), Ok(AppSockets::Trusted));
+        assert_eq!(apps(with(json!("auto"))), Ok(AppSockets::Auto));
+        assert_eq!(
+            apps(decide(&pod(json!({})), Some(&on_ns()), &Capture::default()).outcome),
+            Ok(AppSockets::Auto)
+        );
+        let err = apps(with(json!("yes"))).unwrap_err();
+        assert!(
+            err.contains("meshaccel.io/app-sockets")
+                && err.contains("\"yes\"")
+                && err.contains("trusted"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -100,7 +100,23 @@ pub mod counter {
     pub const SKIP_SMALL_WRITES: u32 = 18;
     /// A redirecting socket found its service to be a small-write stream (and remembered it).
     pub const LEARNED_SMALL_WRITES: u32 = 19;
-    pub const COUNT: u32 = 20;
+    /// An app's connecting socket not inserted because its file was blocking at ESTABLISHED: a
+    /// blocking read of a socket in a sockmap is not TCP's (kernel hazard 4), so the app's own
+    /// reads must never go through the sockmap's receive path.
+    pub const SKIP_APP_BLOCKING: u32 = 20;
+    /// An app's accepted socket (or its sidecar's passthrough socket to it) not inserted: how
+    /// the app will read it is unknown at ESTABLISHED (it has not even been accepted).
+    pub const SKIP_APP_UNACCEPTED: u32 = 21;
+    /// A socket went TCP for life because its peer is an app's socket: how an app reads (splice,
+    /// blocking, `SO_RCVLOWAT`) can hide redirected bytes from it, so nothing is redirected into
+    /// one unless its workload trusts its apps.
+    pub const FALLBACK_APP_RECEIVER: u32 = 22;
+    /// An app's socket made blocking between connect and its first message: TCP for life, and
+    /// it leaves the sockhash.
+    pub const FALLBACK_APP_BLOCKING: u32 = 23;
+    /// App sockets that left the sockhash (back to TCP's own receive path).
+    pub const APP_LEFT: u32 = 24;
+    pub const COUNT: u32 = 25;
 
     /// Names used by `status` and `/metrics`, indexed like the constants above.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -124,6 +140,11 @@ pub mod counter {
         "resumed",
         "skip_small_writes",
         "learned_small_writes",
+        "skip_app_blocking",
+        "skip_app_unaccepted",
+        "fallback_app_receiver",
+        "fallback_app_blocking",
+        "app_left",
     ];
 }
 
@@ -145,6 +166,11 @@ pub const DIR_OUTBOUND: u8 = 1;
 
 /// `WorkloadPolicy::flags` bits.
 pub const POLICY_ENABLED: u32 = 1;
+/// The operator vouches that the workload's apps read their sockets only with non-blocking
+/// `recv`/`read` (an event loop, no splice, no `SO_RCVLOWAT`): its app sockets are accelerated
+/// like its sidecar's. Without it an app socket is inserted only when it is connecting and
+/// non-blocking, and nothing is ever redirected into it (`SockState::app`).
+pub const POLICY_TRUST_APPS: u32 = 2;
 
 /// `Config::scope` values: which connections of enabled workloads are accelerated.
 /// Only Istio's three legs (app ↔ its sidecar through the capture ports, sidecar ↔ sidecar, the
@@ -217,8 +243,23 @@ pub struct SockState {
     /// Looks at the peer in a row, one per `tuning::SMALL_RUN` small messages, that found it
     /// with bytes unread (the reader falls behind a stream of small writes).
     pub small_behind: u32,
+    /// `APP_*`: whether this is an app's socket (not the sidecar's) in a workload that does not
+    /// trust its apps, and where it is in leaving the sockhash.
+    pub app: u32,
+    pub _pad: u32,
 }
-const _: () = assert!(size_of::<SockState>() == 104);
+const _: () = assert!(size_of::<SockState>() == 112);
+
+/// `SockState::app` values.
+/// The sidecar's socket, or an app's in a workload that trusts its apps.
+pub const APP_NO: u32 = 0;
+/// An app's socket, non-blocking when inserted; nothing is redirected into it.
+pub const APP_YES: u32 = 1;
+/// An app's socket that turned blocking before its first message: it leaves the sockhash at
+/// its next sock_ops callback (nothing was ever redirected into it, so nothing can be lost).
+pub const APP_LEAVING: u32 = 2;
+/// ... and has left.
+pub const APP_LEFT: u32 = 3;
 
 /// Who owns the socket stored under a `PairKey`.
 #[repr(C)]
@@ -242,6 +283,10 @@ const _: () = assert!(size_of::<PeerInfo>() == 24);
 /// `PeerInfo::flags`: the socket stayed out of the sockhash because its service streams small
 /// writes; its peer stays out too.
 pub const PEER_SMALL_WRITES: u16 = 1;
+/// `PeerInfo::flags`: an app's socket (`SockState::app`): its peer never redirects into it.
+pub const PEER_APP: u16 = 2;
+/// `PeerInfo::flags`: an app's socket that left the sockhash (`APP_LEFT`).
+pub const PEER_LEFT: u16 = 4;
 
 /// Per-workload traffic counters (PERCPU_HASH value, summed by user space).
 #[repr(C)]
@@ -321,7 +366,8 @@ pub struct Config {
     /// fell behind keeps new connections on plain TCP (the kernel's redirect costs more per
     /// message than TCP, which coalesces small writes); 0: never.
     pub small_write_secs: u32,
-    pub _pad: u32,
+    /// The sidecar's UID (Istio's `proxyUid`): a socket created by any other UID is an app's.
+    pub proxy_uid: u32,
 }
 const _: () = assert!(size_of::<Config>() == 56);
 

@@ -11,6 +11,13 @@
 //!   sent over TCP has been acknowledged and read (nothing left for a redirected byte to
 //!   overtake). A socket that streams small writes faster than its peer reads them marks its
 //!   service (`MESHACCEL_SMALL`): the service's next connections stay out of the sockhash.
+//!
+//! Application transparency (kernel hazard 4 in docs/design-notes.md): every socket in a sockmap
+//! reads through `tcp_bpf_recvmsg`, whose blocking read may fail with EAGAIN and which `splice`
+//! never sees into. Unless its workload trusts its apps (`POLICY_TRUST_APPS`), an app's socket
+//! (one not created by the sidecar's UID) is inserted only when it connects non-blocking, is
+//! never redirected into, and leaves the sockhash again if it turns blocking before its first
+//! message; an app's accepted socket is never inserted.
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
 
@@ -20,19 +27,20 @@ mod progs {
 
     use aya_ebpf::{
         bindings::{
-            BPF_F_INGRESS, BPF_NOEXIST, BPF_SK_STORAGE_GET_F_CREATE, BPF_SOCK_OPS_STATE_CB_FLAG,
-            sk_action::SK_PASS,
+            BPF_F_INGRESS, BPF_NOEXIST, BPF_SK_STORAGE_GET_F_CREATE,
+            BPF_SOCK_OPS_PARSE_ALL_HDR_OPT_CB_FLAG, BPF_SOCK_OPS_STATE_CB_FLAG, sk_action::SK_PASS,
         },
         btf_maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, SkStorage, SockHash},
         helpers::generated::{
-            bpf_get_netns_cookie, bpf_getsockopt, bpf_ktime_get_ns, bpf_probe_read_kernel,
-            bpf_setsockopt, bpf_sk_storage_get, bpf_skc_to_tcp_sock,
+            bpf_get_netns_cookie, bpf_getsockopt, bpf_ktime_get_ns, bpf_map_delete_elem,
+            bpf_probe_read_kernel, bpf_setsockopt, bpf_sk_storage_get, bpf_skc_to_tcp_sock,
         },
         macros::{btf_map, sk_msg, sock_ops},
         programs::{SkMsgContext, SockOpsContext},
     };
     use meshaccel_common::{
-        Config, DIR_INBOUND, DIR_OUTBOUND, PEER_SMALL_WRITES, POLICY_ENABLED, PairKey, PeerInfo,
+        APP_LEAVING, APP_LEFT, APP_NO, APP_YES, Config, DIR_INBOUND, DIR_OUTBOUND, PEER_APP,
+        PEER_LEFT, PEER_SMALL_WRITES, POLICY_ENABLED, POLICY_TRUST_APPS, PairKey, PeerInfo,
         PortKey, ROLE_CLIENT, ROLE_SERVER, SCOPE_MESH, STATE_HELD, STATE_REDIRECT, STATE_TCP,
         STATE_UNDECIDED, SockState, WorkloadPolicy, WorkloadStats, capacity, counter, is_loopback,
         port_from_be_field, tuning, v4_mapped,
@@ -74,13 +82,27 @@ mod progs {
     static OFF_WRITE_SEQ: u32 = 0;
     #[unsafe(no_mangle)]
     static OFF_SND_UNA: u32 = 0;
+    // Who owns a socket and how it reads, read with `bpf_probe_read_kernel` from the socket's
+    // address (offsets from the kernel's BTF as above; 0 = unknown: every app socket is then
+    // treated as blocking, i.e. kept on TCP): `struct sock` -> `sk_socket` -> `file` -> `f_flags`
+    // (O_NONBLOCK), and `struct sock`'s `sk_uid`.
+    #[unsafe(no_mangle)]
+    static OFF_SK_SOCKET: u32 = 0;
+    #[unsafe(no_mangle)]
+    static OFF_SOCKET_FILE: u32 = 0;
+    #[unsafe(no_mangle)]
+    static OFF_FILE_FLAGS: u32 = 0;
+    #[unsafe(no_mangle)]
+    static OFF_SK_UID: u32 = 0;
 
     const AF_INET: u32 = 2;
     const AF_INET6: u32 = 10;
     const ACTIVE_ESTABLISHED: u32 = 4;
     const PASSIVE_ESTABLISHED: u32 = 5;
     const STATE_CB: u32 = 10;
+    const PARSE_HDR_OPT_CB: u32 = 13;
     const TCP_CLOSE: u32 = 7;
+    const O_NONBLOCK: u32 = 0o4000;
     const EEXIST: i32 = 17;
     // Socket options (uapi values) for the keepalive of accelerated sockets.
     const SOL_SOCKET: i32 = 1;
@@ -106,12 +128,64 @@ mod progs {
         }
     }
 
+    /// The workload's `POLICY_*` bits (0: not a workload, or not enabled).
+    #[inline(always)]
+    fn policy(netns: u64) -> u32 {
+        match unsafe { MESHACCEL_WL.get(netns) } {
+            Some(p) => p.flags,
+            None => 0,
+        }
+    }
+
     #[inline(always)]
     fn enabled(netns: u64) -> bool {
-        match unsafe { MESHACCEL_WL.get(netns) } {
-            Some(p) => p.flags & POLICY_ENABLED != 0,
-            None => false,
+        policy(netns) & POLICY_ENABLED != 0
+    }
+
+    /// A field of a kernel object behind a BTF pointer, at a BTF-checked constant offset.
+    #[inline(always)]
+    fn field<T: Copy>(p: *const u8, off: u32) -> T {
+        unsafe { ptr::read_volatile(p.add(off as usize).cast::<T>()) }
+    }
+
+    /// The UID that created this socket (for an accepted socket: its listener's); None when
+    /// unknown.
+    #[inline(always)]
+    fn sk_uid(sk: *mut aya_ebpf::bindings::bpf_sock) -> Option<u32> {
+        let off = rd(&raw const OFF_SK_UID);
+        if off == 0 {
+            return None;
         }
+        let tp = unsafe { bpf_skc_to_tcp_sock(sk.cast()) }.cast::<u8>();
+        (!tp.is_null()).then(|| field::<u32>(tp, off))
+    }
+
+    /// Whether this socket's file is O_NONBLOCK right now; None when it has no file (not
+    /// accepted yet, or closed) or the offsets are unknown. (Loads through BTF pointers: the
+    /// kernel turns a load through a NULL one into 0, and the verifier checks every step.)
+    #[inline(always)]
+    fn nonblocking(sk: *mut aya_ebpf::bindings::bpf_sock) -> Option<bool> {
+        let (o_sock, o_file, o_flags) = (
+            rd(&raw const OFF_SK_SOCKET),
+            rd(&raw const OFF_SOCKET_FILE),
+            rd(&raw const OFF_FILE_FLAGS),
+        );
+        if o_sock == 0 || o_file == 0 || o_flags == 0 {
+            return None;
+        }
+        let tp = unsafe { bpf_skc_to_tcp_sock(sk.cast()) }.cast::<u8>();
+        if tp.is_null() {
+            return None;
+        }
+        let sock = field::<*const u8>(tp, o_sock);
+        if sock.is_null() {
+            return None;
+        }
+        let file = field::<*const u8>(sock, o_file);
+        if file.is_null() {
+            return None;
+        }
+        Some(field::<u32>(file, o_flags) & O_NONBLOCK != 0)
     }
 
     #[inline(always)]
@@ -152,6 +226,17 @@ mod progs {
         (rc == 0).then_some(v)
     }
 
+    /// Whether this socket has bytes written (queued or sent) beyond `snd_una`.
+    #[inline(always)]
+    fn unacked_writes(sk: *mut aya_ebpf::bindings::bpf_sock, snd_una: u32) -> bool {
+        let ws = rd(&raw const OFF_WRITE_SEQ);
+        if ws == 0 {
+            return false;
+        }
+        let tp = unsafe { bpf_skc_to_tcp_sock(sk.cast()) };
+        !tp.is_null() && tcp_field(tp.cast(), ws) != snd_una
+    }
+
     /// Whether every byte this socket wrote over TCP has been acknowledged.
     #[inline(always)]
     fn tcp_all_acked(sk: *mut aya_ebpf::bindings::bpf_sock) -> bool {
@@ -183,6 +268,7 @@ mod progs {
             ACTIVE_ESTABLISHED => established(ctx, true),
             PASSIVE_ESTABLISHED => established(ctx, false),
             STATE_CB if ctx.arg(1) == TCP_CLOSE => closed(ctx),
+            PARSE_HDR_OPT_CB => app_leave(ctx),
             _ => Ok(()),
         }
     }
@@ -195,7 +281,8 @@ mod progs {
         }
         let ops = unsafe { &*ctx.ops };
         let netns = unsafe { bpf_get_netns_cookie(ctx.ops.cast()) };
-        if !enabled(netns) {
+        let policy = policy(netns);
+        if policy & POLICY_ENABLED == 0 {
             return Ok(());
         }
         // Every address field is read, whatever the family: loads chosen by a branch get merged
@@ -249,6 +336,34 @@ mod progs {
             return Ok(());
         }
 
+        let sk = unsafe { ops.__bindgen_anon_2.sk };
+        if sk.is_null() {
+            return Err(());
+        }
+        // A TCP Fast Open client without a cookie (`TCP_FASTOPEN_CONNECT`) wrote before the
+        // handshake finished, and that data may still be queued, not yet sent: anything written
+        // and not acknowledged would be overtaken by a redirected byte.
+        if active && unacked_writes(sk, ops.snd_una) {
+            count(counter::SKIP_EARLY_DATA, 1);
+            return Ok(());
+        }
+        // An app's socket (kernel hazard 4), unless its workload trusts its apps: an accepted
+        // one is not even accepted yet (how it will be read is unknown) and neither is the
+        // sidecar's passthrough socket to it, whose only peer it is; a connecting one only
+        // when its file is non-blocking (its reads then never wait inside the sockmap's path).
+        let app =
+            policy & POLICY_TRUST_APPS == 0 && sk_uid(sk).is_none_or(|uid| uid != cfg.proxy_uid);
+        if policy & POLICY_TRUST_APPS == 0 && (app || passthrough(&local_ip)) {
+            if !active || passthrough(&local_ip) {
+                count(counter::SKIP_APP_UNACCEPTED, 1);
+                return Ok(());
+            }
+            if nonblocking(sk) != Some(true) {
+                count(counter::SKIP_APP_BLOCKING, 1);
+                return Ok(());
+            }
+        }
+
         let (client_ip, client_port, client_seq, server_seq, role) = if active {
             (local_ip, local_port, ops.snd_nxt, ops.rcv_nxt, ROLE_CLIENT)
         } else {
@@ -297,10 +412,6 @@ mod progs {
         }
         let small_writes = service.port != 0 && small_write_service(&cfg, &service);
 
-        let sk = unsafe { ops.__bindgen_anon_2.sk };
-        if sk.is_null() {
-            return Err(());
-        }
         if let Err(e) = MESHACCEL_PEERS.insert(
             key,
             PeerInfo {
@@ -308,7 +419,8 @@ mod progs {
                 sk_addr: sk as u64,
                 leg: leg.into(),
                 service_port: if active { service.port } else { 0 },
-                flags: if small_writes { PEER_SMALL_WRITES } else { 0 },
+                flags: if small_writes { PEER_SMALL_WRITES } else { 0 }
+                    | if app { PEER_APP } else { 0 },
             },
             BPF_NOEXIST.into(),
         ) {
@@ -338,6 +450,8 @@ mod progs {
             service,
             small_run: 0,
             small_behind: 0,
+            app: if app { APP_YES } else { APP_NO },
+            _pad: 0,
         };
         let st = unsafe {
             bpf_sk_storage_get(
@@ -379,9 +493,66 @@ mod progs {
             return Err(());
         }
         keepalive(ctx, cfg.keepalive_secs);
-        // Ask for a callback at TCP_CLOSE so the PEERS entry goes with the socket.
-        let _ = ctx.set_cb_flags((ops.bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
+        // Ask for a callback at TCP_CLOSE so the PEERS entry goes with the socket; an app's
+        // socket also at every segment it receives until its first message, when it may have to
+        // leave (`app_leave`).
+        let mut flags = ops.bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG;
+        if app {
+            flags |= BPF_SOCK_OPS_PARSE_ALL_HDR_OPT_CB_FLAG;
+        }
+        let _ = ctx.set_cb_flags(flags as i32);
         count(counter::INSERTED, 1);
+        Ok(())
+    }
+
+    /// An app's socket leaves the sockhash at the next segment it receives, before that segment
+    /// is queued (the sock_ops program may delete from a sockhash; sk_msg may not), once it is
+    /// TCP for life (`tcp_for_life` marks it leaving), or when it turned blocking before its
+    /// first message (a connect timeout, then blocking reads): from then on its reads are plain
+    /// TCP's. Safe: nothing is ever redirected into an app's socket, so it has no redirected
+    /// bytes to lose (hazard 2), and its own sends are TCP for life. This callback runs under
+    /// the socket's lock, as its sk_msg program does: the two never interleave. An app socket
+    /// that decided to redirect stops asking for these callbacks.
+    #[inline(always)]
+    fn app_leave(ctx: &SockOpsContext) -> Result<(), ()> {
+        let ops = unsafe { &*ctx.ops };
+        let sk = unsafe { ops.__bindgen_anon_2.sk };
+        if sk.is_null() {
+            return Err(());
+        }
+        let st = unsafe { bpf_sk_storage_get(state_map(), sk.cast(), ptr::null_mut(), 0) }
+            .cast::<SockState>();
+        if st.is_null() {
+            return Err(());
+        }
+        let st = unsafe { &mut *st };
+        if st.app == APP_YES && st.state == STATE_UNDECIDED {
+            match nonblocking(sk) {
+                Some(true) => return Ok(()),
+                Some(false) => {
+                    st.state = STATE_TCP;
+                    st.app = APP_LEAVING;
+                    count(counter::FALLBACK_APP_BLOCKING, 1);
+                }
+                // Closed by the app (no file any more): nothing left to watch.
+                None => {}
+            }
+        }
+        if st.app == APP_LEAVING {
+            let own = st.own;
+            let socks = ptr::from_ref(&MESHACCEL_SOCKS).cast_mut().cast();
+            if unsafe { bpf_map_delete_elem(socks, ptr::from_ref(&own).cast()) } == 0 {
+                count(counter::APP_LEFT, 1);
+            }
+            if let Some(p) = MESHACCEL_PEERS.get_ptr_mut(own) {
+                // Status lists it no longer (`closed` still counts it: it was inserted).
+                unsafe { (*p).flags |= PEER_LEFT };
+            }
+            st.app = APP_LEFT;
+        }
+        let _ = ctx.set_cb_flags(
+            (ops.bpf_sock_ops_cb_flags & !BPF_SOCK_OPS_PARSE_ALL_HDR_OPT_CB_FLAG) as i32,
+        );
         Ok(())
     }
 
@@ -503,8 +674,16 @@ mod progs {
                         st.peer_sk = peer.sk_addr;
                         // Either end knows whether this connection is an Istio leg.
                         st.leg |= peer.leg;
+                        if peer.flags & PEER_APP != 0 {
+                            return tcp_for_life(st, counter::FALLBACK_APP_RECEIVER, size);
+                        }
                     }
                     None => return tcp_for_life(st, counter::FALLBACK_NO_PEER, size),
+                }
+                // An app may make its socket blocking after a non-blocking connect (a connect
+                // timeout): then it must leave the sockhash before it reads (`app_leave`).
+                if st.app == APP_YES && nonblocking(sk) != Some(true) {
+                    return tcp_for_life(st, counter::FALLBACK_APP_BLOCKING, size);
                 }
             }
             if cfg.scope == SCOPE_MESH && st.leg == 0 {
@@ -612,6 +791,10 @@ mod progs {
     #[inline(always)]
     fn tcp_for_life(st: &mut SockState, reason: u32, size: u64) -> u32 {
         st.state = STATE_TCP;
+        if st.app == APP_YES {
+            // Nothing left to gain in the sockhash: back to TCP's own receive path.
+            st.app = APP_LEAVING;
+        }
         count(reason, 1);
         tcp(st.netns_cookie, size)
     }
