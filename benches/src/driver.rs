@@ -74,6 +74,28 @@ pub struct CommonArgs {
     /// Exit 1 on a clear inversion of p50 measured in the run (see the bench's docs).
     #[arg(long, env = "MESHACCEL_BENCH_CHECK")]
     pub check: bool,
+    /// The workloads' `appSockets`: `trusted` (the benches' apps read as event loops, so all
+    /// three legs are accelerated) or `auto` (what a workload gets by default: the app's own
+    /// legs stay on TCP where the app's reads could not be proven to be TCP's).
+    #[arg(long, env = "MESHACCEL_BENCH_APP_SOCKETS", value_enum, default_value_t = AppSockets::Trusted)]
+    pub app_sockets: AppSockets,
+}
+
+/// `--app-sockets`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum AppSockets {
+    Auto,
+    Trusted,
+}
+
+impl CommonArgs {
+    /// An enabled workload for `pod` with the run's `appSockets`.
+    pub fn workload(&self, pod: &meshaccel_e2e::Pod) -> meshaccel_e2e::accel::Workload {
+        match self.app_sockets {
+            AppSockets::Auto => meshaccel_e2e::accel::Workload::auto(pod),
+            AppSockets::Trusted => meshaccel_e2e::accel::Workload::on(pod),
+        }
+    }
 }
 
 /// A CPU list for `taskset -c` / [`pin_pid`]: "0", "1", "0,1".

@@ -22,8 +22,8 @@
 //! sizes and write sizes chosen per request), [`ab_http`] HTTP/1.1 keep-alive to the tool's
 //! `http-server` (`GET /bytes/<size>`, every response checked for length and crc32).
 //!
-//! Sockets in a sockmap may return a spurious EAGAIN from a blocking read (kernel 6.18; see
-//! docs/design-notes.md): reads here retry it, as an event loop would, up to the request timeout.
+//! Reads here are an event loop's: poll, then a non-blocking recv (`sock::read_ready`), up to the
+//! request timeout; so these apps may be run as a trusted workload's (`appSockets: trusted`).
 
 use std::{
     fs,
@@ -112,8 +112,8 @@ impl RrHead {
     }
 }
 
-/// Reads, retrying EINTR and EAGAIN (the sockmap quirk, and `SO_RCVTIMEO` expiring) until the
-/// deadline, then failing with `TimedOut`.
+/// Reads as an event loop does ([`crate::sock::read_ready`]) until the deadline, then fails
+/// with `TimedOut`.
 struct Patient<'a> {
     conn: &'a TcpStream,
     deadline: Instant,
@@ -121,21 +121,7 @@ struct Patient<'a> {
 
 impl Read for Patient<'_> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        loop {
-            match self.conn.read(buf) {
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        io::ErrorKind::Interrupted | io::ErrorKind::WouldBlock
-                    ) =>
-                {
-                    if Instant::now() >= self.deadline {
-                        return Err(io::Error::new(io::ErrorKind::TimedOut, "read timed out"));
-                    }
-                }
-                r => return r,
-            }
-        }
+        crate::sock::read_ready(self.conn, buf, Some(self.deadline))
     }
 }
 

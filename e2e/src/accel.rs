@@ -20,15 +20,29 @@ pub struct Workload {
     pub enabled: bool,
     pub exclude_inbound_ports: Vec<u16>,
     pub exclude_outbound_ports: Vec<u16>,
+    /// The workloads file's `appSockets`: "trusted" or "auto".
+    pub app_sockets: &'static str,
 }
 
 impl Workload {
+    /// Enabled, its apps trusted (`appSockets: trusted`): the e2e tool's apps read as event
+    /// loops do (poll, then a non-blocking recv: `sock::read_ready`), so their sockets may be
+    /// accelerated like the sidecar's, which the tests of the dataplane's mechanisms need.
     pub fn on(pod: &Pod) -> Self {
         Self {
             pod: pod.clone(),
             enabled: true,
             exclude_inbound_ports: vec![],
             exclude_outbound_ports: vec![],
+            app_sockets: "trusted",
+        }
+    }
+    /// Enabled with the default `appSockets: auto`: meshaccel decides which app sockets it may
+    /// accelerate (what an operator gets who says nothing about the apps).
+    pub fn auto(pod: &Pod) -> Self {
+        Self {
+            app_sockets: "auto",
+            ..Self::on(pod)
         }
     }
     pub fn off(pod: &Pod) -> Self {
@@ -49,13 +63,14 @@ pub fn workloads_yaml(enabled: bool, scope: Scope, workloads: &[Workload]) -> St
     for w in workloads {
         let _ = writeln!(
             y,
-            "  - name: {}\n    namespace: e2e\n    netns: {}\n    ips: [{}]\n    enabled: {}\n    excludeInboundPorts: {:?}\n    excludeOutboundPorts: {:?}",
+            "  - name: {}\n    namespace: e2e\n    netns: {}\n    ips: [{}]\n    enabled: {}\n    excludeInboundPorts: {:?}\n    excludeOutboundPorts: {:?}\n    appSockets: {}",
             w.pod.name,
             w.pod.netns_path.display(),
             w.pod.ip,
             w.enabled,
             w.exclude_inbound_ports,
-            w.exclude_outbound_ports
+            w.exclude_outbound_ports,
+            w.app_sockets
         );
     }
     y

@@ -1,8 +1,8 @@
 //! Minimal HTTP/1.1 framing for the tool's `http-server` and `http-load`: message heads, bodies
 //! (Content-Length, chunked, or until EOF) and the deterministic bodies `GET /bytes/<n>` serves.
 //!
-//! [`HttpReader`] works on any [`Read`], so the tool can read through its EAGAIN-retrying wrapper
-//! (sockets in a sockmap may return EAGAIN from a blocking read).
+//! [`HttpReader`] works on any [`Read`], so the tool can read through its event-loop style
+//! reader (`sock::read_ready`: poll, then a non-blocking recv).
 
 use std::io::{self, Read};
 

@@ -273,3 +273,51 @@ pub fn set_linger_zero(stream: &TcpStream) -> io::Result<()> {
     })?;
     Ok(())
 }
+
+/// Reads like an event loop: a non-blocking `recv` (`MSG_DONTWAIT`), and when nothing is there
+/// yet (EAGAIN, which is what a non-blocking read answers), `poll` for readability until
+/// `deadline` (then `TimedOut`; None: no deadline). The tools read this way so that their
+/// sockets may be accelerated as a trusted workload's (`appSockets: trusted`): a non-blocking
+/// read never waits inside the kernel's sockmap receive path, whose blocking reads can fail
+/// with EAGAIN (kernel hazard 4). EINTR of `poll` is retried, as an event loop does.
+pub fn read_ready(
+    stream: &TcpStream,
+    buf: &mut [u8],
+    deadline: Option<std::time::Instant>,
+) -> io::Result<usize> {
+    let fd = stream.as_raw_fd();
+    loop {
+        // SAFETY: recv into a buffer we own, of its length.
+        let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) };
+        if n >= 0 {
+            return Ok(n as usize);
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::WouldBlock && e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+        let ms = match deadline {
+            None => -1,
+            Some(d) => {
+                let left = d.saturating_duration_since(std::time::Instant::now());
+                if left.is_zero() {
+                    return Err(io::Error::new(io::ErrorKind::TimedOut, "read timed out"));
+                }
+                left.as_millis().clamp(1, i32::MAX as u128) as i32
+            }
+        };
+        let mut pfd = libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one pollfd we own.
+        let r = unsafe { libc::poll(&mut pfd, 1, ms) };
+        if r < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() != io::ErrorKind::Interrupted {
+                return Err(e);
+            }
+        }
+    }
+}

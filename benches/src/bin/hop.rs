@@ -14,11 +14,7 @@ use meshaccel_benches::{
     plot,
     stats::{Compare, Metric, Target},
 };
-use meshaccel_e2e::{
-    Mesh,
-    accel::{Accel, Workload},
-    require_root,
-};
+use meshaccel_e2e::{Mesh, accel::Accel, require_root};
 use serde_json::json;
 
 /// Latency of one app ↔ sidecar hop under Istio's capture, baseline vs accelerated.
@@ -80,7 +76,7 @@ fn run(a: &Args) -> anyhow::Result<bool> {
     let app = mesh.add_pod("app", Some(&rules))?;
     // Only its address is used: the app's connection to it is redirected to the sidecar.
     let peer = mesh.add_pod("peer", None)?;
-    let wl = [Workload::on(&app)];
+    let wl = [a.common.workload(&app)];
     let mut accel = Accel::start(&mesh, false, &wl)?;
     let other = driver::OtherLoad::start(mesh.cgroup_root());
     driver::serve(

@@ -19,7 +19,7 @@ use meshaccel_benches::{
     stats::{AbRun, Compare, Metric, Target, table},
 };
 use meshaccel_e2e::{
-    accel::{Accel, Workload},
+    accel::Accel,
     require_root,
     sidecar::{PodSpec, Rules, SidecarMesh},
 };
@@ -149,7 +149,7 @@ fn run(a: &Args) -> anyhow::Result<bool> {
         Rules::Generated,
     )?;
     let (client, server) = (m.pod("client").clone(), m.pod("server").clone());
-    let wl = [Workload::on(&client), Workload::on(&server)];
+    let wl = [a.common.workload(&client), a.common.workload(&server)];
     let mut accel = Accel::start(&m.mesh, false, &wl)?;
     let other = driver::OtherLoad::start(m.mesh.cgroup_root());
     driver::serve(
@@ -306,6 +306,7 @@ fn run(a: &Args) -> anyhow::Result<bool> {
         "blocks": blocks,
         "block_ms": a.block_ms,
         "short": a.common.short,
+        "app_sockets": format!("{:?}", a.common.app_sockets).to_lowercase(),
         "busy_idle": a.busy_idle,
         "machine": machine,
         "inversion": inverted,

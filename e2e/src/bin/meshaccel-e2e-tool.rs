@@ -263,33 +263,16 @@ enum LoadMethod {
     Post,
 }
 
-/// Reads from a socket, retrying EAGAIN on a blocking socket. On a socket in a sockmap the kernel
-/// (tcp_bpf_recvmsg, 6.18) waits once and returns EAGAIN when that wait is ended by something
-/// other than data, e.g. an ACK or a write-space wake-up of the same socket (after a half-close,
-/// or while another thread writes). Envoy and every poll-based app retry EAGAIN by design; these
-/// tools do the same, so tests judge the bytes, not this kernel quirk (see ARCHITECTURE.md).
+/// Reads as an event loop does ([`sock::read_ready`]).
 struct Patient<'a>(&'a TcpStream);
 
 impl Read for Patient<'_> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        loop {
-            match (&*self.0).read(buf) {
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        io::ErrorKind::Interrupted | io::ErrorKind::WouldBlock
-                    ) =>
-                {
-                    continue;
-                }
-                r => return r,
-            }
-        }
+        sock::read_ready(self.0, buf, None)
     }
 }
 
-/// [`Patient`] with a deadline, for sockets with a (short) `SO_RCVTIMEO`: EAGAIN is then both the
-/// kernel quirk and the receive timeout, so retry it until `deadline`, then fail with TimedOut.
+/// [`Patient`] with a deadline (then TimedOut).
 struct PatientUntil {
     conn: TcpStream,
     deadline: Instant,
@@ -297,24 +280,13 @@ struct PatientUntil {
 
 impl Read for PatientUntil {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        loop {
-            match (&self.conn).read(buf) {
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        io::ErrorKind::Interrupted | io::ErrorKind::WouldBlock
-                    ) =>
-                {
-                    if Instant::now() >= self.deadline {
-                        return Err(io::Error::new(
-                            io::ErrorKind::TimedOut,
-                            "response timed out",
-                        ));
-                    }
-                }
-                r => return r,
+        sock::read_ready(&self.conn, buf, Some(self.deadline)).map_err(|e| {
+            if e.kind() == io::ErrorKind::TimedOut {
+                io::Error::new(io::ErrorKind::TimedOut, "response timed out")
+            } else {
+                e
             }
-        }
+        })
     }
 }
 
@@ -1103,7 +1075,6 @@ impl Load {
     fn connect(&self) -> io::Result<HttpReader<PatientUntil>> {
         let conn = TcpStream::connect_timeout(&self.args.connect.into(), self.timeout)?;
         conn.set_nodelay(true)?;
-        // Short: PatientUntil retries EAGAIN up to each request's deadline.
         conn.set_read_timeout(Some(Duration::from_millis(100)))?;
         conn.set_write_timeout(Some(self.timeout))?;
         Ok(HttpReader::new(PatientUntil {
@@ -1553,26 +1524,12 @@ const SOAK_MAGIC: u32 = u32::from_le_bytes(*b"SOAK");
 const SOAK_HEAD: usize = 32;
 const SOAK_SLOW: u32 = 1;
 /// Per-call socket timeout of the soak tools: blocking calls wake up this often to check their
-/// connection's deadline (and retry EAGAIN: see `Patient`).
+/// connection's deadline.
 const SOAK_TICK: Duration = Duration::from_millis(500);
 
-/// Reads into `buf`, retrying EINTR/EAGAIN until `deadline` (then TimedOut).
+/// Reads into `buf` as an event loop does, until `deadline` (then TimedOut).
 fn read_until(conn: &TcpStream, buf: &mut [u8], deadline: Instant) -> io::Result<usize> {
-    loop {
-        match (&*conn).read(buf) {
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::Interrupted | io::ErrorKind::WouldBlock
-                ) =>
-            {
-                if Instant::now() >= deadline {
-                    return Err(io::Error::new(io::ErrorKind::TimedOut, "deadline passed"));
-                }
-            }
-            r => return r,
-        }
-    }
+    sock::read_ready(conn, buf, Some(deadline))
 }
 
 /// Writes all of `buf`, retrying EINTR/EAGAIN (SO_SNDTIMEO) until `deadline`.
