@@ -1,0 +1,3 @@
+module meshaccel/e2e/conformance/go
+
+go 1.19
