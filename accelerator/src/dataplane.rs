@@ -241,7 +241,7 @@ pub struct InstallOptions {
 
 /// Map type and key/value sizes this version expects, to refuse pinned maps of an incompatible
 /// version before anything is replaced.
-fn expected_maps() -> [(&'static str, u32, usize, usize); 9] {
+fn expected_maps() -> [(&'static str, u32, usize, usize); 10] {
     use aya::maps::MapType::*;
     use std::mem::size_of;
     [
@@ -274,6 +274,7 @@ fn expected_maps() -> [(&'static str, u32, usize, usize); 9] {
             size_of::<WorkloadStats>(),
         ),
         (names::SMALL_WRITES, LruHash as u32, size_of::<PortKey>(), 8),
+        (names::LISTENERS, LruHash as u32, size_of::<PortKey>(), 4),
     ]
 }
 

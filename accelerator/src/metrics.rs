@@ -322,7 +322,7 @@ pub enum CounterMetric {
 }
 
 const FALLBACKS_HELP: &str = "Sockets that went to plain TCP for life, by reason (no_peer: the peer was not in the sockhash at the first message; disabled: a workload or the global switch was off; redirect_failed; no_state; not_mesh: not one of Istio's legs; app_receiver: the peer is an app's socket, which nothing is redirected into unless its workload trusts its apps; app_blocking: an app's socket turned blocking before its first message)";
-const SKIPPED_HELP: &str = "Sockets of enabled workloads never inserted into the sockhash, by reason (excluded_port, early_data: TCP Fast Open, not_mesh, small_writes: a service seen streaming small writes; app_blocking: an app's connecting socket was blocking; app_unaccepted: an app's accepted socket, or its sidecar's passthrough socket to it)";
+const SKIPPED_HELP: &str = "Sockets of enabled workloads never inserted into the sockhash, by reason (excluded_port, early_data: TCP Fast Open, not_mesh, small_writes: a service seen streaming small writes; app_blocking: an app's connecting socket was blocking; app_unaccepted: an app's accepted socket whose listener was not non-blocking, or its sidecar's passthrough socket to it)";
 const INSERT_FAILURES_HELP: &str = "Sockhash inserts refused, by reason (collision: the key existed; failed: e.g. the map is full); those sockets stay on TCP";
 const EVENTS_HELP: &str = "Other kernel counters of meshaccel, by name";
 /// Counter name prefixes whose counters are one family labelled by the rest of the name.

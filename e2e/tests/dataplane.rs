@@ -308,8 +308,8 @@ fn agent_killed_mid_transfer_restarts_adopting_pins_and_uninstall_leaves_nothing
     let report = accel.uninstall().expect("uninstall");
     assert_eq!(
         report["removed_pins"].as_array().unwrap().len(),
-        10,
-        "link + 9 maps: {report}"
+        11,
+        "link + 10 maps: {report}"
     );
     drop(mesh); // every pod process ends, their sockets close
     // A second uninstall finishes the job: it waits until the kernel freed everything.

@@ -28,8 +28,11 @@ pub mod names {
     /// LRU_HASH: `PortKey` (a service, see `SockState::service`) -> when (ns, boot clock) one of
     /// its connections last showed a small-write stream: new connections of it stay on TCP.
     pub const SMALL_WRITES: &str = "MESHACCEL_SMALL";
+    /// LRU_HASH: `PortKey` (a netns and a port it listens on, `DIR_INBOUND`) -> `LISTENER_*`
+    /// bits, written by sock_ops when a socket starts listening.
+    pub const LISTENERS: &str = "MESHACCEL_LSTN";
     /// All maps, in the order the agent pins them.
-    pub const ALL: [&str; 9] = [
+    pub const ALL: [&str; 10] = [
         SOCKS,
         PEERS,
         STATE,
@@ -39,6 +42,7 @@ pub mod names {
         STATS,
         WL_STATS,
         SMALL_WRITES,
+        LISTENERS,
     ];
 
     /// Program names (function names in the eBPF crate).
@@ -54,6 +58,8 @@ pub mod capacity {
     pub const PORTS: u32 = 16_384;
     /// Services remembered as small-write streams (least recently used go first).
     pub const SMALL_WRITES: u32 = 4_096;
+    /// Listening ports remembered (least recently used go first).
+    pub const LISTENERS: u32 = 16_384;
 }
 
 /// Indexes into the per-CPU counter array.
@@ -104,8 +110,9 @@ pub mod counter {
     /// blocking read of a socket in a sockmap is not TCP's (kernel hazard 4), so the app's own
     /// reads must never go through the sockmap's receive path.
     pub const SKIP_APP_BLOCKING: u32 = 20;
-    /// An app's accepted socket (or its sidecar's passthrough socket to it) not inserted: how
-    /// the app will read it is unknown at ESTABLISHED (it has not even been accepted).
+    /// An app's accepted socket (or its sidecar's passthrough socket to it) not inserted: at
+    /// ESTABLISHED it is not even accepted, and its listener was not non-blocking when it
+    /// started listening (a blocking accept loop hands its sockets to blocking readers).
     pub const SKIP_APP_UNACCEPTED: u32 = 21;
     /// A socket went TCP for life because its peer is an app's socket: how an app reads (splice,
     /// blocking, `SO_RCVLOWAT`) can hide redirected bytes from it, so nothing is redirected into
@@ -159,6 +166,10 @@ pub const STATE_TCP: u32 = 2;
 /// On TCP for now (the peer has too much unread); back to redirecting
 /// once everything sent over TCP has been acknowledged and read, so no byte overtakes another.
 pub const STATE_HELD: u32 = 3;
+
+/// `MESHACCEL_LSTN` value bits: the listening socket's file was O_NONBLOCK when it started
+/// listening (an event loop's accept loop: nginx, Go, asyncio, Netty, Node.js, Envoy).
+pub const LISTENER_NONBLOCKING: u32 = 1;
 
 /// `PortKey::direction` values.
 pub const DIR_INBOUND: u8 = 0;

@@ -15,9 +15,9 @@
 //! Application transparency (kernel hazard 4 in docs/design-notes.md): every socket in a sockmap
 //! reads through `tcp_bpf_recvmsg`, whose blocking read may fail with EAGAIN and which `splice`
 //! never sees into. Unless its workload trusts its apps (`POLICY_TRUST_APPS`), an app's socket
-//! (one not created by the sidecar's UID) is inserted only when it connects non-blocking, is
-//! never redirected into, and leaves the sockhash again if it turns blocking before its first
-//! message; an app's accepted socket is never inserted.
+//! (one not created by the sidecar's UID) is inserted only when its file is non-blocking (for
+//! an accepted one, not yet accepted at ESTABLISHED: when its listener was), is never redirected
+//! into, and leaves the sockhash again if it turns blocking before its first message.
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
 
@@ -39,11 +39,11 @@ mod progs {
         programs::{SkMsgContext, SockOpsContext},
     };
     use meshaccel_common::{
-        APP_LEAVING, APP_LEFT, APP_NO, APP_YES, Config, DIR_INBOUND, DIR_OUTBOUND, PEER_APP,
-        PEER_LEFT, PEER_SMALL_WRITES, POLICY_ENABLED, POLICY_TRUST_APPS, PairKey, PeerInfo,
-        PortKey, ROLE_CLIENT, ROLE_SERVER, SCOPE_MESH, STATE_HELD, STATE_REDIRECT, STATE_TCP,
-        STATE_UNDECIDED, SockState, WorkloadPolicy, WorkloadStats, capacity, counter, is_loopback,
-        port_from_be_field, tuning, v4_mapped,
+        APP_LEAVING, APP_LEFT, APP_NO, APP_YES, Config, DIR_INBOUND, DIR_OUTBOUND,
+        LISTENER_NONBLOCKING, PEER_APP, PEER_LEFT, PEER_SMALL_WRITES, POLICY_ENABLED,
+        POLICY_TRUST_APPS, PairKey, PeerInfo, PortKey, ROLE_CLIENT, ROLE_SERVER, SCOPE_MESH,
+        STATE_HELD, STATE_REDIRECT, STATE_TCP, STATE_UNDECIDED, SockState, WorkloadPolicy,
+        WorkloadStats, capacity, counter, is_loopback, port_from_be_field, tuning, v4_mapped,
     };
 
     const SOCKS_MAX: usize = capacity::SOCKS as usize;
@@ -51,6 +51,7 @@ mod progs {
     const PORTS_MAX: usize = capacity::PORTS as usize;
     const STATS_LEN: usize = counter::COUNT as usize;
     const SMALL_MAX: usize = capacity::SMALL_WRITES as usize;
+    const LISTEN_MAX: usize = capacity::LISTENERS as usize;
 
     #[btf_map]
     static MESHACCEL_SOCKS: SockHash<PairKey, SOCKS_MAX> = SockHash::new();
@@ -70,6 +71,8 @@ mod progs {
     static MESHACCEL_WLST: PerCpuHashMap<u64, WorkloadStats, WL_MAX> = PerCpuHashMap::new();
     #[btf_map]
     static MESHACCEL_SMALL: LruHashMap<PortKey, u64, SMALL_MAX> = LruHashMap::new();
+    #[btf_map]
+    static MESHACCEL_LSTN: LruHashMap<PortKey, u32, LISTEN_MAX> = LruHashMap::new();
 
     // Byte offsets in this kernel's `struct tcp_sock` (from its BTF, set by the agent before
     // loading; read-only, so the verifier sees constants and drops the code that uses them when
@@ -100,6 +103,7 @@ mod progs {
     const ACTIVE_ESTABLISHED: u32 = 4;
     const PASSIVE_ESTABLISHED: u32 = 5;
     const STATE_CB: u32 = 10;
+    const TCP_LISTEN_CB: u32 = 11;
     const PARSE_HDR_OPT_CB: u32 = 13;
     const TCP_CLOSE: u32 = 7;
     const O_NONBLOCK: u32 = 0o4000;
@@ -269,6 +273,7 @@ mod progs {
             PASSIVE_ESTABLISHED => established(ctx, false),
             STATE_CB if ctx.arg(1) == TCP_CLOSE => closed(ctx),
             PARSE_HDR_OPT_CB => app_leave(ctx),
+            TCP_LISTEN_CB => listening(ctx),
             _ => Ok(()),
         }
     }
@@ -347,20 +352,29 @@ mod progs {
             count(counter::SKIP_EARLY_DATA, 1);
             return Ok(());
         }
-        // An app's socket (kernel hazard 4), unless its workload trusts its apps: an accepted
-        // one is not even accepted yet (how it will be read is unknown) and neither is the
-        // sidecar's passthrough socket to it, whose only peer it is; a connecting one only
-        // when its file is non-blocking (its reads then never wait inside the sockmap's path).
+        // An app's socket (kernel hazard 4), unless its workload trusts its apps: a connecting
+        // one only when its file is non-blocking (its reads then never wait inside the sockmap's
+        // path); an accepted one, not accepted yet, only when its listener was non-blocking (an
+        // event loop's), and so for the sidecar's passthrough socket to it, whose only peer it
+        // is. Either leaves again if it turns out blocking before its first message.
         let app =
             policy & POLICY_TRUST_APPS == 0 && sk_uid(sk).is_none_or(|uid| uid != cfg.proxy_uid);
-        if policy & POLICY_TRUST_APPS == 0 && (app || passthrough(&local_ip)) {
-            if !active || passthrough(&local_ip) {
-                count(counter::SKIP_APP_UNACCEPTED, 1);
-                return Ok(());
-            }
-            if nonblocking(sk) != Some(true) {
+        if policy & POLICY_TRUST_APPS == 0 {
+            let to_app = active && passthrough(&local_ip);
+            if app && active && nonblocking(sk) != Some(true) {
                 count(counter::SKIP_APP_BLOCKING, 1);
                 return Ok(());
+            }
+            if (app && !active) || to_app {
+                let port = if active { remote_port } else { local_port };
+                let listener = PortKey::new(netns, port as u16, DIR_INBOUND);
+                let flags = unsafe { MESHACCEL_LSTN.get(&listener) }
+                    .copied()
+                    .unwrap_or(0);
+                if flags & LISTENER_NONBLOCKING == 0 {
+                    count(counter::SKIP_APP_UNACCEPTED, 1);
+                    return Ok(());
+                }
             }
         }
 
@@ -528,14 +542,13 @@ mod progs {
         let st = unsafe { &mut *st };
         if st.app == APP_YES && st.state == STATE_UNDECIDED {
             match nonblocking(sk) {
-                Some(true) => return Ok(()),
+                // Non-blocking, or no file: not accepted yet (or closed already).
+                Some(true) | None => return Ok(()),
                 Some(false) => {
                     st.state = STATE_TCP;
                     st.app = APP_LEAVING;
                     count(counter::FALLBACK_APP_BLOCKING, 1);
                 }
-                // Closed by the app (no file any more): nothing left to watch.
-                None => {}
             }
         }
         if st.app == APP_LEAVING {
@@ -554,6 +567,25 @@ mod progs {
             (ops.bpf_sock_ops_cb_flags & !BPF_SOCK_OPS_PARSE_ALL_HDR_OPT_CB_FLAG) as i32,
         );
         Ok(())
+    }
+
+    /// A socket of the cgroup starts listening: remember whether its file is non-blocking, which
+    /// the app sockets it will accept are judged by at ESTABLISHED (they have no file yet).
+    #[inline(always)]
+    fn listening(ctx: &SockOpsContext) -> Result<(), ()> {
+        let ops = unsafe { &*ctx.ops };
+        let sk = unsafe { ops.__bindgen_anon_2.sk };
+        if sk.is_null() {
+            return Err(());
+        }
+        let netns = unsafe { bpf_get_netns_cookie(ctx.ops.cast()) };
+        let key = PortKey::new(netns, ops.local_port as u16, DIR_INBOUND);
+        let flags = if nonblocking(sk) == Some(true) {
+            LISTENER_NONBLOCKING
+        } else {
+            0
+        };
+        MESHACCEL_LSTN.insert(&key, &flags, 0).map_err(|_| ())
     }
 
     /// Whether a connection of this service showed a small-write stream in the last

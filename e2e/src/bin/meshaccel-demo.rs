@@ -194,10 +194,10 @@ fn run(a: &Args) -> anyhow::Result<()> {
     );
     println!();
     println!(
-        "on (default): the sidecar ↔ sidecar leg and, for an app whose socket is non-blocking, its"
+        "on (default): the sidecar ↔ sidecar leg, and an app's bytes into its sidecar where the app"
     );
     println!(
-        "requests into its sidecar; on (apps trusted): all three legs (`appSockets: trusted`)."
+        "reads non-blocking (these apps block: not theirs); on (apps trusted): all three legs."
     );
     println!();
     println!(
