@@ -1,7 +1,11 @@
 //! `meshaccel status`: the kernel state (pinned maps) per workload, with the names the agent
 //! wrote to its state file ([`crate::statefile`]). Works without a running agent: without a
 //! state file, workloads are shown by netns cookie.
-use std::{collections::BTreeSet, fmt::Write as _, path::Path};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt::Write as _,
+    path::Path,
+};
 
 use crate::{
     dataplane::{Dataplane, KernelStatus, WorkloadTraffic},
@@ -17,6 +21,8 @@ pub struct WorkloadRow {
     pub netns_cookie: u64,
     /// Acceleration enabled for it in the kernel maps.
     pub enabled: bool,
+    /// Its apps are trusted (`appSockets: trusted`) in the kernel maps.
+    pub apps_trusted: bool,
     /// Sockets in the sockhash and the bytes its sockets sent (redirected or over TCP).
     #[serde(flatten)]
     pub traffic: WorkloadTraffic,
@@ -44,7 +50,12 @@ pub struct StatusReport {
 pub fn collect(bpffs: &Path, state_dir: &Path, sockets: bool) -> Result<StatusReport> {
     let dp = Dataplane::open(bpffs)?;
     let kernel = dp.status()?;
-    let enabled: BTreeSet<u64> = dp.workloads.keys().filter_map(|k| k.ok()).collect();
+    let enabled: BTreeMap<u64, u32> = dp
+        .workloads
+        .iter()
+        .filter_map(|r| r.ok())
+        .map(|(k, p)| (k, p.flags))
+        .collect();
     let agent = match statefile::read(state_dir, bpffs) {
         Ok(a) => a,
         Err(e) => {
@@ -59,14 +70,15 @@ pub fn collect(bpffs: &Path, state_dir: &Path, sockets: bool) -> Result<StatusRe
     Ok(report)
 }
 
-/// Joins the kernel's per-netns numbers, the enabled set and the names (pure, for tests).
+/// Joins the kernel's per-netns numbers, the enabled workloads (netns cookie → policy flags) and
+/// the names (pure, for tests).
 pub fn build(
     kernel: KernelStatus,
-    enabled: &BTreeSet<u64>,
+    enabled: &BTreeMap<u64, u32>,
     agent: Option<AgentState>,
 ) -> StatusReport {
     let names = agent.as_ref().map(|a| &a.workloads);
-    let mut cookies: BTreeSet<u64> = enabled.clone();
+    let mut cookies: BTreeSet<u64> = enabled.keys().copied().collect();
     cookies.extend(
         kernel
             .workloads
@@ -93,7 +105,10 @@ pub fn build(
             WorkloadRow {
                 name: names.and_then(|n| n.get(&key).cloned()),
                 netns_cookie: c,
-                enabled: enabled.contains(&c),
+                enabled: enabled.contains_key(&c),
+                apps_trusted: enabled
+                    .get(&c)
+                    .is_some_and(|f| f & meshaccel_common::POLICY_TRUST_APPS != 0),
                 traffic,
             }
         })
@@ -183,7 +198,7 @@ impl StatusReport {
         let _ = writeln!(o);
         let _ = writeln!(
             o,
-            "{:<40} {:>20} {:>3} {:>7} {:>12} {:>14} {:>10} {:>12}",
+            "{:<40} {:>20} {:>5} {:>7} {:>12} {:>14} {:>10} {:>12}",
             "WORKLOAD",
             "NETNS",
             "ON",
@@ -197,10 +212,15 @@ impl StatusReport {
             let t = &r.traffic;
             let _ = writeln!(
                 o,
-                "{:<40} {:>20} {:>3} {:>7} {:>12} {:>14} {:>10} {:>12}",
+                "{:<40} {:>20} {:>5} {:>7} {:>12} {:>14} {:>10} {:>12}",
                 r.name.as_deref().unwrap_or("-"),
                 r.netns_cookie,
-                if r.enabled { "yes" } else { "no" },
+                match (r.enabled, r.apps_trusted) {
+                    (false, _) => "no",
+                    (true, false) => "yes",
+                    // Its app sockets too (`appSockets: trusted`).
+                    (true, true) => "yes+",
+                },
                 t.sockets,
                 t.redirect_msgs,
                 t.redirect_bytes,
@@ -267,7 +287,11 @@ mod tests {
             ]),
             ..Default::default()
         };
-        let r = build(kernel(), &BTreeSet::from([11, 22]), Some(agent));
+        let r = build(
+            kernel(),
+            &BTreeMap::from([(11, 1), (22, 1 | meshaccel_common::POLICY_TRUST_APPS)]),
+            Some(agent),
+        );
         let rows: Vec<_> = r
             .by_workload
             .iter()
@@ -276,6 +300,7 @@ mod tests {
                     r.name.as_deref(),
                     r.netns_cookie,
                     r.enabled,
+                    r.apps_trusted,
                     r.traffic.sockets,
                     r.traffic.redirect_bytes,
                 )
@@ -284,9 +309,9 @@ mod tests {
         assert_eq!(
             rows,
             [
-                (Some("shop/cart"), 11, true, 2, 500),
-                (Some("shop/web"), 22, true, 0, 0),
-                (None, 33, false, 1, 0),
+                (Some("shop/cart"), 11, true, false, 2, 500),
+                (Some("shop/web"), 22, true, true, 0, 0),
+                (None, 33, false, false, 1, 0),
             ]
         );
         let text = r.render_text();
@@ -304,7 +329,7 @@ mod tests {
 
     #[test]
     fn without_a_state_file_cookies_only() {
-        let r = build(kernel(), &BTreeSet::new(), None);
+        let r = build(kernel(), &BTreeMap::new(), None);
         assert!(r.by_workload.iter().all(|w| w.name.is_none()));
         assert!(r.render_text().contains("no state file"));
     }

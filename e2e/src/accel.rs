@@ -94,8 +94,9 @@ pub struct Accel {
     workloads: PathBuf,
     cgroup: PathBuf,
     agent: Option<Child>,
-    /// (global switch, enabled workloads) of the last file written by `set_workloads`.
-    expect: (bool, u64),
+    /// (global switch, enabled workloads, of them with trusted apps) of the last file written
+    /// by `set_workloads`.
+    expect: (bool, u64, u64),
     scope: Scope,
     /// Extra environment of the agent (Kubernetes mode: node name, kubeconfig).
     extra_env: Vec<(String, String)>,
@@ -193,7 +194,7 @@ impl Accel {
             cgroup: mesh.cgroup_root().to_path_buf(),
             dir,
             agent: None,
-            expect: (enabled, 0),
+            expect: (enabled, 0, 0),
             scope,
             extra_env: env
                 .iter()
@@ -244,9 +245,14 @@ impl Accel {
     }
 
     fn wait_applied(&self, what: &str) -> anyhow::Result<()> {
-        let (enabled, want) = self.expect;
+        let (enabled, want, trusted) = self.expect;
         self.wait_status(what, |s| {
-            s["enabled"] == enabled && s["workloads_enabled"].as_u64() == Some(want)
+            let in_kernel = s["by_workload"]
+                .as_array()
+                .map(|rows| rows.iter().filter(|r| r["apps_trusted"] == true).count() as u64);
+            s["enabled"] == enabled
+                && s["workloads_enabled"].as_u64() == Some(want)
+                && in_kernel == Some(trusted)
         })
     }
 
@@ -262,6 +268,10 @@ impl Accel {
         self.expect = (
             enabled,
             workloads.iter().filter(|w| w.enabled).count() as u64,
+            workloads
+                .iter()
+                .filter(|w| w.enabled && w.app_sockets == "trusted")
+                .count() as u64,
         );
         self.write_raw(&workloads_yaml(enabled, self.scope, workloads))
     }

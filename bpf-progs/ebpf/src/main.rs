@@ -199,6 +199,21 @@ mod progs {
         ptr::from_ref(&MESHACCEL_STATE).cast_mut().cast()
     }
 
+    /// The socket of a sock_ops callback.
+    #[inline(always)]
+    fn ops_sock(ctx: &SockOpsContext) -> Result<*mut aya_ebpf::bindings::bpf_sock, ()> {
+        let sk = unsafe { (*ctx.ops).__bindgen_anon_2.sk };
+        if sk.is_null() { Err(()) } else { Ok(sk) }
+    }
+
+    /// A socket's `SockState`, when it has one (it was seen at ESTABLISHED).
+    #[inline(always)]
+    fn sock_state<'a>(sk: *mut aya_ebpf::bindings::bpf_sock) -> Option<&'a mut SockState> {
+        let st = unsafe { bpf_sk_storage_get(state_map(), sk.cast(), ptr::null_mut(), 0) }
+            .cast::<SockState>();
+        unsafe { st.as_mut() }
+    }
+
     /// Reads one ctx field with a load of its own at a constant offset (volatile: not merged).
     #[inline(always)]
     fn rd(p: *const u32) -> u32 {
@@ -341,10 +356,7 @@ mod progs {
             return Ok(());
         }
 
-        let sk = unsafe { ops.__bindgen_anon_2.sk };
-        if sk.is_null() {
-            return Err(());
-        }
+        let sk = ops_sock(ctx)?;
         // A TCP Fast Open client without a cookie (`TCP_FASTOPEN_CONNECT`) wrote before the
         // handshake finished, and that data may still be queued, not yet sent: anything written
         // and not acknowledged would be overtaken by a redirected byte.
@@ -530,16 +542,8 @@ mod progs {
     #[inline(always)]
     fn app_leave(ctx: &SockOpsContext) -> Result<(), ()> {
         let ops = unsafe { &*ctx.ops };
-        let sk = unsafe { ops.__bindgen_anon_2.sk };
-        if sk.is_null() {
-            return Err(());
-        }
-        let st = unsafe { bpf_sk_storage_get(state_map(), sk.cast(), ptr::null_mut(), 0) }
-            .cast::<SockState>();
-        if st.is_null() {
-            return Err(());
-        }
-        let st = unsafe { &mut *st };
+        let sk = ops_sock(ctx)?;
+        let st = sock_state(sk).ok_or(())?;
         if st.app == APP_YES && st.state == STATE_UNDECIDED {
             match nonblocking(sk) {
                 // Non-blocking, or no file: not accepted yet (or closed already).
@@ -574,10 +578,7 @@ mod progs {
     #[inline(always)]
     fn listening(ctx: &SockOpsContext) -> Result<(), ()> {
         let ops = unsafe { &*ctx.ops };
-        let sk = unsafe { ops.__bindgen_anon_2.sk };
-        if sk.is_null() {
-            return Err(());
-        }
+        let sk = ops_sock(ctx)?;
         let netns = unsafe { bpf_get_netns_cookie(ctx.ops.cast()) };
         let key = PortKey::new(netns, ops.local_port as u16, DIR_INBOUND);
         let flags = if nonblocking(sk) == Some(true) {
@@ -645,20 +646,12 @@ mod progs {
 
     #[inline(always)]
     fn closed(ctx: &SockOpsContext) -> Result<(), ()> {
-        let sk = unsafe { (*ctx.ops).__bindgen_anon_2.sk };
-        if sk.is_null() {
-            return Err(());
-        }
-        let st = unsafe { bpf_sk_storage_get(state_map(), sk.cast(), ptr::null_mut(), 0) }
-            .cast::<SockState>();
-        if st.is_null() {
-            return Err(());
-        }
-        let own = unsafe { (*st).own };
+        let st = sock_state(ops_sock(ctx)?).ok_or(())?;
+        let own = st.own;
         let mut inserted = true;
         // Only our own entry: a colliding socket never inserted one under this key.
         if let Some(info) = unsafe { MESHACCEL_PEERS.get(own) }
-            && info.netns_cookie == unsafe { (*st).netns_cookie }
+            && info.netns_cookie == st.netns_cookie
         {
             // A small-write service's socket kept its entry only to keep its peer out.
             inserted = info.flags & PEER_SMALL_WRITES == 0;
@@ -682,13 +675,10 @@ mod progs {
         if sk.is_null() {
             return SK_PASS;
         }
-        let st = unsafe { bpf_sk_storage_get(state_map(), sk.cast(), ptr::null_mut(), 0) }
-            .cast::<SockState>();
-        if st.is_null() {
+        let Some(st) = sock_state(sk) else {
             count(counter::FALLBACK_NO_STATE, 1);
             return tcp(0, size);
-        }
-        let st = unsafe { &mut *st };
+        };
         if st.state == STATE_TCP {
             return tcp(st.netns_cookie, size);
         }
