@@ -85,9 +85,9 @@ mod progs {
     static OFF_WRITE_SEQ: u32 = 0;
     #[unsafe(no_mangle)]
     static OFF_SND_UNA: u32 = 0;
-    // Who owns a socket and how it reads, read with `bpf_probe_read_kernel` from the socket's
-    // address (offsets from the kernel's BTF as above; 0 = unknown: every app socket is then
-    // treated as blocking, i.e. kept on TCP): `struct sock` -> `sk_socket` -> `file` -> `f_flags`
+    // Who owns a socket and how it reads, loaded through BTF pointers from the own socket
+    // (offsets from the kernel's BTF as above; 0 = unknown: every app socket is then treated as
+    // blocking, i.e. kept on TCP): `struct sock` -> `sk_socket` -> `file` -> `f_flags`
     // (O_NONBLOCK), and `struct sock`'s `sk_uid`.
     #[unsafe(no_mangle)]
     static OFF_SK_SOCKET: u32 = 0;
@@ -220,12 +220,6 @@ mod progs {
         unsafe { ptr::read_volatile(p) }
     }
 
-    /// A u32 field of a `struct tcp_sock` (a BTF pointer) at a BTF-checked offset.
-    #[inline(always)]
-    fn tcp_field(tp: *const u8, off: u32) -> u32 {
-        unsafe { ptr::read_volatile(tp.add(off as usize).cast::<u32>()) }
-    }
-
     /// Bytes the peer socket has not read yet (its sk_msg ingress queue and its TCP receive
     /// queue: `sk_rmem_alloc`); None when unknown (no BTF offsets, or the read failed).
     #[inline(always)]
@@ -253,7 +247,7 @@ mod progs {
             return false;
         }
         let tp = unsafe { bpf_skc_to_tcp_sock(sk.cast()) };
-        !tp.is_null() && tcp_field(tp.cast(), ws) != snd_una
+        !tp.is_null() && field::<u32>(tp.cast(), ws) != snd_una
     }
 
     /// Whether every byte this socket wrote over TCP has been acknowledged.
@@ -264,7 +258,7 @@ mod progs {
             return false;
         }
         let tp = unsafe { bpf_skc_to_tcp_sock(sk.cast()) };
-        !tp.is_null() && tcp_field(tp.cast(), ws) == tcp_field(tp.cast(), una)
+        !tp.is_null() && field::<u32>(tp.cast(), ws) == field::<u32>(tp.cast(), una)
     }
 
     #[inline(always)]
