@@ -427,6 +427,26 @@ static int expect_ctrl(conn_t *c, int fd, const char *msg)
 	return 0;
 }
 
+/* shutdown(SHUT_WR): ends the outgoing stream; a failure is recorded and gives -1. */
+static int shut_wr(conn_t *c, int fd, const char *what, uint64_t off)
+{
+	if (shutdown(fd, SHUT_WR) < 0) {
+		err_sys(c, "shutdown(SHUT_WR)", errno, what, off);
+		return -1;
+	}
+	return 0;
+}
+
+/* Ends the outgoing stream at offset out_off, then reads the control message `msg` and EOF. */
+static int end_then_ctrl_eof(conn_t *c, int fd, uint64_t out_off, const char *msg,
+			     uint64_t eof_off)
+{
+	if (shut_wr(c, fd, "ending the stream", out_off) < 0 || expect_ctrl(c, fd, msg) < 0 ||
+	    expect_eof(c, fd, "waiting for EOF", eof_off) < 0)
+		return -1;
+	return 0;
+}
+
 static int set_int_opt(conn_t *c, int fd, int level, int opt, int val, const char *name)
 {
 	if (setsockopt(fd, level, opt, &val, sizeof val) < 0) {
@@ -785,11 +805,7 @@ static void rcvlowat_client(conn_t *c, int fd)
 	if (expect_ctrl(c, fd, "C") < 0 ||
 	    send_stream(c, fd, &out, 700, 700, 700, 0, 0, 0, "sending the last 700 bytes") < 0)
 		return;
-	if (shutdown(fd, SHUT_WR) < 0) {
-		err_sys(c, "shutdown(SHUT_WR)", errno, "ending the stream", out.off);
-		return;
-	}
-	if (expect_ctrl(c, fd, "E") < 0 || expect_eof(c, fd, "waiting for EOF", 1) < 0)
+	if (end_then_ctrl_eof(c, fd, out.off, "E", 1) < 0)
 		return;
 	c->outcome = "ok";
 }
@@ -908,11 +924,7 @@ static void peek_client(conn_t *c, int fd)
 	if (send_stream(c, fd, &out, PEEK_TOTAL, 1, 32 * KiB, 77 + (uint64_t)c->id, 0, 0,
 			"sending 1 MiB in random-sized writes") < 0)
 		return;
-	if (shutdown(fd, SHUT_WR) < 0) {
-		err_sys(c, "shutdown(SHUT_WR)", errno, "ending the stream", out.off);
-		return;
-	}
-	if (expect_ctrl(c, fd, "done") < 0 || expect_eof(c, fd, "waiting for EOF", 4) < 0)
+	if (end_then_ctrl_eof(c, fd, out.off, "done", 4) < 0)
 		return;
 	c->outcome = "ok";
 }
@@ -938,10 +950,8 @@ static void rcvtimeo_server(conn_t *c, int fd)
 	if (send_stream(c, fd, &out, RT_RESP, RT_RESP, RT_RESP, 0, 0, 0, "sending the response") <
 	    0)
 		return;
-	if (shutdown(fd, SHUT_WR) < 0) {
-		err_sys(c, "shutdown(SHUT_WR)", errno, "ending the response", out.off);
+	if (shut_wr(c, fd, "ending the response", out.off) < 0)
 		return;
-	}
 	if (expect_eof(c, fd, "waiting for the client's EOF", 100) < 0)
 		return;
 	c->outcome = "ok";
@@ -1132,10 +1142,8 @@ static void halfclose_client(conn_t *c, int fd)
 	if (send_stream(c, fd, &out, HC_REQ, 1, 4 * KiB, 6 + (uint64_t)c->id, 0, 0,
 			"sending the request") < 0)
 		return;
-	if (shutdown(fd, SHUT_WR) < 0) {
-		err_sys(c, "shutdown(SHUT_WR)", errno, "half-closing after the request", out.off);
+	if (shut_wr(c, fd, "half-closing after the request", out.off) < 0)
 		return;
-	}
 	if (recv_stream_eof(c, fd, &in, HC_RESP, 16 * KiB, "reading the response until EOF") < 0)
 		return;
 	c->outcome = "eof";
@@ -1350,11 +1358,7 @@ static void splice_client(conn_t *c, int fd)
 	if (send_stream(c, fd, &out, SPL_TOTAL, 1, 64 * KiB, 11 + (uint64_t)c->id, 1 * MiB, 20,
 			"sending 4 MiB") < 0)
 		return;
-	if (shutdown(fd, SHUT_WR) < 0) {
-		err_sys(c, "shutdown(SHUT_WR)", errno, "ending the stream", out.off);
-		return;
-	}
-	if (expect_ctrl(c, fd, "done") < 0 || expect_eof(c, fd, "waiting for EOF", 4) < 0)
+	if (end_then_ctrl_eof(c, fd, out.off, "done", 4) < 0)
 		return;
 	c->outcome = "ok";
 }
@@ -1372,11 +1376,7 @@ static void splice_client_server(conn_t *c, int fd)
 	if (send_stream(c, fd, &out, SPL_TOTAL, 1, 64 * KiB, 13 + (uint64_t)c->id, 1 * MiB, 20,
 			"sending 4 MiB") < 0)
 		return;
-	if (shutdown(fd, SHUT_WR) < 0) {
-		err_sys(c, "shutdown(SHUT_WR)", errno, "ending the stream", out.off);
-		return;
-	}
-	if (expect_ctrl(c, fd, "done") < 0 || expect_eof(c, fd, "waiting for EOF", 1) < 0)
+	if (end_then_ctrl_eof(c, fd, out.off, "done", 1) < 0)
 		return;
 	c->outcome = "ok";
 }
@@ -1516,10 +1516,8 @@ static void ct_client(conn_t *c, int fd)
 		    pat_check(c, &in, buf, CT_RESP) < 0)
 			return;
 	}
-	if (shutdown(fd, SHUT_WR) < 0) {
-		err_sys(c, "shutdown(SHUT_WR)", errno, "half-closing after the last request", out.off);
+	if (shut_wr(c, fd, "half-closing after the last request", out.off) < 0)
 		return;
-	}
 	if (expect_eof(c, fd, "blocking recv expecting EOF after shutdown(SHUT_WR)", in.off) < 0)
 		return;
 	c->outcome = "eof";

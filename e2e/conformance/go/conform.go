@@ -345,9 +345,9 @@ func closeConn(rep *report, who string, c net.Conn) {
 	}
 }
 
-// ---- echo ------------------------------------------------------------------------------------
-
-func echoServer(o *opts, rep *report) {
+// serveConns listens on o.port, prints ready and runs handle on each of the o.conns accepted
+// connections ("conn IDX"), closing each after its handle returns.
+func serveConns(o *opts, rep *report, handle func(who string, c *net.TCPConn)) {
 	ln, err := listen(o.port)
 	if err != nil {
 		rep.fail("listen", "listen: %v", err)
@@ -357,6 +357,24 @@ func echoServer(o *opts, rep *report) {
 	acceptN(ln, o.conns, rep, func(idx int, c *net.TCPConn) {
 		who := fmt.Sprintf("conn %d", idx)
 		defer closeConn(rep, who, c)
+		handle(who, c)
+	})
+}
+
+// dialConns runs handle on each of the o.conns connections to o.target ("conn IDX"), closing
+// each after its handle returns.
+func dialConns(o *opts, rep *report, handle func(who string, c *net.TCPConn)) {
+	dialN(o.target, o.conns, rep, func(idx int, c *net.TCPConn) {
+		who := fmt.Sprintf("conn %d", idx)
+		defer closeConn(rep, who, c)
+		handle(who, c)
+	})
+}
+
+// ---- echo ------------------------------------------------------------------------------------
+
+func echoServer(o *opts, rep *report) {
+	serveConns(o, rep, func(who string, c *net.TCPConn) {
 		buf := make([]byte, 65536)
 		var off int64
 		for {
@@ -394,9 +412,7 @@ func echoServer(o *opts, rep *report) {
 }
 
 func echoClient(o *opts, rep *report) {
-	dialN(o.target, o.conns, rep, func(idx int, c *net.TCPConn) {
-		who := fmt.Sprintf("conn %d", idx)
-		defer closeConn(rep, who, c)
+	dialConns(o, rep, func(who string, c *net.TCPConn) {
 		werr := make(chan error, 1)
 		go func() {
 			err := writePattern(c, echoBytes, o.seed, &rep.bytesOut)
@@ -420,15 +436,7 @@ func echoClient(o *opts, rep *report) {
 // ---- stream ----------------------------------------------------------------------------------
 
 func streamServer(o *opts, rep *report) {
-	ln, err := listen(o.port)
-	if err != nil {
-		rep.fail("listen", "listen: %v", err)
-		return
-	}
-	ready()
-	acceptN(ln, o.conns, rep, func(idx int, c *net.TCPConn) {
-		who := fmt.Sprintf("conn %d", idx)
-		defer closeConn(rep, who, c)
+	serveConns(o, rep, func(who string, c *net.TCPConn) {
 		if err := writePattern(c, streamBytes, o.seed+1, &rep.bytesOut); err != nil {
 			rep.failErr("io-error", who, err)
 		}
@@ -436,9 +444,7 @@ func streamServer(o *opts, rep *report) {
 }
 
 func streamClient(o *opts, rep *report) {
-	dialN(o.target, o.conns, rep, func(idx int, c *net.TCPConn) {
-		who := fmt.Sprintf("conn %d", idx)
-		defer closeConn(rep, who, c)
+	dialConns(o, rep, func(who string, c *net.TCPConn) {
 		if err := readPattern(c, streamBytes, o.seed+1, &rep.bytesIn); err != nil {
 			rep.failErr("io-error", who, err)
 		}
@@ -545,6 +551,19 @@ func httpServer(o *opts, rep *report) {
 			rep.failErr("header", "request", err)
 		}
 	}
+	// reply sends body as an octet-stream response and counts it served; a write error is
+	// recorded as "PATH write: ERR".
+	reply := func(w http.ResponseWriter, path string, body []byte) {
+		w.Header().Set("Content-Type", "application/octet-stream")
+		w.Header().Set("Content-Length", strconv.Itoa(len(body)))
+		m, err := w.Write(body)
+		rep.bytesOut.Add(int64(m))
+		if err != nil {
+			rep.fail("io-error", "%s write: %v", path, err)
+			return
+		}
+		served.Add(1)
+	}
 	mux := http.NewServeMux()
 	mux.HandleFunc("/data", func(w http.ResponseWriter, r *http.Request) {
 		checkRequest(r)
@@ -559,15 +578,7 @@ func httpServer(o *opts, rep *report) {
 			http.Error(w, "bad n", http.StatusBadRequest)
 			return
 		}
-		w.Header().Set("Content-Type", "application/octet-stream")
-		w.Header().Set("Content-Length", strconv.Itoa(n))
-		m, err := w.Write(patternBytes(n, o.seed+1))
-		rep.bytesOut.Add(int64(m))
-		if err != nil {
-			rep.fail("io-error", "/data write: %v", err)
-			return
-		}
-		served.Add(1)
+		reply(w, "/data", patternBytes(n, o.seed+1))
 	})
 	mux.HandleFunc("/echo", func(w http.ResponseWriter, r *http.Request) {
 		checkRequest(r)
@@ -589,15 +600,7 @@ func httpServer(o *opts, rep *report) {
 		if k := checkPattern(body, 0, o.seed); k >= 0 {
 			rep.fail("mismatch", "/echo: body byte %d is %d, expected %d", k, body[k], patternByte(int64(k), o.seed))
 		}
-		w.Header().Set("Content-Type", "application/octet-stream")
-		w.Header().Set("Content-Length", strconv.Itoa(len(body)))
-		m, err := w.Write(body)
-		rep.bytesOut.Add(int64(m))
-		if err != nil {
-			rep.fail("io-error", "/echo write: %v", err)
-			return
-		}
-		served.Add(1)
+		reply(w, "/echo", body)
 	})
 	mux.HandleFunc("/quit", func(w http.ResponseWriter, r *http.Request) {
 		w.Header().Set("Content-Length", "4")

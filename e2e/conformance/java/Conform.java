@@ -259,6 +259,22 @@ public final class Conform {
 
     // ---- sides ---------------------------------------------------------------------------------
 
+    /** handle(s, idx) on a connection thread; an interrupt is that connection's failure. */
+    void handleConn(Socket s, int idx) {
+        try {
+            handle(s, idx);
+        } catch (InterruptedException e) {
+            fail("interrupted", "conn " + idx + ": interrupted");
+        }
+    }
+
+    /** Starts connection i's thread ("conn-i") running body and adds it to handlers. */
+    static void startConn(List<Thread> handlers, int i, Runnable body) {
+        Thread t = new Thread(body, "conn-" + i);
+        t.start();
+        handlers.add(t);
+    }
+
     void runServer(int port) throws Exception {
         ServerSocket ss = new ServerSocket();
         ss.setReuseAddress(true);
@@ -275,15 +291,7 @@ public final class Conform {
                 break;
             }
             final int idx = i;
-            Thread t = new Thread(() -> {
-                try {
-                    handle(s, idx);
-                } catch (InterruptedException e) {
-                    fail("interrupted", "conn " + idx + ": interrupted");
-                }
-            }, "conn-" + i);
-            t.start();
-            handlers.add(t);
+            startConn(handlers, i, () -> handleConn(s, idx));
         }
         ss.close();
         for (Thread t : handlers) {
@@ -295,7 +303,7 @@ public final class Conform {
         List<Thread> handlers = new ArrayList<>();
         for (int i = 0; i < conns; i++) {
             final int idx = i;
-            Thread t = new Thread(() -> {
+            startConn(handlers, i, () -> {
                 Socket s;
                 try {
                     s = new Socket(host, port);
@@ -303,14 +311,8 @@ public final class Conform {
                     fail("connect", "conn " + idx + " connect: " + describe(e));
                     return;
                 }
-                try {
-                    handle(s, idx);
-                } catch (InterruptedException e) {
-                    fail("interrupted", "conn " + idx + ": interrupted");
-                }
-            }, "conn-" + i);
-            t.start();
-            handlers.add(t);
+                handleConn(s, idx);
+            });
         }
         for (Thread t : handlers) {
             t.join();

@@ -435,6 +435,15 @@ AS_RESP = 4 * KiB
 AS_STALL = 5.0  # seconds without progress on one read = "stalled"
 
 
+def as_failed(conn, e, call, stalled_msg, what, off):
+    """Records a failed read/drain: asyncio.TimeoutError (tested first: in 3.11 it is an OSError)
+    is `stalled` with stalled_msg, any other OSError is call's error while what at off."""
+    if isinstance(e, asyncio.TimeoutError):
+        conn.error("stalled", stalled_msg)
+    else:
+        conn.oserror(call, e, what, off)
+
+
 async def as_read(conn, reader, n, what, off):
     """readexactly(n) with a stall timeout; returns bytes, b'' at a clean EOF, None on error."""
     conn.at(what, off)
@@ -447,12 +456,9 @@ async def as_read(conn, reader, n, what, off):
         conn.error("premature-eof", "read: EOF after %d of %d bytes while %s at offset %d"
                    % (len(e.partial), n, what, off))
         return None
-    except asyncio.TimeoutError:
-        conn.error("stalled", "read: stalled: no %d bytes within %g s while %s at offset %d"
-                   % (n, AS_STALL, what, off))
-        return None
-    except OSError as e:
-        conn.oserror("read", e, what, off)
+    except (asyncio.TimeoutError, OSError) as e:
+        as_failed(conn, e, "read", "read: stalled: no %d bytes within %g s while %s at offset %d"
+                  % (n, AS_STALL, what, off), what, off)
         return None
     R.add_in(len(data))
     return data
@@ -463,12 +469,9 @@ async def as_write(conn, writer, data, what, off):
     try:
         writer.write(data)
         await asyncio.wait_for(writer.drain(), AS_STALL)
-    except asyncio.TimeoutError:
-        conn.error("stalled", "write: stalled: drain() did not finish within %g s while %s"
-                   % (AS_STALL, what))
-        return False
-    except OSError as e:
-        conn.oserror("write", e, what, off)
+    except (asyncio.TimeoutError, OSError) as e:
+        as_failed(conn, e, "write", "write: stalled: drain() did not finish within %g s while %s"
+                  % (AS_STALL, what), what, off)
         return False
     R.add_out(len(data))
     return True
