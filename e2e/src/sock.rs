@@ -274,12 +274,13 @@ pub fn set_linger_zero(stream: &TcpStream) -> io::Result<()> {
     Ok(())
 }
 
-/// Reads like an event loop: a non-blocking `recv` (`MSG_DONTWAIT`), and when nothing is there
-/// yet (EAGAIN, which is what a non-blocking read answers), `poll` for readability until
-/// `deadline` (then `TimedOut`; None: no deadline). The tools read this way so that their
+/// Reads like an event loop: `poll` for readability until `deadline` (then `TimedOut`; None: no
+/// deadline), then a non-blocking `recv` (`MSG_DONTWAIT`), again while that answers EAGAIN (what
+/// a non-blocking read answers when nothing is there). The tools read this way so that their
 /// sockets may be accelerated as a trusted workload's (`appSockets: trusted`): a non-blocking
 /// read never waits inside the kernel's sockmap receive path, whose blocking reads can fail
-/// with EAGAIN (kernel hazard 4). EINTR of `poll` is retried, as an event loop does.
+/// with EAGAIN (kernel hazard 4). EINTR is retried, as an event loop does. (Poll first: a
+/// request/response reader usually arrives before the data, and then this costs two calls.)
 pub fn read_ready(
     stream: &TcpStream,
     buf: &mut [u8],
@@ -287,15 +288,6 @@ pub fn read_ready(
 ) -> io::Result<usize> {
     let fd = stream.as_raw_fd();
     loop {
-        // SAFETY: recv into a buffer we own, of its length.
-        let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) };
-        if n >= 0 {
-            return Ok(n as usize);
-        }
-        let e = io::Error::last_os_error();
-        if e.kind() != io::ErrorKind::WouldBlock && e.kind() != io::ErrorKind::Interrupted {
-            return Err(e);
-        }
         let ms = match deadline {
             None => -1,
             Some(d) => {
@@ -315,9 +307,22 @@ pub fn read_ready(
         let r = unsafe { libc::poll(&mut pfd, 1, ms) };
         if r < 0 {
             let e = io::Error::last_os_error();
-            if e.kind() != io::ErrorKind::Interrupted {
-                return Err(e);
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
             }
+            return Err(e);
+        }
+        if r == 0 {
+            continue; // the deadline check above ends it
+        }
+        // SAFETY: recv into a buffer we own, of its length.
+        let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) };
+        if n >= 0 {
+            return Ok(n as usize);
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::WouldBlock && e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
         }
     }
 }
