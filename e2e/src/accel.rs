@@ -20,8 +20,8 @@ pub struct Workload {
     pub enabled: bool,
     pub exclude_inbound_ports: Vec<u16>,
     pub exclude_outbound_ports: Vec<u16>,
-    /// The workloads file's `appSockets`: "trusted" or "auto".
-    pub app_sockets: &'static str,
+    /// The workloads file's `appSockets`: `trusted` (true) or `auto`.
+    pub apps_trusted: bool,
 }
 
 impl Workload {
@@ -34,14 +34,14 @@ impl Workload {
             enabled: true,
             exclude_inbound_ports: vec![],
             exclude_outbound_ports: vec![],
-            app_sockets: "trusted",
+            apps_trusted: true,
         }
     }
     /// Enabled with the default `appSockets: auto`: meshaccel decides which app sockets it may
     /// accelerate (what an operator gets who says nothing about the apps).
     pub fn auto(pod: &Pod) -> Self {
         Self {
-            app_sockets: "auto",
+            apps_trusted: false,
             ..Self::on(pod)
         }
     }
@@ -70,7 +70,7 @@ pub fn workloads_yaml(enabled: bool, scope: Scope, workloads: &[Workload]) -> St
             w.enabled,
             w.exclude_inbound_ports,
             w.exclude_outbound_ports,
-            w.app_sockets
+            if w.apps_trusted { "trusted" } else { "auto" }
         );
     }
     y
@@ -270,7 +270,7 @@ impl Accel {
             workloads.iter().filter(|w| w.enabled).count() as u64,
             workloads
                 .iter()
-                .filter(|w| w.enabled && w.app_sockets == "trusted")
+                .filter(|w| w.enabled && w.apps_trusted)
                 .count() as u64,
         );
         self.write_raw(&workloads_yaml(enabled, self.scope, workloads))

@@ -324,9 +324,15 @@ mod progs {
             count(counter::SKIP_EXCLUDED_PORT, 1);
             return Ok(());
         }
-        // Data that left before ESTABLISHED (TCP Fast Open) went over TCP already: redirecting
+        let sk = ops_sock(ctx)?;
+        // Data written before ESTABLISHED (TCP Fast Open: SYN data, sent or waiting to be
+        // retransmitted when the server did not take it) went or goes over TCP: redirecting
         // what follows would overtake it at the reader.
-        if active && (ops.data_segs_out != 0 || ops.snd_nxt != ops.snd_una) {
+        if active
+            && (ops.data_segs_out != 0
+                || ops.snd_nxt != ops.snd_una
+                || unacked_writes(sk, ops.snd_una))
+        {
             count(counter::SKIP_EARLY_DATA, 1);
             return Ok(());
         }
@@ -350,14 +356,6 @@ mod progs {
             return Ok(());
         }
 
-        let sk = ops_sock(ctx)?;
-        // A TCP Fast Open client without a cookie (`TCP_FASTOPEN_CONNECT`) wrote before the
-        // handshake finished, and that data may still be queued, not yet sent: anything written
-        // and not acknowledged would be overtaken by a redirected byte.
-        if active && unacked_writes(sk, ops.snd_una) {
-            count(counter::SKIP_EARLY_DATA, 1);
-            return Ok(());
-        }
         // An app's socket (kernel hazard 4), unless its workload trusts its apps: a connecting
         // one only when its file is non-blocking (its reads then never wait inside the sockmap's
         // path); an accepted one, not accepted yet, only when its listener was non-blocking (an
