@@ -432,6 +432,10 @@ impl Dataplane {
         loader.override_global("OFF_SOCKET_FILE", &offsets.socket_file, true);
         loader.override_global("OFF_FILE_FLAGS", &offsets.file_flags, true);
         loader.override_global("OFF_SK_UID", &offsets.sk_uid, true);
+        let charged = u32::from(crate::kernel_btf::charges_redirected_bytes(
+            &crate::kernel_btf::running_release(),
+        ));
+        loader.override_global("RMEM_CHARGED", &charged, true);
         if let Some(n) = opts.sockhash_capacity {
             loader.map_max_entries(names::SOCKS, n);
             loader.map_max_entries(names::PEERS, n);

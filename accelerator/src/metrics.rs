@@ -321,8 +321,8 @@ pub enum CounterMetric {
     },
 }
 
-const FALLBACKS_HELP: &str = "Sockets that went to plain TCP for life, by reason (no_peer: the peer was not in the sockhash at the first message; disabled: a workload or the global switch was off; redirect_failed; no_state; not_mesh: not one of Istio's legs; app_receiver: the peer is an app's socket, which nothing is redirected into unless its workload trusts its apps; app_blocking: an app's socket turned blocking before its first message)";
-const SKIPPED_HELP: &str = "Sockets of enabled workloads never inserted into the sockhash, by reason (excluded_port, early_data: TCP Fast Open, not_mesh, small_writes: a service seen streaming small writes; app_blocking: an app's connecting socket was blocking; app_unaccepted: an app's accepted socket whose listener was not non-blocking, or its sidecar's passthrough socket to it)";
+const FALLBACKS_HELP: &str = "Sockets that went to plain TCP for life, by reason (no_peer: the peer was not in the sockhash at the first message; disabled: a workload or the global switch was off; redirect_failed; no_state; not_mesh: not one of Istio's legs; app_receiver: the peer is an app's socket, which nothing is redirected into unless its workload trusts its apps; app_blocking: an app's socket turned blocking before its first message; no_local_peer: an active socket whose server is not on this node)";
+const SKIPPED_HELP: &str = "Sockets of enabled workloads never inserted into the sockhash, by reason (excluded_port, early_data: TCP Fast Open, not_mesh, small_writes: a service seen streaming small writes; app_blocking: an app's connecting socket was blocking; app_unaccepted: an app's accepted socket whose listener was not non-blocking, or its sidecar's passthrough socket to it; no_local_peer: a passive socket whose client is not on this node)";
 const INSERT_FAILURES_HELP: &str = "Sockhash inserts refused, by reason (collision: the key existed; failed: e.g. the map is full); those sockets stay on TCP";
 const EVENTS_HELP: &str = "Other kernel counters of meshaccel, by name";
 /// Counter name prefixes whose counters are one family labelled by the rest of the name.
@@ -380,9 +380,9 @@ pub fn counter_metric(name: &'static str) -> CounterMetric {
             "meshaccel_resumes",
             "Times a held socket went back to redirecting (everything it sent over TCP had been read)",
         ),
-        "app_left" => CounterMetric::Plain(
-            "meshaccel_app_sockets_left",
-            "App sockets that left the sockhash (TCP for life, or turned blocking): back on TCP's own receive path",
+        "left" => CounterMetric::Plain(
+            "meshaccel_sockhash_leaves",
+            "Sockets that left the sockhash before their close(), back on TCP's own paths (an app's socket gone TCP for life or blocking; an active socket whose server is not on this node; a socket at TCP_CLOSE with nothing unread)",
         ),
         "learned_small_writes" => CounterMetric::Plain(
             "meshaccel_small_write_streams",

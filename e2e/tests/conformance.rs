@@ -226,7 +226,7 @@ const COUNTERS: [&str; 7] = [
     "skip_app_unaccepted",
     "fallback_app_receiver",
     "fallback_app_blocking",
-    "app_left",
+    "left",
 ];
 
 fn workload_redirected(status: &Value, pod: &Pod) -> u64 {
@@ -633,7 +633,7 @@ fn ordinary_apps_see_plain_tcp_with_acceleration_on() {
             k["skip_app_blocking"],
             k["skip_app_unaccepted"],
             k["fallback_app_receiver"],
-            k["app_left"],
+            k["left"],
         );
         eprintln!(
             "conformance: {}: {}",

@@ -166,6 +166,118 @@ fn pod_without_sidecar_talks_to_mesh_pod() {
     assert!(delta(&c1, &c0, "redirect_msgs") >= 2 * 3000, "{c1}");
 }
 
+/// Another node, as this node's agent sees it: a mesh pod whose sidecar and app are not this
+/// agent's workloads. Connections that leave the node, and come in from it, pair only on their
+/// local legs: the sockets whose peer is elsewhere (the client sidecar's upstream socket, the
+/// server sidecar's inbound socket from the other node) stay out of the sockhash, without the
+/// keepalive meshaccel gives accelerated sockets; the sockhash holds exactly the local legs.
+#[test]
+fn sockets_whose_peer_is_on_another_node_stay_out_of_the_sockhash() {
+    require_root();
+    let mut m = SidecarMesh::start(&[
+        PodSpec::mesh("client", &[]),
+        PodSpec::mesh("local", &[8080]),
+        PodSpec::mesh("remote", &[8080]),
+    ])
+    .expect("mesh");
+    let (client, local, remote) = (
+        m.pod("client").clone(),
+        m.pod("local").clone(),
+        m.pod("remote").clone(),
+    );
+    let accel = Accel::start(
+        &m.mesh,
+        true,
+        &[Workload::on(&client), Workload::on(&local)],
+    )
+    .expect("agent");
+    m.serve("local", &["sink", "--listen", "0.0.0.0:8080"])
+        .unwrap();
+    m.serve("remote", &["sink", "--listen", "0.0.0.0:8080"])
+        .unwrap();
+    let c0 = counters(&accel);
+    // Three connections of each kind held open for ~3 s (a byte every 600 ms).
+    let swarm = |to: &str| {
+        vec![
+            "swarm".to_string(),
+            "--connect".into(),
+            format!("{to}:8080"),
+            "--connections".into(),
+            "3".into(),
+            "--concurrency".into(),
+            "3".into(),
+            "--bytes".into(),
+            "6".into(),
+            "--chunk".into(),
+            "1".into(),
+            "--hold-ms".into(),
+            "600".into(),
+        ]
+    };
+    fn args(v: &[String]) -> Vec<&str> {
+        v.iter().map(String::as_str).collect()
+    }
+    let (to_local, to_remote) = (swarm(&local.ip.to_string()), swarm(&remote.ip.to_string()));
+    let runs = [
+        ("client → local", m.app("client", &args(&to_local)).unwrap()),
+        ("client → remote", m.app("client", &args(&to_remote)).unwrap()),
+        ("remote → local", m.app("remote", &args(&to_local)).unwrap()),
+    ];
+    // Local legs: client → local 3 × 6 (app ↔ sidecar, sidecar ↔ sidecar, sidecar ↔ app);
+    // client → remote 3 × 2 (app ↔ its sidecar); remote → local 3 × 2 (the local sidecar's
+    // passthrough to its app).
+    let want = 3 * 6 + 3 * 2 + 3 * 2;
+    std::thread::sleep(Duration::from_millis(1200));
+    let mut seen = Vec::new();
+    for _ in 0..10 {
+        seen.push(accel.status().unwrap()["sockets"].as_u64().unwrap());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Sockets of the pods' established connections, while they are open.
+    let mut ss = Vec::new();
+    for p in [&client, &local] {
+        let out = p
+            .netns_exec("ss", &["-tnoeH", "state", "established"])
+            .expect("ss");
+        ss.push((p.name.clone(), String::from_utf8_lossy(&out.stdout).into_owned()));
+    }
+    for (what, child) in runs {
+        let v = finished(child, what);
+        assert_eq!(v["ok"], true, "{what}: {v}");
+    }
+    assert!(
+        seen.iter().all(|&n| n == want),
+        "the sockhash holds exactly the local legs ({want} sockets) while the connections are open: saw {seen:?}"
+    );
+    let c1 = counters(&accel);
+    assert!(
+        delta(&c1, &c0, "fallback_no_local_peer") >= 3,
+        "the client sidecar's sockets to the other node left: {c1}"
+    );
+    assert!(
+        delta(&c1, &c0, "skip_no_local_peer") >= 3,
+        "the local sidecar's sockets from the other node never entered: {c1}"
+    );
+    // The client sidecar's upstream sockets to the other node (the app's own sockets show the
+    // same destination, before NAT, but not the sidecar's UID): no keepalive of meshaccel's.
+    let (name, text) = &ss[0];
+    let to_remote_socks: Vec<&str> = text
+        .lines()
+        .filter(|l| {
+            l.contains(&format!("{}:8080", remote.ip))
+                && l.contains(&format!("uid:{}", meshaccel_e2e::envoy::PROXY_UID))
+        })
+        .collect();
+    assert!(
+        !to_remote_socks.is_empty(),
+        "pod {name} has sockets to the other node:\n{text}"
+    );
+    assert!(
+        to_remote_socks.iter().all(|l| !l.contains("timer:(keepalive")),
+        "sockets to the other node keep no keepalive of meshaccel's:\n{text}"
+    );
+}
+
 /// A workload with acceleration disabled, and an excluded inbound port: correct, not accelerated.
 #[test]
 fn disabled_workload_and_excluded_inbound_port_stay_on_tcp() {
@@ -222,8 +334,8 @@ fn disabled_workload_and_excluded_inbound_port_stay_on_tcp() {
         "the app's socket on 9090 is never inserted: {c2}"
     );
     assert!(
-        delta(&c2, &c1, "fallback_no_peer") >= 1,
-        "Envoy's 127.0.0.6 leg to 9090 stays on TCP: {c2}"
+        delta(&c2, &c1, "fallback_no_local_peer") >= 1,
+        "Envoy's 127.0.0.6 leg to 9090 stays on TCP (its app's socket never entered): {c2}"
     );
     // Port 8080 of the same workload is accelerated on all legs.
     let c2 = counters(&accel);

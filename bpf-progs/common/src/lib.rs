@@ -121,9 +121,17 @@ pub mod counter {
     /// An app's socket made blocking between connect and its first message: TCP for life, and
     /// it leaves the sockhash.
     pub const FALLBACK_APP_BLOCKING: u32 = 23;
-    /// App sockets that left the sockhash (back to TCP's own receive path).
-    pub const APP_LEFT: u32 = 24;
-    pub const COUNT: u32 = 25;
+    /// Sockets that left the sockhash before their close(), back on TCP's own paths: an app's
+    /// socket gone TCP for life, an active socket with no peer on this node, or a socket that
+    /// reached TCP_CLOSE with nothing unread.
+    pub const LEFT: u32 = 24;
+    /// Passive sockets not inserted because no socket of this node in the sockhash is their
+    /// client (it is on another node, or was kept out): they could never pair.
+    pub const SKIP_NO_LOCAL_PEER: u32 = 25;
+    /// An active socket found no passive socket of this node paired with it (its server is on
+    /// another node, or was kept out): TCP for life, and it leaves the sockhash.
+    pub const FALLBACK_NO_LOCAL_PEER: u32 = 26;
+    pub const COUNT: u32 = 27;
 
     /// Names used by `status` and `/metrics`, indexed like the constants above.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -151,7 +159,9 @@ pub mod counter {
         "skip_app_unaccepted",
         "fallback_app_receiver",
         "fallback_app_blocking",
-        "app_left",
+        "left",
+        "skip_no_local_peer",
+        "fallback_no_local_peer",
     ];
 }
 
@@ -254,23 +264,36 @@ pub struct SockState {
     /// Looks at the peer in a row, one per `tuning::SMALL_RUN` small messages, that found it
     /// with bytes unread (the reader falls behind a stream of small writes).
     pub small_behind: u32,
-    /// `APP_*`: whether this is an app's socket (not the sidecar's) in a workload that does not
-    /// trust its apps, and where it is in leaving the sockhash.
-    pub app: u32,
+    /// 1: an app's socket (not the sidecar's) in a workload that does not trust its apps;
+    /// nothing is redirected into it.
+    pub app: u8,
+    /// `LEAVE_*`: where the socket is in leaving the sockhash.
+    pub leave: u8,
+    /// `PAIR_*`: whether a socket of this node is its peer in the sockhash.
+    pub paired: u8,
+    /// 1: meshaccel turned on this socket's keepalive (it had none): turned off when it leaves.
+    pub own_keepalive: u8,
     pub _pad: u32,
 }
 const _: () = assert!(size_of::<SockState>() == 112);
 
-/// `SockState::app` values.
-/// The sidecar's socket, or an app's in a workload that trusts its apps.
-pub const APP_NO: u32 = 0;
-/// An app's socket, non-blocking when inserted; nothing is redirected into it.
-pub const APP_YES: u32 = 1;
-/// An app's socket that turned blocking before its first message: it leaves the sockhash at
-/// its next sock_ops callback (nothing was ever redirected into it, so nothing can be lost).
-pub const APP_LEAVING: u32 = 2;
-/// ... and has left.
-pub const APP_LEFT: u32 = 3;
+/// `SockState::leave` values. A socket leaves the sockhash only when nothing can have been
+/// redirected into it (an app's socket; an active socket no socket of this node paired with):
+/// leaving frees its sk_msg state, and anything queued in it would be lost (kernel hazard 2).
+pub const LEAVE_NO: u8 = 0;
+/// TCP for life: it leaves at its next sock_ops callback (the next segment it receives).
+pub const LEAVE_PENDING: u8 = 1;
+/// It has left.
+pub const LEAVE_DONE: u8 = 2;
+
+/// `SockState::paired` values.
+/// An active socket that has not yet looked whether a passive socket of this node paired with it.
+pub const PAIR_UNKNOWN: u8 = 0;
+/// A passive socket (inserted only when its client is in the sockhash), or an active one that
+/// found its server paired.
+pub const PAIR_YES: u8 = 1;
+/// An active socket whose server is not on this node (or was kept out): it can never pair.
+pub const PAIR_NONE: u8 = 2;
 
 /// Who owns the socket stored under a `PairKey`.
 #[repr(C)]
@@ -281,23 +304,32 @@ pub struct PeerInfo {
     /// (`bpf_probe_read_kernel`, which never faults; the redirect itself still goes through the
     /// sockhash, so a stale address can only cost a wrong hold decision, never a wrong byte).
     pub sk_addr: u64,
+    /// `PEER_*` bits (64 bits: the programs set some with an atomic or, which the eBPF target
+    /// has for 64-bit words only).
+    pub flags: u64,
     /// 1 when this socket is known at insert to be one of Istio's legs (see `Config`).
-    pub leg: u32,
+    pub leg: u16,
     /// An active socket's destination port (its service, see `SockState::service`); 0 for a
     /// passive socket.
     pub service_port: u16,
-    /// `PEER_*` bits.
-    pub flags: u16,
+    pub _pad: u32,
 }
-const _: () = assert!(size_of::<PeerInfo>() == 24);
+const _: () = assert!(size_of::<PeerInfo>() == 32);
 
 /// `PeerInfo::flags`: the socket stayed out of the sockhash because its service streams small
 /// writes; its peer stays out too.
-pub const PEER_SMALL_WRITES: u16 = 1;
+pub const PEER_SMALL_WRITES: u64 = 1;
 /// `PeerInfo::flags`: an app's socket (`SockState::app`): its peer never redirects into it.
-pub const PEER_APP: u16 = 2;
-/// `PeerInfo::flags`: an app's socket that left the sockhash (`APP_LEFT`).
-pub const PEER_LEFT: u16 = 4;
+pub const PEER_APP: u64 = 2;
+/// `PeerInfo::flags`: a socket that left the sockhash (`LEAVE_DONE`).
+pub const PEER_LEFT: u64 = 4;
+/// `PeerInfo::flags` of an active socket: a passive socket of this node entered the sockhash
+/// as its peer (set by that socket at its insert).
+pub const PEER_PAIRED: u64 = 8;
+/// `PeerInfo::flags` of an active socket: it found no peer paired and leaves the sockhash; a
+/// passive socket arriving later must not pair with it. Both bits are set with an atomic or
+/// that returns the old flags, so exactly one of the two sockets wins.
+pub const PEER_UNPAIRED: u64 = 16;
 
 /// Per-workload traffic counters (PERCPU_HASH value, summed by user space).
 #[repr(C)]

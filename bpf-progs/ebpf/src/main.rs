@@ -20,10 +20,16 @@
 //! into, and leaves the sockhash again if it turns blocking before its first message.
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
+// The bpf target's core has no atomic read-modify-write types: the intrinsics emit BPF's atomics.
+#![cfg_attr(target_arch = "bpf", feature(core_intrinsics))]
+#![cfg_attr(target_arch = "bpf", allow(internal_features))]
 
 #[cfg(target_arch = "bpf")]
 mod progs {
-    use core::ptr;
+    use core::{
+        intrinsics::{AtomicOrdering, atomic_and, atomic_or, atomic_xadd},
+        ptr,
+    };
 
     use aya_ebpf::{
         bindings::{
@@ -39,8 +45,9 @@ mod progs {
         programs::{SkMsgContext, SockOpsContext},
     };
     use meshaccel_common::{
-        APP_LEAVING, APP_LEFT, APP_NO, APP_YES, Config, DIR_INBOUND, DIR_OUTBOUND,
-        LISTENER_NONBLOCKING, PEER_APP, PEER_LEFT, PEER_SMALL_WRITES, POLICY_ENABLED,
+        Config, DIR_INBOUND, DIR_OUTBOUND, LEAVE_DONE, LEAVE_NO, LEAVE_PENDING,
+        LISTENER_NONBLOCKING, PAIR_NONE, PAIR_UNKNOWN, PAIR_YES, PEER_APP, PEER_LEFT,
+        PEER_PAIRED, PEER_SMALL_WRITES, PEER_UNPAIRED, POLICY_ENABLED,
         POLICY_TRUST_APPS, PairKey, PeerInfo, PortKey, ROLE_CLIENT, ROLE_SERVER, SCOPE_MESH,
         STATE_HELD, STATE_REDIRECT, STATE_TCP, STATE_UNDECIDED, SockState, WorkloadPolicy,
         WorkloadStats, capacity, counter, is_loopback, port_from_be_field, tuning, v4_mapped,
@@ -97,6 +104,10 @@ mod progs {
     static OFF_FILE_FLAGS: u32 = 0;
     #[unsafe(no_mangle)]
     static OFF_SK_UID: u32 = 0;
+    // 1 when this kernel charges redirected bytes to the receiver's `sk_rmem_alloc` (6.13 on):
+    // only then does `sk_rmem_alloc == 0` mean nothing redirected is unread (set by the agent).
+    #[unsafe(no_mangle)]
+    static RMEM_CHARGED: u32 = 0;
 
     const AF_INET: u32 = 2;
     const AF_INET6: u32 = 10;
@@ -116,11 +127,25 @@ mod progs {
     const TCP_KEEPINTVL: i32 = 5;
     const TCP_KEEPCNT: i32 = 6;
 
+    /// Adds to a per-CPU counter. Atomic although no other CPU writes the slot: on one CPU the
+    /// sock_ops program (softirq) can interrupt the sk_msg program between a load and a store,
+    /// and a plain `+=` would then lose one of the two updates.
+    #[inline(always)]
+    fn add(p: *mut u64, n: u64) {
+        unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(p, n) };
+    }
+
+    /// Sets bits of a `PeerInfo::flags` word that another socket's program may set at the same
+    /// moment; returns the flags before.
+    #[inline(always)]
+    fn set_flags(p: *mut u64, bits: u64) -> u64 {
+        unsafe { atomic_or::<u64, u64, { AtomicOrdering::SeqCst }>(p, bits) }
+    }
+
     #[inline(always)]
     fn count(idx: u32, n: u64) {
         if let Some(p) = MESHACCEL_STATS.get_ptr_mut(idx) {
-            // Per-CPU slot: no other CPU writes it.
-            unsafe { *p += n };
+            add(p, n);
         }
     }
 
@@ -281,7 +306,7 @@ mod progs {
             ACTIVE_ESTABLISHED => established(ctx, true),
             PASSIVE_ESTABLISHED => established(ctx, false),
             STATE_CB if ctx.arg(1) == TCP_CLOSE => closed(ctx),
-            PARSE_HDR_OPT_CB => app_leave(ctx),
+            PARSE_HDR_OPT_CB => segment_received(ctx),
             TCP_LISTEN_CB => listening(ctx),
             _ => Ok(()),
         }
@@ -415,13 +440,26 @@ mod progs {
         } else {
             PortKey::new(netns, local_port as u16, DIR_INBOUND)
         };
-        if !active && let Some(p) = unsafe { MESHACCEL_PEERS.get(key.peer()) } {
+        // A passive socket enters only when its client is a socket of this node in the sockhash:
+        // else it could never pair (its client is on another node, or was kept out) and would
+        // pay the sockmap's paths for nothing. It marks its client paired, unless that client
+        // gave up first (`pairing`): one atomic or on the client's flags orders the two.
+        if !active {
+            let Some(p) = MESHACCEL_PEERS.get_ptr_mut(key.peer()) else {
+                count(counter::SKIP_NO_LOCAL_PEER, 1);
+                return Ok(());
+            };
+            let p = unsafe { &mut *p };
             if p.flags & PEER_SMALL_WRITES != 0 {
                 count(counter::SKIP_SMALL_WRITES, 1);
                 return Ok(());
             }
             if p.service_port != 0 {
                 service = PortKey::new(p.netns_cookie, p.service_port, DIR_OUTBOUND);
+            }
+            if set_flags(&raw mut p.flags, PEER_PAIRED) & PEER_UNPAIRED != 0 {
+                count(counter::SKIP_NO_LOCAL_PEER, 1);
+                return Ok(());
             }
         }
         let port = service.port as u32;
@@ -435,10 +473,11 @@ mod progs {
             PeerInfo {
                 netns_cookie: netns,
                 sk_addr: sk as u64,
-                leg: leg.into(),
+                leg: u16::from(leg),
                 service_port: if active { service.port } else { 0 },
                 flags: if small_writes { PEER_SMALL_WRITES } else { 0 }
                     | if app { PEER_APP } else { 0 },
+                _pad: 0,
             },
             BPF_NOEXIST.into(),
         ) {
@@ -468,9 +507,20 @@ mod progs {
             service,
             small_run: 0,
             small_behind: 0,
-            app: if app { APP_YES } else { APP_NO },
+            app: app.into(),
+            leave: LEAVE_NO,
+            paired: if active { PAIR_UNKNOWN } else { PAIR_YES },
+            own_keepalive: 0,
             _pad: 0,
         };
+        // A socket reconnected after TCP_CLOSE (connect(AF_UNSPEC), then connect) may still be
+        // in the sockhash under its old connection's key (kept at close for bytes it had not
+        // read; TCP drops those at the disconnect too): the old peer must not reach it there.
+        if let Some(old) = sock_state(sk)
+            && old.own != key
+        {
+            forget(old);
+        }
         let st = unsafe {
             bpf_sk_storage_get(
                 state_map(),
@@ -510,12 +560,12 @@ mod progs {
             );
             return Err(());
         }
-        keepalive(ctx, cfg.keepalive_secs);
+        unsafe { (*st).own_keepalive = keepalive(ctx, cfg.keepalive_secs).into() };
         // Ask for a callback at TCP_CLOSE so the PEERS entry goes with the socket; an app's
-        // socket also at every segment it receives until its first message, when it may have to
-        // leave (`app_leave`).
+        // socket, and an active socket, also at the segments it receives until it has decided
+        // whether it must leave (`segment_received`).
         let mut flags = ops.bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG;
-        if app {
+        if app || active {
             flags |= BPF_SOCK_OPS_PARSE_ALL_HDR_OPT_CB_FLAG;
         }
         let _ = ctx.set_cb_flags(flags as i32);
@@ -523,46 +573,115 @@ mod progs {
         Ok(())
     }
 
-    /// An app's socket leaves the sockhash at the next segment it receives, before that segment
-    /// is queued (the sock_ops program may delete from a sockhash; sk_msg may not), once it is
-    /// TCP for life (`tcp_for_life` marks it leaving), or when it turned blocking before its
-    /// first message (a connect timeout, then blocking reads): from then on its reads are plain
-    /// TCP's. Safe: nothing is ever redirected into an app's socket, so it has no redirected
-    /// bytes to lose (hazard 2), and its own sends are TCP for life. This callback runs under
-    /// the socket's lock, as its sk_msg program does: the two never interleave. An app socket
-    /// that decided to redirect stops asking for these callbacks.
+    /// A segment arrived for a socket that asked to see them: an app's socket before its first
+    /// message, an active socket before it knows whether it can pair. Runs before the segment is
+    /// queued and under the socket's lock, as its sk_msg program does: the two never interleave.
     #[inline(always)]
-    fn app_leave(ctx: &SockOpsContext) -> Result<(), ()> {
+    fn segment_received(ctx: &SockOpsContext) -> Result<(), ()> {
         let ops = unsafe { &*ctx.ops };
         let sk = ops_sock(ctx)?;
         let st = sock_state(sk).ok_or(())?;
-        if st.app == APP_YES && st.state == STATE_UNDECIDED {
-            match nonblocking(sk) {
-                // Non-blocking, or no file: not accepted yet (or closed already).
-                Some(true) | None => return Ok(()),
-                Some(false) => {
-                    st.state = STATE_TCP;
-                    st.app = APP_LEAVING;
-                    count(counter::FALLBACK_APP_BLOCKING, 1);
-                }
-            }
+        // An app that made its socket blocking after a non-blocking connect (a connect timeout,
+        // then blocking reads), or an accepted socket made blocking: its reads must be TCP's.
+        if st.app != 0 && st.state == STATE_UNDECIDED && nonblocking(sk) == Some(false) {
+            go_tcp(st, counter::FALLBACK_APP_BLOCKING);
         }
-        if st.app == APP_LEAVING {
-            let own = st.own;
-            let socks = ptr::from_ref(&MESHACCEL_SOCKS).cast_mut().cast();
-            if unsafe { bpf_map_delete_elem(socks, ptr::from_ref(&own).cast()) } == 0 {
-                count(counter::APP_LEFT, 1);
-            }
-            if let Some(p) = MESHACCEL_PEERS.get_ptr_mut(own) {
-                // Status lists it no longer (`closed` still counts it: it was inserted).
-                unsafe { (*p).flags |= PEER_LEFT };
-            }
-            st.app = APP_LEFT;
+        // The server's first segment after ESTABLISHED comes after the server's own
+        // ESTABLISHED, where a server of this node pairs: not paired by now, never.
+        if st.paired == PAIR_UNKNOWN && !pairing(st) {
+            go_tcp(st, counter::FALLBACK_NO_LOCAL_PEER);
         }
-        let _ = ctx.set_cb_flags(
-            (ops.bpf_sock_ops_cb_flags & !BPF_SOCK_OPS_PARSE_ALL_HDR_OPT_CB_FLAG) as i32,
-        );
+        if st.leave == LEAVE_PENDING {
+            leave(ctx, st);
+        }
+        let undecided_app = st.app != 0 && st.state == STATE_UNDECIDED;
+        if !undecided_app && st.paired != PAIR_UNKNOWN {
+            let _ = ctx.set_cb_flags(
+                (ops.bpf_sock_ops_cb_flags & !BPF_SOCK_OPS_PARSE_ALL_HDR_OPT_CB_FLAG) as i32,
+            );
+        }
         Ok(())
+    }
+
+    /// Whether a passive socket of this node paired with this active one (`established`). If
+    /// none did, none ever will: the flag `PEER_UNPAIRED` set here keeps a late one out.
+    #[inline(always)]
+    fn pairing(st: &mut SockState) -> bool {
+        let Some(p) = MESHACCEL_PEERS.get_ptr_mut(st.own) else {
+            st.paired = PAIR_NONE;
+            return false;
+        };
+        let flags = unsafe { &raw mut (*p).flags };
+        if set_flags(flags, PEER_UNPAIRED) & PEER_PAIRED != 0 {
+            // A server paired first: take the mark back (it only means "gave up").
+            unsafe { atomic_and::<u64, u64, { AtomicOrdering::SeqCst }>(flags, !PEER_UNPAIRED) };
+            st.paired = PAIR_YES;
+            true
+        } else {
+            st.paired = PAIR_NONE;
+            false
+        }
+    }
+
+    /// Takes a socket out of the sockhash (sock_ops may delete from a sockhash; sk_msg may
+    /// not). Only for one nothing can have been redirected into (see `LEAVE_NO`): its reads and
+    /// sends are then TCP's own, and it gives its keepalive back if meshaccel set it.
+    #[inline(always)]
+    fn leave(ctx: &SockOpsContext, st: &mut SockState) {
+        remove(&st.own);
+        if let Some(p) = MESHACCEL_PEERS.get_ptr_mut(st.own) {
+            // Status lists it no longer (`closed` still counts it: it was inserted).
+            set_flags(unsafe { &raw mut (*p).flags }, PEER_LEFT);
+        }
+        st.leave = LEAVE_DONE;
+        if st.own_keepalive != 0 {
+            let mut off: i32 = 0;
+            let _ = unsafe {
+                bpf_setsockopt(
+                    ctx.ops.cast(),
+                    SOL_SOCKET,
+                    SO_KEEPALIVE,
+                    ptr::from_mut(&mut off).cast(),
+                    4,
+                )
+            };
+            st.own_keepalive = 0;
+        }
+    }
+
+    /// Deletes a key from the sockhash; counts it when it was there.
+    #[inline(always)]
+    fn remove(key: &PairKey) {
+        let socks = ptr::from_ref(&MESHACCEL_SOCKS).cast_mut().cast();
+        if unsafe { bpf_map_delete_elem(socks, ptr::from_ref(key).cast()) } == 0 {
+            count(counter::LEFT, 1);
+        }
+    }
+
+    /// A socket's old connection is over: out of the sockhash (unless it left already: then
+    /// the key is not its own any more) and out of PEERS (its own entry only).
+    #[inline(always)]
+    fn forget(old: &SockState) {
+        if old.leave != LEAVE_DONE {
+            remove(&old.own);
+        }
+        if let Some(info) = unsafe { MESHACCEL_PEERS.get(old.own) }
+            && info.netns_cookie == old.netns_cookie
+        {
+            let _ = MESHACCEL_PEERS.remove(old.own);
+        }
+    }
+
+    /// Bytes this socket has not read (redirected and TCP's: `sk_rmem_alloc`, which counts
+    /// redirected bytes only where the kernel charges them, `RMEM_CHARGED`); None when unknown.
+    #[inline(always)]
+    fn own_unread(sk: *mut aya_ebpf::bindings::bpf_sock) -> Option<u32> {
+        let off = rd(&raw const OFF_RMEM_ALLOC);
+        if off == 0 || rd(&raw const RMEM_CHARGED) == 0 {
+            return None;
+        }
+        let tp = unsafe { bpf_skc_to_tcp_sock(sk.cast()) }.cast::<u8>();
+        (!tp.is_null()).then(|| field::<u32>(tp, off))
     }
 
     /// A socket of the cgroup starts listening: remember whether its file is non-blocking, which
@@ -599,11 +718,11 @@ mod progs {
 
     /// TCP keepalive for an accelerated socket that has none of its own: its data never
     /// crosses TCP, so without it a peer whose RST the kernel dropped (see `Config`) is never
-    /// noticed. An application's own keepalive settings are left alone.
+    /// noticed. An application's own keepalive settings are left alone. True when it set one.
     #[inline(always)]
-    fn keepalive(ctx: &SockOpsContext, idle: u32) {
+    fn keepalive(ctx: &SockOpsContext, idle: u32) -> bool {
         if idle == 0 {
-            return;
+            return false;
         }
         let ops = ctx.ops.cast();
         let mut on: i32 = 0;
@@ -621,7 +740,7 @@ mod progs {
         } != 0
             || on != 0
         {
-            return;
+            return false;
         }
         let (mut idle, mut intvl, mut cnt, mut one) = (
             idle as i32,
@@ -633,12 +752,15 @@ mod progs {
         let _ = opt(SOL_TCP, TCP_KEEPIDLE, &mut idle);
         let _ = opt(SOL_TCP, TCP_KEEPINTVL, &mut intvl);
         let _ = opt(SOL_TCP, TCP_KEEPCNT, &mut cnt);
-        let _ = opt(SOL_SOCKET, SO_KEEPALIVE, &mut one);
+        opt(SOL_SOCKET, SO_KEEPALIVE, &mut one) == 0
     }
 
+    /// TCP_CLOSE (a reset, the end of both FINs, a disconnect), whether or not the app has
+    /// closed its socket yet.
     #[inline(always)]
     fn closed(ctx: &SockOpsContext) -> Result<(), ()> {
-        let st = sock_state(ops_sock(ctx)?).ok_or(())?;
+        let sk = ops_sock(ctx)?;
+        let st = sock_state(sk).ok_or(())?;
         let own = st.own;
         let mut inserted = true;
         // Only our own entry: a colliding socket never inserted one under this key.
@@ -647,6 +769,15 @@ mod progs {
         {
             // A small-write service's socket kept its entry only to keep its peer out.
             inserted = info.flags & PEER_SMALL_WRITES == 0;
+            // Out of the sockhash too when nothing is left unread in it: a peer that did not
+            // learn of the close (its RST was lost: hazard 6) then fails its next redirect and
+            // goes to TCP, whose answer is the reset TCP would have given it; and a reconnected
+            // socket cannot receive the old peer's bytes. Unread bytes stay readable, as TCP's
+            // stay after a reset or FIN: such a socket leaves at close() or at its reconnect.
+            if inserted && st.leave != LEAVE_DONE && own_unread(sk) == Some(0) {
+                remove(&own);
+                st.leave = LEAVE_DONE;
+            }
             let _ = MESHACCEL_PEERS.remove(own);
         }
         if inserted {
@@ -682,12 +813,15 @@ mod progs {
                 return tcp_for_life(st, counter::FALLBACK_DISABLED, size);
             }
             if st.state == STATE_UNDECIDED {
+                if st.paired == PAIR_UNKNOWN && !pairing(st) {
+                    return tcp_for_life(st, counter::FALLBACK_NO_LOCAL_PEER, size);
+                }
                 match unsafe { MESHACCEL_PEERS.get(st.own.peer()) } {
                     Some(peer) => {
                         st.peer_netns_cookie = peer.netns_cookie;
                         st.peer_sk = peer.sk_addr;
                         // Either end knows whether this connection is an Istio leg.
-                        st.leg |= peer.leg;
+                        st.leg |= u32::from(peer.leg);
                         if peer.flags & PEER_APP != 0 {
                             return tcp_for_life(st, counter::FALLBACK_APP_RECEIVER, size);
                         }
@@ -696,7 +830,7 @@ mod progs {
                 }
                 // An app may make its socket blocking after a non-blocking connect (a connect
                 // timeout): then it must leave the sockhash before it reads (`app_leave`).
-                if st.app == APP_YES && nonblocking(sk) != Some(true) {
+                if st.app != 0 && nonblocking(sk) != Some(true) {
                     return tcp_for_life(st, counter::FALLBACK_APP_BLOCKING, size);
                 }
             }
@@ -729,10 +863,9 @@ mod progs {
             count(counter::REDIRECT_MSGS, 1);
             count(counter::REDIRECT_BYTES, size);
             if let Some(w) = MESHACCEL_WLST.get_ptr_mut(st.netns_cookie) {
-                // Per-CPU slot: no other CPU writes it.
                 unsafe {
-                    (*w).redirect_msgs += 1;
-                    (*w).redirect_bytes += size;
+                    add(&raw mut (*w).redirect_msgs, 1);
+                    add(&raw mut (*w).redirect_bytes, size);
                 }
             }
             SK_PASS
@@ -804,13 +937,20 @@ mod progs {
 
     #[inline(always)]
     fn tcp_for_life(st: &mut SockState, reason: u32, size: u64) -> u32 {
+        go_tcp(st, reason);
+        tcp(st.netns_cookie, size)
+    }
+
+    /// TCP for life. A socket nothing can have been redirected into (an app's; an active one no
+    /// socket of this node paired with) has nothing left to gain in the sockhash: it leaves at
+    /// its next sock_ops callback, back on TCP's own paths.
+    #[inline(always)]
+    fn go_tcp(st: &mut SockState, reason: u32) {
         st.state = STATE_TCP;
-        if st.app == APP_YES {
-            // Nothing left to gain in the sockhash: back to TCP's own receive path.
-            st.app = APP_LEAVING;
+        if st.leave == LEAVE_NO && (st.app != 0 || st.paired == PAIR_NONE) {
+            st.leave = LEAVE_PENDING;
         }
         count(reason, 1);
-        tcp(st.netns_cookie, size)
     }
 
     #[inline(always)]
@@ -818,10 +958,9 @@ mod progs {
         count(counter::TCP_MSGS, 1);
         count(counter::TCP_BYTES, size);
         if let Some(w) = MESHACCEL_WLST.get_ptr_mut(netns) {
-            // Per-CPU slot: no other CPU writes it.
             unsafe {
-                (*w).tcp_msgs += 1;
-                (*w).tcp_bytes += size;
+                add(&raw mut (*w).tcp_msgs, 1);
+                add(&raw mut (*w).tcp_bytes, size);
             }
         }
         SK_PASS
