@@ -218,6 +218,33 @@ fn reconcile(dp: &mut Dataplane, shared: &Shared, why: &str) -> Option<DesiredSt
     }
 }
 
+/// Reconciles under the node's lock, unless this agent's installation was uninstalled meanwhile
+/// (`install_gate`): then it writes nothing and says so (false: the agent stops).
+fn gated_reconcile(
+    dp: &mut Dataplane,
+    shared: &Shared,
+    cfg: &AgentConfig,
+    trigger: &'static str,
+) -> bool {
+    let gate = match crate::install_gate::lock(&cfg.bpffs) {
+        Ok(g) => g,
+        Err(e) => {
+            error!(error = %e, trigger, "cannot lock the bpffs folder; will retry");
+            return true;
+        }
+    };
+    if gate.uninstalled(&cfg.install.generation) {
+        warn!(
+            bpffs = %cfg.bpffs.display(),
+            generation = %cfg.install.generation,
+            "meshaccel was uninstalled on this node: stopping without writing anything"
+        );
+        return false;
+    }
+    reconcile(dp, shared, trigger);
+    true
+}
+
 pub async fn run(cfg: AgentConfig) -> Result<()> {
     let shared = Arc::new(Shared::default());
     run_with(cfg, shared).await
@@ -236,7 +263,9 @@ pub async fn run_with(cfg: AgentConfig, shared: Arc<Shared>) -> Result<()> {
     if let Some(path) = &cfg.workloads {
         reload_static(&shared, path, "start");
     }
-    reconcile(&mut dp, &shared, "start");
+    if !gated_reconcile(&mut dp, &shared, &cfg, "start") {
+        return Ok(());
+    }
     let mut seen = cfg.workloads.as_deref().and_then(stamp);
     let mut hup = signal(SignalKind::hangup()).expect("SIGHUP handler");
     let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
@@ -255,7 +284,11 @@ pub async fn run_with(cfg: AgentConfig, shared: Arc<Shared>) -> Result<()> {
                     }
                 }
             }
-            _ = shared.changed.notified() => { reconcile(&mut dp, &shared, "source changed"); }
+            _ = shared.changed.notified() => {
+                if !gated_reconcile(&mut dp, &shared, &cfg, "source changed") {
+                    break;
+                }
+            }
             _ = resync.tick() => {
                 if !Dataplane::is_installed(&cfg.bpffs) {
                     warn!(bpffs = %cfg.bpffs.display(), "meshaccel was uninstalled (the pins are gone): stopping");
@@ -264,7 +297,9 @@ pub async fn run_with(cfg: AgentConfig, shared: Arc<Shared>) -> Result<()> {
                 if let Some(path) = &cfg.workloads {
                     reload_static(&shared, path, "resync");
                 }
-                reconcile(&mut dp, &shared, "resync");
+                if !gated_reconcile(&mut dp, &shared, &cfg, "resync") {
+                    break;
+                }
             }
             _ = hup.recv() => {
                 if let Some(path) = &cfg.workloads {

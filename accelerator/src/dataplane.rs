@@ -229,7 +229,7 @@ enum Outcome {
 }
 
 /// Options that apply when the maps are created (not when pinned ones are adopted).
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct InstallOptions {
     /// Sockets the sockhash can hold (default `capacity::SOCKS`). When it is full, new
     /// connections stay on TCP (counted as insert failures).
@@ -237,6 +237,19 @@ pub struct InstallOptions {
     /// Replace pinned programs even when they are this version's (a forced upgrade: reload
     /// after a kernel or configuration change, and how tests exercise the upgrade path).
     pub replace_programs: bool,
+    /// The installation this agent belongs to (`install_gate`): it never installs a generation
+    /// that was uninstalled on this node.
+    pub generation: String,
+}
+
+impl Default for InstallOptions {
+    fn default() -> Self {
+        Self {
+            sockhash_capacity: None,
+            replace_programs: false,
+            generation: crate::install_gate::DEFAULT_GENERATION.into(),
+        }
+    }
 }
 
 /// Map type and key/value sizes this version expects, to refuse pinned maps of an incompatible
@@ -383,7 +396,13 @@ impl Dataplane {
     /// them every socket's state and decision, stay).
     pub fn install_or_adopt(cgroup: &Path, bpffs: &Path, opts: &InstallOptions) -> Result<Self> {
         ensure_bpffs(bpffs)?;
+        let gate = crate::install_gate::lock(bpffs)?;
+        if gate.uninstalled(&opts.generation) {
+            return Err(gate.refusal(&opts.generation));
+        }
         let outcome = Self::load_and_attach(cgroup, bpffs, opts)?;
+        gate.record_installed(&opts.generation)?;
+        drop(gate);
         let mut dp = Self::open(bpffs)?;
         dp.adopted = outcome != Outcome::Installed;
         match outcome {
@@ -609,10 +628,26 @@ impl Dataplane {
             .map_err(map_err(names::CONFIG, "read"))
     }
 
+    /// Writes the global config. The programs copy it while user space writes it (no lock):
+    /// a copy may mix old and new fields. So a new epoch is written in a second write of its
+    /// own, after everything else of the change: a copy that shows any other epoch than a
+    /// sender's cached one (new, old or torn) then holds the new switch, scope and capture
+    /// already, which the sender re-checks; a copy torn in the first write shows the old epoch
+    /// whole, so the sender goes on as before until the second write.
     pub fn set_config(&mut self, cfg: Config) -> Result<()> {
-        self.config
-            .set(0, cfg, 0)
-            .map_err(map_err(names::CONFIG, "write"))
+        let old_epoch = self.config()?.epoch;
+        let mut write = |c: Config| {
+            self.config
+                .set(0, c, 0)
+                .map_err(map_err(names::CONFIG, "write"))
+        };
+        if cfg.epoch != old_epoch {
+            write(Config {
+                epoch: old_epoch,
+                ..cfg
+            })?;
+        }
+        write(cfg)
     }
 
     /// Services seen streaming small writes within `secs` (the entries still in force).
@@ -811,6 +846,17 @@ fn leftovers(only: Option<&[u32]>) -> (Vec<u32>, Vec<u32>, usize) {
 pub fn uninstall(bpffs: &Path, wait: std::time::Duration) -> Result<UninstallReport> {
     let mut removed = Vec::new();
     let mut ours: Option<Vec<u32>> = None;
+    // Under the node's lock, and recorded first: an agent reconciling now writes nothing after
+    // this, and an agent of this installation never installs again (`install_gate`).
+    let gate = if bpffs.is_dir() {
+        let g = crate::install_gate::lock(bpffs)?;
+        let gens =
+            g.record_uninstalled(Dataplane::is_installed(bpffs) || bpffs.join("maps").is_dir())?;
+        tracing::info!(bpffs = %bpffs.display(), generations = ?gens, "recorded as uninstalled");
+        Some(g)
+    } else {
+        None
+    };
     // Switch everything to TCP first (senders stop redirecting at their next message). Pins of
     // another version (other map layouts) cannot be opened as ours: they are removed all the
     // same, which is what the error of an incompatible upgrade tells the operator to do.
@@ -849,6 +895,7 @@ pub fn uninstall(bpffs: &Path, wait: std::time::Duration) -> Result<UninstallRep
     for sub in ["maps", "links"] {
         let _ = std::fs::remove_dir(bpffs.join(sub));
     }
+    drop(gate);
     let deadline = std::time::Instant::now() + wait;
     loop {
         // The kernel frees maps from a workqueue: give it a moment even when nothing is open.

@@ -36,6 +36,10 @@ pub enum Error {
         "nothing of meshaccel is pinned under {path}: start `meshaccel agent --bpffs {path}` first"
     )]
     NotInstalled { path: PathBuf },
+    #[error(
+        "meshaccel was uninstalled on this node for install generation {generation} ({record}): an agent of that installation does not install it again. To install again, start the agent with another --install-generation (the Helm chart sets a new one at every install and upgrade), or remove the record: rmdir {record}"
+    )]
+    Uninstalled { record: PathBuf, generation: String },
     #[error("state file {path}: {message}")]
     State { path: PathBuf, message: String },
     #[error("serving /metrics, /healthz and /readyz on {addr}: {source}")]

@@ -9,6 +9,7 @@ pub mod desired;
 pub mod doctor;
 pub mod error;
 pub mod http;
+pub mod install_gate;
 pub mod kernel_btf;
 pub mod kube;
 pub mod metrics;

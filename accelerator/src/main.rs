@@ -61,6 +61,12 @@ enum Command {
         /// always replaces them; pinned maps and every socket's state stay).
         #[arg(long, env = "MESHACCEL_REPLACE_PROGRAMS")]
         replace_programs: bool,
+        /// The installation this agent belongs to. `meshaccel uninstall` records the installed
+        /// generation as uninstalled on the node; an agent of that generation (a restart by its
+        /// supervisor) then never installs again. A new install uses a new generation (the Helm
+        /// chart renders one per install and upgrade).
+        #[arg(long, env = "MESHACCEL_INSTALL_GENERATION", default_value = meshaccel::install_gate::DEFAULT_GENERATION, value_parser = meshaccel::install_gate::check_generation)]
+        install_generation: String,
         /// Bytes a receiving socket may hold unread before its sender moves to TCP until the
         /// reader has caught up (the kernel bounds no sk_msg ingress queue: without a limit a
         /// stalled reader lets its sender fill the host's TCP memory). 0: no limit.
@@ -173,6 +179,7 @@ fn main() -> anyhow::Result<()> {
             resync_secs,
             sockhash_capacity,
             replace_programs,
+            install_generation,
             max_unread_bytes,
             keepalive_secs,
             small_write_secs,
@@ -232,6 +239,7 @@ fn main() -> anyhow::Result<()> {
                         install: meshaccel::dataplane::InstallOptions {
                             sockhash_capacity,
                             replace_programs,
+                            generation: install_generation,
                         },
                     },
                     shared,

@@ -281,6 +281,42 @@ impl Accel {
         if self.agent.is_some() {
             bail!("the agent is already running");
         }
+        let child = self
+            .agent_command()?
+            .spawn()
+            .with_context(|| format!("starting {}", self.bin.display()))?;
+        let pid = u64::from(child.id());
+        self.agent = Some(child);
+        // This agent (not an earlier one, whose pins are still there) has installed, adopted or
+        // upgraded, and reconciled once: it writes its pid to the state file then. Under a soak's
+        // load (2,000 busy threads on 2 vCPUs) a start has taken up to 6 s: the agent gets its
+        // share of the CPU like any other thread.
+        self.wait_status_for(
+            "the new agent's first reconcile",
+            Duration::from_secs(30),
+            |s| s["agent"]["pid"].as_u64() == Some(pid),
+        )?;
+        if self.log.is_some() {
+            // Kubernetes mode: which workloads appear is up to the test.
+            return self.wait_status("the agent's programs installed", |s| s["enabled"] == true);
+        }
+        self.wait_applied("the agent's first sync")
+    }
+
+    /// Runs an agent as [`Accel::start_agent`] would (same arguments and settings) and waits up
+    /// to `limit` for it to exit on its own: for an agent that must refuse to start. Its stderr
+    /// is captured.
+    pub fn run_agent_until_exit(&self, limit: Duration) -> anyhow::Result<std::process::Output> {
+        let child = self
+            .agent_command()?
+            .stderr(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("starting {}", self.bin.display()))?;
+        crate::wait_output_timeout(child, limit)
+    }
+
+    /// The agent's command line, as every start uses it.
+    fn agent_command(&self) -> anyhow::Result<Command> {
         let mut cmd = match self.launcher.split_first() {
             Some((program, args)) => {
                 let mut c = Command::new(program);
@@ -289,8 +325,7 @@ impl Accel {
             }
             None => Command::new(&self.bin),
         };
-        let child = cmd
-            .args(["agent", "--poll-ms", "100", "--cgroup"])
+        cmd.args(["agent", "--poll-ms", "100", "--cgroup"])
             .arg(&self.cgroup)
             .arg("--bpffs")
             .arg(&self.bpffs)
@@ -313,25 +348,8 @@ impl Accel {
                         .with_context(|| format!("opening {}", p.display()))?,
                 ),
                 None => Stdio::inherit(),
-            })
-            .spawn()
-            .with_context(|| format!("starting {}", self.bin.display()))?;
-        let pid = u64::from(child.id());
-        self.agent = Some(child);
-        // This agent (not an earlier one, whose pins are still there) has installed, adopted or
-        // upgraded, and reconciled once: it writes its pid to the state file then. Under a soak's
-        // load (2,000 busy threads on 2 vCPUs) a start has taken up to 6 s: the agent gets its
-        // share of the CPU like any other thread.
-        self.wait_status_for(
-            "the new agent's first reconcile",
-            Duration::from_secs(30),
-            |s| s["agent"]["pid"].as_u64() == Some(pid),
-        )?;
-        if self.log.is_some() {
-            // Kubernetes mode: which workloads appear is up to the test.
-            return self.wait_status("the agent's programs installed", |s| s["enabled"] == true);
-        }
-        self.wait_applied("the agent's first sync")
+            });
+        Ok(cmd)
     }
 
     /// Runs the next [`Accel::start_agent`]s through `launcher` (its program and arguments; the

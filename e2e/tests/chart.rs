@@ -297,6 +297,16 @@ fn check_rendering(objs: &[Value], values: &serde_yaml::Value, what: &str) {
         env["MESHACCEL_OPT_IN_LABEL"]["value"],
         s(&values["optInLabel"])
     );
+    // A generation per install/upgrade (what `meshaccel uninstall` records as uninstalled), one
+    // the binary accepts.
+    let generation = env["MESHACCEL_INSTALL_GENERATION"]["value"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(
+        meshaccel::install_gate::check_generation(generation).is_ok()
+            && generation != meshaccel::install_gate::DEFAULT_GENERATION,
+        "{what}: install generation {generation:?}"
+    );
     let bpffs_dir = env["MESHACCEL_BPFFS"]["value"]
         .as_str()
         .unwrap()

@@ -220,7 +220,10 @@ fn sockets_whose_peer_is_on_another_node_stay_out_of_the_sockhash() {
     let (to_local, to_remote) = (swarm(&local.ip.to_string()), swarm(&remote.ip.to_string()));
     let runs = [
         ("client → local", m.app("client", &args(&to_local)).unwrap()),
-        ("client → remote", m.app("client", &args(&to_remote)).unwrap()),
+        (
+            "client → remote",
+            m.app("client", &args(&to_remote)).unwrap(),
+        ),
         ("remote → local", m.app("remote", &args(&to_local)).unwrap()),
     ];
     // Local legs: client → local 3 × 6 (app ↔ sidecar, sidecar ↔ sidecar, sidecar ↔ app);
@@ -239,7 +242,10 @@ fn sockets_whose_peer_is_on_another_node_stay_out_of_the_sockhash() {
         let out = p
             .netns_exec("ss", &["-tnoeH", "state", "established"])
             .expect("ss");
-        ss.push((p.name.clone(), String::from_utf8_lossy(&out.stdout).into_owned()));
+        ss.push((
+            p.name.clone(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        ));
     }
     for (what, child) in runs {
         let v = finished(child, what);
@@ -273,7 +279,9 @@ fn sockets_whose_peer_is_on_another_node_stay_out_of_the_sockhash() {
         "pod {name} has sockets to the other node:\n{text}"
     );
     assert!(
-        to_remote_socks.iter().all(|l| !l.contains("timer:(keepalive")),
+        to_remote_socks
+            .iter()
+            .all(|l| !l.contains("timer:(keepalive")),
         "sockets to the other node keep no keepalive of meshaccel's:\n{text}"
     );
 }

@@ -291,6 +291,197 @@ fn uninstall_with_unread_data_loses_nothing_and_leaves_nothing() {
     );
 }
 
+/// One map of the kernel by id (`bpftool map dump`): its entries' raw bytes. Fails the test
+/// when bpftool does.
+fn map_dump(id: u64) -> Vec<Value> {
+    let out = std::process::Command::new("bpftool")
+        .args(["-j", "map", "dump", "id", &id.to_string()])
+        .output()
+        .expect("bpftool (scripts/env.sh installs it)");
+    assert!(
+        out.status.success(),
+        "bpftool map dump id {id}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice::<Value>(&out.stdout)
+        .unwrap_or_else(|e| panic!("bpftool map dump id {id}: {e}"))
+        .as_array()
+        .cloned()
+        .unwrap_or_else(|| panic!("bpftool map dump id {id}: not a list"))
+}
+
+fn le_u64(bytes: &Value) -> u64 {
+    bytes
+        .as_array()
+        .expect("raw bytes")
+        .iter()
+        .take(8)
+        .enumerate()
+        .map(|(i, b)| {
+            let b = u64::from_str_radix(b.as_str().unwrap().trim_start_matches("0x"), 16).unwrap();
+            b << (8 * i)
+        })
+        .sum()
+}
+
+/// The id of one of the agent's maps, by name, among the ids `status` lists.
+fn map_id(status: &Value, name: &str) -> u64 {
+    status["map_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(Value::as_u64)
+        .find(|id| {
+            let out = std::process::Command::new("bpftool")
+                .args(["-j", "map", "show", "id", &id.to_string()])
+                .output()
+                .expect("bpftool");
+            serde_json::from_slice::<Value>(&out.stdout).is_ok_and(|v| v["name"] == name)
+        })
+        .unwrap_or_else(|| panic!("no map {name} among {status}"))
+}
+
+/// Off stays off. `meshaccel uninstall` runs while the agent reconciles as fast as it can (the
+/// workloads file flips the switch every 30 ms) and while senders redirect: afterwards the
+/// switch in the (unpinned, still live) config map is off, no message is redirected any more,
+/// the agent has stopped by itself, and an agent started again with the same arguments (what a
+/// DaemonSet does) refuses, attaching and pinning nothing. A new install generation installs.
+#[test]
+fn uninstall_stays_off_through_a_reconcile_storm_and_a_restarted_agent() {
+    require_root();
+    let (mut mesh, a, b, mut accel) = two_mesh_pods(&[]);
+    let target = format!("{}:8080", b.ip);
+    sink(&mut mesh, &b, &target);
+    let status = accel.status().unwrap();
+    let (cfg_id, stats_id) = (
+        map_id(&status, "MESHACCEL_CFG"),
+        map_id(&status, "MESHACCEL_STATS"),
+    );
+    // 20 connections writing 1 KiB every 20 ms for ~8 s: they keep the maps alive after the
+    // uninstall and keep sending through it.
+    let load = swarm(
+        &mut mesh,
+        &a,
+        &target,
+        &[
+            "--connections",
+            "20",
+            "--concurrency",
+            "20",
+            "--bytes",
+            "409600",
+            "--chunk",
+            "1024",
+            "--hold-ms",
+            "20",
+        ],
+    );
+    let r0 = counter(&accel, "redirect_msgs");
+    wait_until("the senders redirect", || {
+        counter(&accel, "redirect_msgs") >= r0 + 20 * 10
+    });
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let storm = {
+        let stop = stop.clone();
+        let path = accel.workloads_path().to_path_buf();
+        let texts = [true, false].map(|on| {
+            meshaccel_e2e::accel::workloads_yaml(
+                on,
+                Default::default(),
+                &[Workload::on(&a), Workload::on(&b)],
+            )
+        });
+        std::thread::spawn(move || {
+            let tmp = path.with_extension("storm");
+            let mut i = 0usize;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                std::fs::write(&tmp, &texts[i % 2]).unwrap();
+                std::fs::rename(&tmp, &path).unwrap();
+                i += 1;
+                std::thread::sleep(Duration::from_millis(30));
+            }
+            // Ends on "on": what a late reconcile would write back.
+            std::fs::write(&tmp, &texts[0]).unwrap();
+            std::fs::rename(&tmp, &path).unwrap();
+        })
+    };
+    std::thread::sleep(Duration::from_millis(500));
+    let report = accel.uninstall().expect("uninstall");
+    assert!(
+        !report["removed_pins"].as_array().unwrap().is_empty(),
+        "{report}"
+    );
+    std::thread::sleep(Duration::from_millis(1000));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    storm.join().unwrap();
+    wait_until("the agent stops by itself", || accel.agent_exit().is_some());
+    accel.kill_agent(); // reaps it
+    std::thread::sleep(Duration::from_millis(300));
+    let cfg = map_dump(cfg_id);
+    assert_eq!(
+        le_u64(&cfg[0]["value"]) & 0xffff_ffff,
+        0,
+        "the switch stays off after the uninstall: {cfg:?}"
+    );
+    let redirected = || -> u64 {
+        map_dump(stats_id)
+            .iter()
+            .find(|e| le_u64(&e["key"]) == 3)
+            .expect("the redirect_msgs counter")["values"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| le_u64(&v["value"]))
+            .sum()
+    };
+    let r1 = redirected();
+    std::thread::sleep(Duration::from_millis(1000));
+    assert_eq!(
+        redirected(),
+        r1,
+        "no sender redirects after the uninstall (the senders kept writing)"
+    );
+    // What a DaemonSet does next: the same agent again.
+    let out = accel
+        .run_agent_until_exit(Duration::from_secs(20))
+        .expect("the restarted agent exits");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success()
+            && err.contains("uninstalled")
+            && err.contains("--install-generation"),
+        "the restarted agent refuses, naming the fix: {err}"
+    );
+    for sub in ["maps", "links"] {
+        assert!(
+            !accel.bpffs().join(sub).exists(),
+            "nothing pinned after the refused start: {}",
+            accel.bpffs().join(sub).display()
+        );
+    }
+    assert!(
+        accel.status().is_err(),
+        "status finds nothing installed after the refused start"
+    );
+    swarm_report(load, "senders through the uninstall");
+    // A new installation is asked for explicitly: it installs and accelerates.
+    accel.set_agent_env("MESHACCEL_INSTALL_GENERATION", "2");
+    accel
+        .start_agent()
+        .expect("a new install generation installs");
+    let r2 = counter(&accel, "redirect_msgs");
+    swarm_report(
+        swarm(
+            &mut mesh,
+            &a,
+            &target,
+            &["--connections", "2", "--bytes", "65536"],
+        ),
+        "after the new install",
+    );
+    assert!(counter(&accel, "redirect_msgs") > r2, "accelerated again");
+}
+
 /// The agent is SIGKILLed and restarted, then replaced by a binary that replaces the programs
 /// (an upgrade), all under load: nothing lost or reordered; the upgrade swaps the programs under
 /// the same pinned link and maps.
