@@ -3,8 +3,9 @@
 # (benches/, see its crate docs). Installs what is missing first (scripts/env.sh, Envoy), builds,
 # runs, and cleans up after itself (also on Ctrl-C). Needs root.
 #
-#   sudo scripts/bench.sh            full mode: hop, mesh and sweep (10–15 minutes on 2 vCPUs);
-#                                    results in benches/results/ (JSON, PNG, performance.md)
+#   sudo scripts/bench.sh            full mode: hop, mesh, sweep and cross-node (15–20 minutes on
+#                                    2 vCPUs); results in benches/results/ (JSON, PNG,
+#                                    performance.md)
 #   sudo scripts/bench.sh --short    CI's short mode: short hop and mesh runs; exits 1 only on a
 #                                    clear inversion measured as a ratio in the same run
 #                                    (hop: accelerated p50 not lower than baseline; mesh:
@@ -14,7 +15,7 @@
 # --out DIR (default benches/results; in --short mode a temporary directory),
 # --wait-quiet SECONDS (first wait up to that long for the machine to be idle: under 6% of its
 # CPU time busy over 5 s; other work on a 2-vCPU machine is noise), and bench names to run only
-# some of them (hop, mesh, sweep). Every bench's own options are also read from MESHACCEL_*
+# some of them (hop, mesh, sweep, cross-node: the sweep's cells with the server on another node). Every bench's own options are also read from MESHACCEL_*
 # variables (see `target/release/<bench> --help`).
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -27,14 +28,14 @@ while [ $# -gt 0 ]; do
     --debug) profile=debug ;;
     --out) out=$2; shift ;;
     --wait-quiet) wait_quiet=$2; shift ;;
-    hop|mesh|sweep) benches+=("$1") ;;
+    hop|mesh|sweep|cross-node) benches+=("$1") ;;
     -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
     *) echo "[bench] unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
   shift
 done
 if [ ${#benches[@]} -eq 0 ]; then
-  if [ $short = 1 ]; then benches=(hop mesh); else benches=(hop mesh sweep); fi
+  if [ $short = 1 ]; then benches=(hop mesh); else benches=(hop mesh sweep cross-node); fi
 fi
 
 eval "$(scripts/env.sh)"
@@ -90,7 +91,11 @@ passed=0 failed=0 status=0
 for b in "${benches[@]}"; do
   echo "[bench] $b" >&2
   rc=0
-  "$bin/$b" "${flags[@]}" || rc=$?
+  case $b in
+    # The sweep's cells with the server pod on another node (not this agent's workload).
+    cross-node) "$bin/sweep" --name cross-node --paths remote || rc=$? ;;
+    *) "$bin/$b" "${flags[@]}" || rc=$? ;;
+  esac
   if [ $rc = 0 ]; then
     passed=$((passed + 1))
   else
@@ -103,7 +108,7 @@ done
 
 if [ $short = 0 ] && [ $status = 0 ]; then
   cmd="sudo scripts/bench.sh"
-  [ ${#benches[@]} -lt 3 ] && cmd="$cmd ${benches[*]}"
+  [ ${#benches[@]} -lt 4 ] && cmd="$cmd ${benches[*]}"
   MESHACCEL_BENCH_COMMAND=$cmd "$bin/report" --dir "$out"
 fi
 if [ $short = 1 ]; then

@@ -5,6 +5,10 @@
 //!   `rr-server` on 15001, UID 1337);
 //! - `mesh`: client app → Envoy → (mTLS) → Envoy → server app (`rr-server` on 8080), real Envoy
 //!   1.40 sidecars doing TCP proxying as for any Istio TCP port.
+//! - `remote` (the `cross-node` benchmark: `--name cross-node --paths remote`): the same, but
+//!   the server pod stands for another node's: neither its Envoy nor its app is a workload of
+//!   this agent, so only the client's app ↔ sidecar leg can pair; the client sidecar's socket
+//!   to the other node must cost nothing.
 //!
 //! Per size S:
 //! - throughput up: the client writes a transfer of N bytes in writes of S bytes, the server
@@ -91,15 +95,20 @@ struct Args {
     /// Length of each profiled block.
     #[arg(long, env = "MESHACCEL_BENCH_PERF_BLOCK_MS", default_value_t = 3000)]
     perf_block_ms: u64,
-    /// Where sweep.json and sweep.png go.
+    /// Where NAME.json and NAME.png go.
     #[arg(long, env = "MESHACCEL_BENCH_OUT", default_value = "benches/results")]
     out: PathBuf,
+    /// The benchmark's name in its report and files.
+    #[arg(long, default_value = "sweep")]
+    name: String,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum Path {
     Hop,
     Mesh,
+    /// The server on another node (see the crate docs).
+    Remote,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -262,13 +271,15 @@ fn run(a: &Args) -> anyhow::Result<()> {
     );
     let services = (a.sizes.len() * a.kinds.len()) as u16;
     let ports: Vec<u16> = (0..services).map(|s| BASE_PORT + s).collect();
-    let mut m = SidecarMesh::start_with(
-        &[
-            PodSpec::mesh("client", &[]),
-            PodSpec::mesh("server", &ports),
-        ],
-        Rules::Generated,
-    )?;
+    let mut pods = vec![
+        PodSpec::mesh("client", &[]),
+        PodSpec::mesh("server", &ports),
+    ];
+    let remote = a.paths.contains(&Path::Remote);
+    if remote {
+        pods.push(PodSpec::mesh("remote", &ports));
+    }
+    let mut m = SidecarMesh::start_with(&pods, Rules::Generated)?;
     let tmp = driver::shared_tempdir()?;
     let rules = driver::capture_rules(tmp.path())?;
     let hop = m.mesh.add_pod("hop", Some(&rules))?;
@@ -285,6 +296,14 @@ fn run(a: &Args) -> anyhow::Result<()> {
         rr.extend(["--listen".into(), format!("0.0.0.0:{p}")]);
     }
     driver::serve(&mut m.mesh, &server, driver::APP_UID, &server_cpus, &rr)?;
+    // Not a workload of this agent: another node's pod.
+    let remote_pod = if remote {
+        let p = m.pod("remote").clone();
+        driver::serve(&mut m.mesh, &p, driver::APP_UID, &server_cpus, &rr)?;
+        Some(p)
+    } else {
+        None
+    };
     driver::serve(
         &mut m.mesh,
         &hop,
@@ -306,6 +325,15 @@ fn run(a: &Args) -> anyhow::Result<()> {
         Path::Mesh => PathSetup {
             pod: client.clone(),
             target: format!("{}:{}", server.ip, BASE_PORT + service),
+            cpus: client_cpus.clone(),
+        },
+        Path::Remote => PathSetup {
+            pod: client.clone(),
+            target: format!(
+                "{}:{}",
+                remote_pod.as_ref().expect("the remote pod").ip,
+                BASE_PORT + service
+            ),
             cpus: client_cpus.clone(),
         },
     };
@@ -333,6 +361,9 @@ fn run(a: &Args) -> anyhow::Result<()> {
         for cell in cells.iter_mut() {
             driver::pin_cgroup(&client.cgroup, "envoy", &client_cpus)?;
             driver::pin_cgroup(&server.cgroup, "envoy", &server_cpus)?;
+            if let Some(p) = &remote_pod {
+                driver::pin_cgroup(&p.cgroup, "envoy", &server_cpus)?;
+            }
             let ps = setup_of(cell.path, cell.service);
             let (req, resp, chunk) = shape(cell.kind, cell.dir, cell.size);
             let base: Vec<String> = [
@@ -423,7 +454,8 @@ fn run(a: &Args) -> anyhow::Result<()> {
 
     println!();
     println!(
-        "sweep: by message size, both directions, {} rounds × {} blocks of {} ms per cell (after {} unmeasured), interleaved, pinning {:?}, a service (port) per size and kind",
+        "{}: by message size, both directions, {} rounds × {} blocks of {} ms per cell (after {} unmeasured), interleaved, pinning {:?}, a service (port) per size and kind",
+        a.name,
         a.rounds, a.blocks, a.block_ms, a.learn_rounds, a.pin
     );
     println!("{}", driver::machine_line(&machine));
@@ -517,8 +549,8 @@ fn run(a: &Args) -> anyhow::Result<()> {
         })
         .collect();
     let result = json!({
-        "bench": "sweep",
-        "what": "throughput and latency by message size, both directions; hop = app ↔ sidecar, mesh = app → Envoy → (mTLS) → Envoy → app",
+        "bench": a.name,
+        "what": "throughput and latency by message size, both directions; hop = app ↔ sidecar, mesh = app → Envoy → (mTLS) → Envoy → app, remote = the same with the server pod on another node (not this agent's workload)",
         "rounds": a.rounds,
         "learn_rounds": a.learn_rounds,
         "blocks": a.blocks,
@@ -529,8 +561,8 @@ fn run(a: &Args) -> anyhow::Result<()> {
         "slower": slower,
         "cells": cells_json,
     });
-    let json_path = driver::write_json(&a.out, "sweep.json", &result)?;
-    let png_path = a.out.join("sweep.png");
+    let json_path = driver::write_json(&a.out, &format!("{}.json", a.name), &result)?;
+    let png_path = a.out.join(format!("{}.png", a.name));
     let rows = a.paths.len() as u32;
     plot::png(&png_path, (1500, 480 * rows), |area| {
         let parts = area.split_evenly((rows as usize, 2));
