@@ -380,6 +380,9 @@ mod tests {
             assert!(v > 0 && v < 4096 && v % 4 == 0, "{o:?}");
         }
         // `file` is a later member of `struct socket` (after state, type, flags).
-        assert!(o.socket_file > 0 && o.socket_file.is_multiple_of(8), "{o:?}");
+        assert!(
+            o.socket_file > 0 && o.socket_file.is_multiple_of(8),
+            "{o:?}"
+        );
     }
 }

@@ -609,3 +609,83 @@ fn large_writes(mesh: &mut Mesh, accel: &Accel, from: &Pod, to: &str) -> (u64, u
     );
     (inserted, delta(&after, &before, "skip_small_writes"))
 }
+
+/// A socket dissolved with `connect(AF_UNSPEC)` and connected again (the kernel allows reusing a
+/// TCP socket so) must never receive its old peer's bytes on its new connection — also when its
+/// RST to the old peer was lost, so that the old peer goes on sending. (Found by reading: the
+/// sockhash kept the socket under its old connection's key, where the old peer redirected.)
+#[test]
+fn a_reconnected_socket_never_receives_its_old_peers_bytes() {
+    require_root();
+    let mut mesh = Mesh::new().expect("mesh");
+    let a = mesh_pod(&mut mesh, "a");
+    // App ↔ app over loopback: accelerated in the "all" scope.
+    let accel = Accel::start_with(&mesh, true, Scope::All, &[Workload::on(&a)]).expect("agent");
+    // The client's RST at the disconnect is lost (inside the pod's own netns).
+    let out = a
+        .netns_exec(
+            "iptables",
+            &[
+                "-w",
+                "-I",
+                "OUTPUT",
+                "-p",
+                "tcp",
+                "--sport",
+                "40001",
+                "--tcp-flags",
+                "RST",
+                "RST",
+                "-j",
+                "DROP",
+            ],
+        )
+        .expect("iptables");
+    assert!(
+        out.status.success(),
+        "iptables: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The app runs as the app UID: its script goes where that UID can read it.
+    let dir = tempfile::Builder::new()
+        .prefix("meshaccel-reconnect-")
+        .tempdir()
+        .expect("tempdir");
+    let script = dir.path().join("reconnect.py");
+    std::fs::copy(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("apps/reconnect.py"),
+        &script,
+    )
+    .expect("copying the app");
+    for p in [dir.path(), script.as_path()] {
+        std::fs::set_permissions(p, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .expect("chmod");
+    }
+    let c0 = counters(&accel);
+    let child = mesh
+        .spawn(
+            &a,
+            Some(APP_UID),
+            std::path::Path::new("/usr/bin/python3"),
+            &[script.to_str().unwrap(), "40001", "9101", "9102"],
+        )
+        .expect("python3");
+    let out = meshaccel_e2e::wait_output_timeout(child, Duration::from_secs(60)).expect("the app");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let v: serde_json::Value = serde_json::from_str(text.lines().last().unwrap_or_default())
+        .unwrap_or_else(|e| {
+            panic!(
+                "the app's report {text:?}: {e}; stderr {}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        });
+    let c1 = counters(&accel);
+    assert!(
+        delta(&c1, &c0, "redirect_bytes") >= 256 * 1024,
+        "the first connection was accelerated: {c1}"
+    );
+    assert_eq!(
+        v["ok"], true,
+        "the second connection received exactly its own server's bytes: {v}"
+    );
+}

@@ -455,8 +455,7 @@ fn run(a: &Args) -> anyhow::Result<()> {
     println!();
     println!(
         "{}: by message size, both directions, {} rounds × {} blocks of {} ms per cell (after {} unmeasured), interleaved, pinning {:?}, a service (port) per size and kind",
-        a.name,
-        a.rounds, a.blocks, a.block_ms, a.learn_rounds, a.pin
+        a.name, a.rounds, a.blocks, a.block_ms, a.learn_rounds, a.pin
     );
     println!("{}", driver::machine_line(&machine));
     let mut slower = Vec::new();
