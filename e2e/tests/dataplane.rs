@@ -688,4 +688,9 @@ fn a_reconnected_socket_never_receives_its_old_peers_bytes() {
         v["ok"], true,
         "the second connection received exactly its own server's bytes: {v}"
     );
+    assert_eq!(
+        delta(&c1, &c0, "skip_reconnected"),
+        1,
+        "the reconnected socket stays on TCP: {c1}"
+    );
 }

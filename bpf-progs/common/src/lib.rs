@@ -131,7 +131,10 @@ pub mod counter {
     /// An active socket found no passive socket of this node paired with it (its server is on
     /// another node, or was kept out): TCP for life, and it leaves the sockhash.
     pub const FALLBACK_NO_LOCAL_PEER: u32 = 26;
-    pub const COUNT: u32 = 27;
+    /// Sockets not inserted because they were reconnected (`connect(AF_UNSPEC)`, then
+    /// `connect`): a redirect decided for the old connection could land in the new one.
+    pub const SKIP_RECONNECTED: u32 = 27;
+    pub const COUNT: u32 = 28;
 
     /// Names used by `status` and `/metrics`, indexed like the constants above.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -162,6 +165,7 @@ pub mod counter {
         "left",
         "skip_no_local_peer",
         "fallback_no_local_peer",
+        "skip_reconnected",
     ];
 }
 
