@@ -632,58 +632,18 @@ fn installation(bpffs: &Path, checks: &mut Vec<Check>) -> BTreeSet<u32> {
     ours
 }
 
-// BPF_PROG_QUERY, by hand: aya does not expose it for cgroup sock_ops.
-const BPF_PROG_QUERY: libc::c_long = 16;
-const BPF_CGROUP_SOCK_OPS: u32 = 3;
-const BPF_F_QUERY_EFFECTIVE: u32 = 1;
-const BPF_F_ALLOW_OVERRIDE: u32 = 1;
-const BPF_F_ALLOW_MULTI: u32 = 2;
-
-/// `union bpf_attr`'s `query` member (linux/bpf.h), zero-padded to the union's start.
-#[repr(C)]
-#[derive(Default)]
-struct QueryAttr {
-    target_fd: u32,
-    attach_type: u32,
-    query_flags: u32,
-    attach_flags: u32,
-    prog_ids: u64,
-    prog_cnt: u32,
-    _pad: u32,
-    prog_attach_flags: u64,
-    link_ids: u64,
-    link_attach_flags: u64,
-    revision: u64,
-}
+use crate::bpf_sys::{BPF_CGROUP_SOCK_OPS, BPF_F_ALLOW_MULTI, BPF_F_ALLOW_OVERRIDE};
 
 /// Programs of `attach_type` on the cgroup at `cgroup`: (the cgroup's own attach flags, ids).
 /// With `effective`, the programs that run for its sockets (inherited ones included).
 fn prog_query(cgroup: &Path, attach_type: u32, effective: bool) -> io::Result<(u32, Vec<u32>)> {
     let f = File::open(cgroup)?;
-    let mut ids = vec![0u32; 64];
-    let mut attr = QueryAttr {
-        target_fd: f.as_raw_fd() as u32,
-        attach_type,
-        query_flags: if effective { BPF_F_QUERY_EFFECTIVE } else { 0 },
-        prog_ids: ids.as_mut_ptr() as u64,
-        prog_cnt: ids.len() as u32,
-        ..Default::default()
+    let flags = if effective {
+        crate::bpf_sys::BPF_F_QUERY_EFFECTIVE
+    } else {
+        0
     };
-    // SAFETY: bpf(2) with a correctly laid out attr; prog_ids points at `ids` (prog_cnt slots),
-    // which outlives the call.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_PROG_QUERY,
-            &raw mut attr,
-            std::mem::size_of::<QueryAttr>() as u32,
-        )
-    };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    ids.truncate(attr.prog_cnt as usize);
-    Ok((attr.attach_flags, ids))
+    crate::bpf_sys::prog_query(std::os::fd::AsFd::as_fd(&f), attach_type, flags)
 }
 
 fn prog_label(id: u32) -> String {
@@ -1034,14 +994,6 @@ mod tests {
         assert!(caps & (1 << CAP_BPF) != 0 && caps & (1 << CAP_SYS_ADMIN) != 0);
         assert_eq!(parse_cap_eff("CapEff:\t0000000000000000\n"), Some(0));
         assert_eq!(parse_cap_eff("nothing"), None);
-    }
-
-    #[test]
-    fn query_attr_layout_matches_linux() {
-        // offsetof(union bpf_attr, query.prog_cnt) == 24, .revision == 56 (linux/bpf.h).
-        assert_eq!(std::mem::offset_of!(QueryAttr, prog_ids), 16);
-        assert_eq!(std::mem::offset_of!(QueryAttr, prog_cnt), 24);
-        assert_eq!(std::mem::offset_of!(QueryAttr, revision), 56);
     }
 
     #[test]
