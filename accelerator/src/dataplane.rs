@@ -128,7 +128,7 @@ fn monotonic_ns() -> u64 {
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
-fn pin_path(bpffs: &Path, name: &str) -> PathBuf {
+pub(crate) fn pin_path(bpffs: &Path, name: &str) -> PathBuf {
     bpffs.join("maps").join(name)
 }
 
@@ -241,7 +241,7 @@ pub struct InstallOptions {
 
 /// Map type and key/value sizes this version expects, to refuse pinned maps of an incompatible
 /// version before anything is replaced.
-fn expected_maps() -> [(&'static str, u32, usize, usize); 10] {
+pub(crate) fn expected_maps() -> [(&'static str, u32, usize, usize); 10] {
     use aya::maps::MapType::*;
     use std::mem::size_of;
     [
@@ -410,6 +410,9 @@ impl Dataplane {
                 message: e.to_string(),
             })?;
         }
+        // Before any map is created or program replaced: pinned maps of another layout are
+        // refused, a folder without maps is stamped with this build's layout.
+        crate::layout_stamp::ensure(bpffs)?;
         // Every map is reused from its pin when it exists, else created and pinned.
         let paths: Vec<(&str, PathBuf)> = names::ALL
             .iter()
@@ -571,6 +574,7 @@ impl Dataplane {
 
     /// Opens the pinned maps (for the agent, status and uninstall).
     pub fn open(bpffs: &Path) -> Result<Self> {
+        crate::layout_stamp::check(bpffs)?;
         let socks = open_map(bpffs, names::SOCKS, Map::SockHash)?;
         let peers = open_map(bpffs, names::PEERS, Map::HashMap)?;
         let workloads = open_map(bpffs, names::WORKLOADS, Map::HashMap)?;
@@ -684,7 +688,7 @@ impl Dataplane {
     pub fn status(&self) -> Result<KernelStatus> {
         let cfg = self.config()?;
         let mut map_ids = Vec::new();
-        for name in names::ALL {
+        for name in crate::layout_stamp::all_maps() {
             if let Ok(md) = MapData::from_pin(pin_path(&self.bpffs, name))
                 && let Ok(info) = md.info()
             {
@@ -785,7 +789,7 @@ fn leftovers(only: Option<&[u32]>) -> (Vec<u32>, Vec<u32>, usize) {
         let Some(name) = m.name_as_str() else {
             continue;
         };
-        if !names::ALL.contains(&name) || !keep(m.id()) {
+        if !crate::layout_stamp::all_maps().any(|n| n == name) || !keep(m.id()) {
             continue;
         }
         maps.push(m.id());
@@ -829,7 +833,7 @@ pub fn uninstall(bpffs: &Path, wait: std::time::Duration) -> Result<UninstallRep
     }
     let link = bpffs.join(SOCK_OPS_LINK);
     let mut pins = vec![link];
-    pins.extend(names::ALL.iter().map(|n| pin_path(bpffs, n)));
+    pins.extend(crate::layout_stamp::all_maps().map(|n| pin_path(bpffs, n)));
     for p in pins {
         match std::fs::remove_file(&p) {
             Ok(()) => removed.push(p),

@@ -12,6 +12,7 @@ pub mod error;
 pub mod http;
 pub mod kernel_btf;
 pub mod kube;
+pub mod layout_stamp;
 pub mod metrics;
 pub mod netns;
 pub mod reconcile;

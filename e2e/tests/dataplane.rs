@@ -9,9 +9,13 @@ mod support;
 use meshaccel_e2e::{
     Mesh, Pod,
     accel::{Accel, Scope, Workload},
-    require_root,
+    bpf, require_root,
 };
-use std::time::Duration;
+use std::{
+    os::fd::AsFd as _,
+    path::{Path, PathBuf},
+    time::Duration,
+};
 use support::*;
 
 const MB50: u64 = 50 * 1024 * 1024;
@@ -308,8 +312,8 @@ fn agent_killed_mid_transfer_restarts_adopting_pins_and_uninstall_leaves_nothing
     let report = accel.uninstall().expect("uninstall");
     assert_eq!(
         report["removed_pins"].as_array().unwrap().len(),
-        11,
-        "link + 10 maps: {report}"
+        12,
+        "link + 10 maps + the layout stamp: {report}"
     );
     drop(mesh); // every pod process ends, their sockets close
     // A second uninstall finishes the job: it waits until the kernel freed everything.
@@ -608,4 +612,120 @@ fn large_writes(mesh: &mut Mesh, accel: &Accel, from: &Pod, to: &str) -> (u64, u
         "`closed` counts inserted sockets only: {after}"
     );
     (inserted, delta(&after, &before, "skip_small_writes"))
+}
+
+/// The ids of what the agent attached: (sock_ops programs on the cgroup, the link's program,
+/// sk_msg programs on the pinned sockhash), read from the kernel, not from `status`.
+fn attached(accel: &Accel) -> (Vec<u32>, u32, Vec<u32>) {
+    let cg = std::fs::File::open(accel.cgroup()).expect("the run's cgroup");
+    let ops = bpf::prog_query(cg.as_fd(), bpf::BPF_CGROUP_SOCK_OPS).expect("query the cgroup");
+    let link = bpf::obj_get(&accel.bpffs().join("links/sock_ops"), 0).expect("the link pin");
+    let link_prog = bpf::link_prog_id(link.as_fd()).expect("link info");
+    let socks = bpf::obj_get(&pin(accel, "MESHACCEL_SOCKS"), 0).expect("the sockhash pin");
+    let msg = bpf::prog_query(socks.as_fd(), bpf::BPF_SK_MSG_VERDICT).expect("query the sockhash");
+    (ops, link_prog, msg)
+}
+
+fn pin(accel: &Accel, map: &str) -> PathBuf {
+    accel.bpffs().join("maps").join(map)
+}
+
+/// An agent that finds it cannot start says why, naming the bpffs folder and the fix.
+fn assert_refused(accel: &Accel, what: &str, reason: &str) {
+    let (status, log) = accel
+        .run_agent_expecting_exit(Duration::from_secs(20))
+        .unwrap_or_else(|e| panic!("{what}: {e:#}"));
+    let bpffs = accel.bpffs().display().to_string();
+    assert!(!status.success(), "{what}: the agent started:\n{log}");
+    assert!(
+        log.contains(reason) && log.contains(&format!("meshaccel uninstall --bpffs {bpffs}")),
+        "{what}: the agent's error does not say {reason:?} and name the fix for {bpffs}:\n{log}"
+    );
+}
+
+/// Pinned maps whose layout stamp (`MESHACCEL_META`, written at install) is another build's, or
+/// missing next to the maps, are refused by a starting agent, with the bpffs folder and the fix
+/// named, before anything is loaded or attached; `status` refuses to read them too. After
+/// `uninstall`, a fresh install accelerates again.
+#[test]
+fn pinned_maps_of_another_layout_are_refused() {
+    require_root();
+    let mut mesh = Mesh::new().expect("mesh");
+    let a = mesh_pod(&mut mesh, "a");
+    let mut accel = Accel::start_with(&mesh, true, Scope::All, &[Workload::on(&a)]).expect("agent");
+    let meta = pin(&accel, "MESHACCEL_META");
+    let before = attached(&accel);
+    assert_eq!(
+        (before.0.len(), before.2.len()),
+        (1, 1),
+        "one sock_ops, one sk_msg: {before:?}"
+    );
+    let stamp = bpf::obj_get(&meta, 0).expect("the install pinned a layout stamp");
+    let mut ours = [0u8; 16];
+    bpf::map_lookup(stamp.as_fd(), &0u32.to_ne_bytes(), &mut ours).expect("read the stamp");
+    let hash = u64::from_ne_bytes(ours[8..16].try_into().unwrap());
+    assert_eq!(
+        accel.status().unwrap()["layout"]["hash"],
+        format!("{hash:016x}"),
+        "status shows the stamp"
+    );
+    accel.kill_agent();
+
+    // Another layout hash, the same format (as an older build whose Config fields moved).
+    let mut other = ours;
+    other[8..16]
+        .copy_from_slice(&(u64::from_ne_bytes(ours[8..16].try_into().unwrap()) ^ 1).to_ne_bytes());
+    bpf::map_update(stamp.as_fd(), &0u32.to_ne_bytes(), &other).expect("overwrite the stamp");
+    assert_refused(&accel, "another layout", "map layout");
+    assert_eq!(
+        attached(&accel),
+        before,
+        "nothing attached or replaced by the refused agent"
+    );
+    let e = accel
+        .status()
+        .expect_err("status must not read maps of another layout");
+    assert!(
+        e.to_string().contains("meshaccel uninstall --bpffs"),
+        "{e:#}"
+    );
+
+    // No stamp at all next to the maps (as left by a build from before stamps).
+    drop(stamp);
+    std::fs::remove_file(&meta).expect("remove the stamp pin");
+    assert_refused(&accel, "no stamp", "no layout stamp");
+    assert_eq!(
+        attached(&accel),
+        before,
+        "nothing attached or replaced by the refused agent"
+    );
+
+    // The fix the error names: uninstall (which does not switch the foreign maps off, it cannot
+    // read them), then a fresh install that accelerates.
+    let report = accel.uninstall().expect("uninstall");
+    assert_eq!(
+        report["removed_pins"].as_array().unwrap().len(),
+        11,
+        "link + 10 maps, no stamp: {report}"
+    );
+    accel.start_agent().expect("a fresh install");
+    let after = attached(&accel);
+    assert_ne!(after.1, before.1, "a new program under a new link");
+    assert!(
+        Path::new(&meta).exists(),
+        "the fresh install stamped its maps"
+    );
+    sink(&mut mesh, &a, "127.0.0.1:9000");
+    let c0 = counters(&accel);
+    finished(
+        send(
+            &mut mesh,
+            &a,
+            &["--connect", "127.0.0.1:9000", "--bytes", "1000000"],
+        ),
+        "after a fresh install",
+    );
+    let c1 = counters(&accel);
+    assert_eq!(delta(&c1, &c0, "inserted"), 2, "{c1}");
+    assert!(delta(&c1, &c0, "redirect_bytes") >= 1_000_000, "{c1}");
 }
