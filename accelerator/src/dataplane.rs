@@ -39,6 +39,8 @@ pub struct Dataplane {
     pub bpffs: PathBuf,
     /// True when this process found the programs already pinned and adopted them.
     pub adopted: bool,
+    /// True when, adopting, it found no sk_msg program on the pinned sockhash and attached one.
+    pub sk_msg_reattached: bool,
     pub socks: SockHash<MapData, PairKey>,
     pub peers: HashMap<MapData, PairKey, PeerInfo>,
     pub workloads: HashMap<MapData, u64, WorkloadPolicy>,
@@ -225,6 +227,8 @@ fn open_map(bpffs: &Path, name: &'static str, wrap: fn(MapData) -> Map) -> Resul
 enum Outcome {
     Installed,
     Adopted,
+    /// Adopted, and the sockhash had no sk_msg program: this version's was attached.
+    Reattached,
     Upgraded,
 }
 
@@ -300,6 +304,46 @@ fn check_pinned_maps(bpffs: &Path) -> Result<()> {
             });
         }
     }
+    Ok(())
+}
+
+/// The sk_msg programs attached to the pinned sockhash.
+fn sk_msg_attached(bpffs: &Path) -> Result<Vec<u32>> {
+    let md = MapData::from_pin(pin_path(bpffs, names::SOCKS))
+        .map_err(map_err(names::SOCKS, "open pin"))?;
+    crate::bpf_sys::prog_query(
+        std::os::fd::AsFd::as_fd(md.fd()),
+        crate::bpf_sys::BPF_SK_MSG_VERDICT,
+        0,
+    )
+    .map(|(_, ids)| ids)
+    .map_err(|e| Error::Load {
+        message: format!("querying the sk_msg program of the pinned sockhash: {e}"),
+    })
+}
+
+/// Makes the object's sk_msg program the (pinned) sockhash's.
+fn attach_sk_msg(ebpf: &mut aya::Ebpf) -> Result<()> {
+    let load = |message: String| Error::Load { message };
+    let socks: SockHash<&MapData, PairKey> = ebpf
+        .map(names::SOCKS)
+        .ok_or_else(|| load("no sockhash".into()))?
+        .try_into()
+        .map_err(map_err(names::SOCKS, "open"))?;
+    let socks_fd = socks
+        .fd()
+        .try_clone()
+        .map_err(|e| load(format!("dup sockhash fd: {e}")))?;
+    let msg: &mut SkMsg = ebpf
+        .program_mut(names::PROG_SK_MSG)
+        .ok_or_else(|| load(format!("no program {}", names::PROG_SK_MSG)))?
+        .try_into()
+        .map_err(|e| load(format!("{e}")))?;
+    let msg_link = msg
+        .attach(&socks_fd)
+        .map_err(|e| load(format!("attaching sk_msg: {e:#}")))?;
+    // The map keeps the sk_msg program attached after we exit; forget our handle.
+    std::mem::forget(msg.take_link(msg_link).map_err(|e| load(format!("{e}")))?);
     Ok(())
 }
 
@@ -386,12 +430,16 @@ impl Dataplane {
         let outcome = Self::load_and_attach(cgroup, bpffs, opts)?;
         let mut dp = Self::open(bpffs)?;
         dp.adopted = outcome != Outcome::Installed;
+        dp.sk_msg_reattached = outcome == Outcome::Reattached;
         match outcome {
             Outcome::Installed => {
                 tracing::info!(cgroup = %cgroup.display(), bpffs = %bpffs.display(), "attached and pinned")
             }
             Outcome::Adopted => {
                 tracing::info!(bpffs = %bpffs.display(), "adopted the pinned programs and maps")
+            }
+            Outcome::Reattached => {
+                tracing::info!(bpffs = %bpffs.display(), "adopted the pinned programs and maps; attached the missing sk_msg program")
             }
             Outcome::Upgraded => {
                 tracing::info!(bpffs = %bpffs.display(), "replaced the pinned programs with this version's; maps and socket state kept")
@@ -501,7 +549,14 @@ impl Dataplane {
                 .find(|p| p.id() == prog_id)
                 .map(|p| p.tag());
             if pinned_tag == Some(our_tag) && !opts.replace_programs {
-                return Ok(Outcome::Adopted);
+                // An agent that stopped between pinning the link and attaching sk_msg left a
+                // sockhash that takes sockets in and redirects nothing: attach ours then.
+                if !sk_msg_attached(bpffs)?.is_empty() {
+                    return Ok(Outcome::Adopted);
+                }
+                tracing::warn!(bpffs = %bpffs.display(), "the pinned sockhash had no sk_msg program (an agent stopped between attaching sock_ops and sk_msg?): nothing was redirected; attaching this version's");
+                attach_sk_msg(&mut ebpf)?;
+                return Ok(Outcome::Reattached);
             }
             // Another version: swap the sock_ops program under the same link (atomic), then
             // make ours the sockhash's sk_msg program. Sockets already in the sockhash keep the
@@ -550,25 +605,7 @@ impl Dataplane {
             })?;
             Outcome::Installed
         };
-        let socks: SockHash<&MapData, PairKey> = ebpf
-            .map(names::SOCKS)
-            .ok_or_else(|| load("no sockhash".into()))?
-            .try_into()
-            .map_err(map_err(names::SOCKS, "open"))?;
-        let socks_fd = socks
-            .fd()
-            .try_clone()
-            .map_err(|e| load(format!("dup sockhash fd: {e}")))?;
-        let msg: &mut SkMsg = ebpf
-            .program_mut(names::PROG_SK_MSG)
-            .ok_or_else(|| load(format!("no program {}", names::PROG_SK_MSG)))?
-            .try_into()
-            .map_err(|e| load(format!("{e}")))?;
-        let msg_link = msg
-            .attach(&socks_fd)
-            .map_err(|e| load(format!("attaching sk_msg: {e:#}")))?;
-        // The map keeps the sk_msg program attached after we exit; forget our handle.
-        std::mem::forget(msg.take_link(msg_link).map_err(|e| load(format!("{e}")))?);
+        attach_sk_msg(&mut ebpf)?;
         Ok(outcome)
     }
 
@@ -586,6 +623,7 @@ impl Dataplane {
         Ok(Self {
             bpffs: bpffs.into(),
             adopted: false,
+            sk_msg_reattached: false,
             socks: socks.try_into().map_err(map_err(names::SOCKS, "open"))?,
             peers: peers.try_into().map_err(map_err(names::PEERS, "open"))?,
             workloads: workloads
