@@ -24,7 +24,7 @@ use meshaccel_common::{
 use crate::error::{Error, Result};
 
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
-const SOCK_OPS_LINK: &str = "links/sock_ops";
+pub(crate) const SOCK_OPS_LINK: &str = "links/sock_ops";
 
 /// The eBPF object built by build.rs (also loaded by `doctor` to probe the kernel).
 pub(crate) static EBPF_OBJECT: &[u8] =
@@ -428,6 +428,8 @@ impl Dataplane {
     pub fn install_or_adopt(cgroup: &Path, bpffs: &Path, opts: &InstallOptions) -> Result<Self> {
         ensure_bpffs(bpffs)?;
         let outcome = Self::load_and_attach(cgroup, bpffs, opts)?;
+        // Every pin now exists: root-only, also when adopted pins were widened meanwhile.
+        crate::pin_mode::restrict(bpffs)?;
         let mut dp = Self::open(bpffs)?;
         dp.adopted = outcome != Outcome::Installed;
         dp.sk_msg_reattached = outcome == Outcome::Reattached;
@@ -461,6 +463,8 @@ impl Dataplane {
         // Before any map is created or program replaced: pinned maps of another layout are
         // refused, a folder without maps is stamped with this build's layout.
         crate::layout_stamp::ensure(bpffs)?;
+        // Root-only before the programs' maps appear in it (pins hold kernel addresses).
+        crate::pin_mode::restrict(bpffs)?;
         // Every map is reused from its pin when it exists, else created and pinned.
         let paths: Vec<(&str, PathBuf)> = names::ALL
             .iter()

@@ -126,6 +126,7 @@ pub fn run(cfg: &DoctorConfig) -> Report {
     checks.push(capabilities());
     let cgroup = cgroup_check(cfg.cgroup.as_deref(), &mut checks);
     let ours = installation(&cfg.bpffs, &mut checks);
+    checks.extend(pin_permissions(&cfg.bpffs));
     // Before our own probe programs exist, so that they are not taken for foreign ones.
     checks.extend(foreign_programs(cgroup.as_deref(), &ours));
     checks.push(btf());
@@ -632,6 +633,53 @@ fn installation(bpffs: &Path, checks: &mut Vec<Check>) -> BTreeSet<u32> {
     ours
 }
 
+/// Whether others than root can reach meshaccel's pins (`MESHACCEL_PEERS` holds kernel socket
+/// addresses). Nothing to say when nothing is pinned.
+fn pin_permissions(bpffs: &Path) -> Option<Check> {
+    if crate::pin_mode::entries(bpffs).iter().all(|(_, dir)| *dir) {
+        return None;
+    }
+    Some(permissions_check(
+        bpffs,
+        &crate::pin_mode::open_to_others(bpffs),
+    ))
+}
+
+/// The check from the entries found open to others (pure, for tests).
+fn permissions_check(bpffs: &Path, open: &[(PathBuf, u32)]) -> Check {
+    const NAME: &str = "pin permissions";
+    if open.is_empty() {
+        return Check::new(
+            NAME,
+            Level::Ok,
+            format!(
+                "{} and its folders are {:o}, its pins {:o}: only root opens them",
+                bpffs.display(),
+                crate::pin_mode::DIR_MODE,
+                crate::pin_mode::PIN_MODE
+            ),
+        );
+    }
+    let list: Vec<String> = open
+        .iter()
+        .map(|(p, m)| format!("{} ({m:o})", p.display()))
+        .collect();
+    Check::new(
+        NAME,
+        Level::Warn,
+        format!(
+            "others than root can reach {}: the pins hold kernel socket addresses (MESHACCEL_PEERS) and steer traffic",
+            list.join(", ")
+        ),
+    )
+    .fix(format!(
+        "restart the agent (it sets the folders to {:o} and the pins to {:o}), or `chmod -R go-rwx {}`",
+        crate::pin_mode::DIR_MODE,
+        crate::pin_mode::PIN_MODE,
+        bpffs.display()
+    ))
+}
+
 use crate::bpf_sys::{BPF_CGROUP_SOCK_OPS, BPF_F_ALLOW_MULTI, BPF_F_ALLOW_OVERRIDE};
 
 /// Programs of `attach_type` on the cgroup at `cgroup`: (the cgroup's own attach flags, ids).
@@ -994,6 +1042,27 @@ mod tests {
         assert!(caps & (1 << CAP_BPF) != 0 && caps & (1 << CAP_SYS_ADMIN) != 0);
         assert_eq!(parse_cap_eff("CapEff:\t0000000000000000\n"), Some(0));
         assert_eq!(parse_cap_eff("nothing"), None);
+    }
+
+    #[test]
+    fn pins_open_to_others_are_flagged_by_name() {
+        let b = Path::new("/sys/fs/bpf/meshaccel");
+        let ok = permissions_check(b, &[]);
+        assert_eq!(ok.level, Level::Ok, "{ok:?}");
+        let peers = b.join("maps/MESHACCEL_PEERS");
+        let c = permissions_check(b, &[(b.to_path_buf(), 0o755), (peers, 0o644)]);
+        assert_eq!(c.level, Level::Warn);
+        assert!(
+            c.detail.contains("/sys/fs/bpf/meshaccel (755)")
+                && c.detail.contains("maps/MESHACCEL_PEERS (644)"),
+            "{c:?}"
+        );
+        assert!(
+            c.fix
+                .as_deref()
+                .is_some_and(|f| f.contains("chmod -R go-rwx /sys/fs/bpf/meshaccel")),
+            "{c:?}"
+        );
     }
 
     #[test]

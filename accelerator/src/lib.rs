@@ -15,6 +15,7 @@ pub mod kube;
 pub mod layout_stamp;
 pub mod metrics;
 pub mod netns;
+pub mod pin_mode;
 pub mod reconcile;
 pub mod statefile;
 pub mod status;

@@ -8,8 +8,10 @@ use std::{
     path::Path,
 };
 
+const BPF_MAP_CREATE: i64 = 0;
 const BPF_MAP_LOOKUP_ELEM: i64 = 1;
 const BPF_MAP_UPDATE_ELEM: i64 = 2;
+const BPF_OBJ_PIN: i64 = 6;
 const BPF_OBJ_GET: i64 = 7;
 const BPF_PROG_DETACH: i64 = 9;
 const BPF_PROG_GET_FD_BY_ID: i64 = 13;
@@ -130,4 +132,25 @@ pub fn link_prog_id(link: BorrowedFd<'_>) -> io::Result<u32> {
     put64(&mut attr, 8, info.as_mut_ptr() as u64);
     sys_bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
     Ok(u32::from_ne_bytes(info[8..12].try_into().unwrap()))
+}
+
+/// A new ARRAY map (4-byte keys) named `name`.
+pub fn create_array(name: &str, value_size: u32, max_entries: u32) -> io::Result<OwnedFd> {
+    let mut attr = [0u8; 128];
+    put32(&mut attr, 0, 2); // BPF_MAP_TYPE_ARRAY
+    put32(&mut attr, 4, 4);
+    put32(&mut attr, 8, value_size);
+    put32(&mut attr, 12, max_entries);
+    let n = name.len().min(15);
+    attr[28..28 + n].copy_from_slice(&name.as_bytes()[..n]);
+    sys_bpf(BPF_MAP_CREATE, &mut attr).map(owned)
+}
+
+/// BPF_OBJ_PIN: pins `fd` at `path` (on a bpffs).
+pub fn obj_pin(fd: BorrowedFd<'_>, path: &Path) -> io::Result<()> {
+    let c = CString::new(path.as_os_str().as_encoded_bytes())?;
+    let mut attr = [0u8; 128];
+    put64(&mut attr, 0, c.as_ptr() as u64);
+    put32(&mut attr, 8, fd.as_raw_fd() as u32);
+    sys_bpf(BPF_OBJ_PIN, &mut attr).map(|_| ())
 }

@@ -729,3 +729,176 @@ fn pinned_maps_of_another_layout_are_refused() {
     assert_eq!(delta(&c1, &c0, "inserted"), 2, "{c1}");
     assert!(delta(&c1, &c0, "redirect_bytes") >= 1_000_000, "{c1}");
 }
+
+/// The mode bits of a file or folder.
+fn mode(p: &Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::metadata(p)
+        .unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+        .permissions()
+        .mode()
+        & 0o7777
+}
+
+/// Opens `pin` with BPF_OBJ_GET as UID/GID 65534 (nobody), read-only and read-write:
+/// `Ok(())` when either open succeeded, else the errnos.
+fn open_as_nobody(pin: &Path) -> Result<(), Vec<i64>> {
+    let mut errnos = Vec::new();
+    for ro in [true, false] {
+        let mut cmd = std::process::Command::new(tool());
+        cmd.arg("obj-get").arg(pin);
+        if ro {
+            cmd.arg("--read-only");
+        }
+        let out = std::os::unix::process::CommandExt::gid(
+            std::os::unix::process::CommandExt::uid(&mut cmd, 65534),
+            65534,
+        )
+        .output()
+        .expect("run the tool as nobody");
+        let text = String::from_utf8_lossy(&out.stdout);
+        let v: serde_json::Value = serde_json::from_str(text.trim()).unwrap_or_else(|e| {
+            panic!(
+                "obj-get as nobody printed no JSON ({e}): {text}{}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        });
+        if v["ok"] == true {
+            return Ok(());
+        }
+        errnos.push(v["errno"].as_i64().unwrap_or(-1));
+    }
+    Err(errnos)
+}
+
+/// A bpffs of the test's own, with a pin everybody may open: shows that an unprivileged open
+/// of a pin works on this kernel when its mode allows it, so the refusals below are the modes'.
+struct OpenPin {
+    dir: tempfile::TempDir,
+}
+
+impl OpenPin {
+    fn new() -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("meshaccel-open-pin-")
+            .tempdir_in("/run")
+            .unwrap();
+        let st = std::process::Command::new("mount")
+            .args(["-t", "bpf", "bpf"])
+            .arg(dir.path())
+            .status()
+            .unwrap();
+        assert!(st.success(), "mounting a bpffs");
+        let me = Self { dir };
+        let map = bpf::create_array("ma_open_pin", 8, 1).expect("a map");
+        bpf::obj_pin(map.as_fd(), &me.pin()).expect("pin it");
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(me.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::set_permissions(me.pin(), std::fs::Permissions::from_mode(0o666)).unwrap();
+        me
+    }
+    fn pin(&self) -> PathBuf {
+        self.dir.path().join("open")
+    }
+}
+
+impl Drop for OpenPin {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(self.pin());
+        let _ = std::process::Command::new("umount")
+            .arg(self.dir.path())
+            .status();
+    }
+}
+
+/// The pins hold kernel socket addresses (PEERS): the bpffs folder and its folders are 0700
+/// and every pin 0600 after install, nobody but root can open one, `doctor` flags a pin or
+/// folder widened later, and the next agent narrows them again when it adopts the pins.
+#[test]
+fn pins_are_root_only() {
+    require_root();
+    let mut mesh = Mesh::new().expect("mesh");
+    let a = mesh_pod(&mut mesh, "a");
+    let mut accel = Accel::start(&mesh, true, &[Workload::on(&a)]).expect("agent");
+    let b = accel.bpffs().to_path_buf();
+    let folders = [b.clone(), b.join("maps"), b.join("links")];
+    let mut pins: Vec<PathBuf> = std::fs::read_dir(b.join("maps"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    pins.push(b.join("links/sock_ops"));
+    assert_eq!(pins.len(), 12, "{pins:?}");
+    let modes = |what: &str| {
+        for f in &folders {
+            assert_eq!(
+                format!("{:o}", mode(f)),
+                "700",
+                "{what}: folder {}",
+                f.display()
+            );
+        }
+        for p in &pins {
+            assert_eq!(
+                format!("{:o}", mode(p)),
+                "600",
+                "{what}: pin {}",
+                p.display()
+            );
+        }
+    };
+    modes("after install");
+
+    let control = OpenPin::new();
+    assert_eq!(
+        open_as_nobody(&control.pin()),
+        Ok(()),
+        "nobody cannot open even a 0666 pin here: this test could not tell a refusal by mode"
+    );
+    for p in &pins {
+        let errnos = open_as_nobody(p).expect_err(&format!("nobody opened {}", p.display()));
+        assert!(
+            errnos
+                .iter()
+                .all(|e| *e == i64::from(libc::EACCES) || *e == i64::from(libc::EPERM)),
+            "{}: {errnos:?}",
+            p.display()
+        );
+    }
+
+    // Widened by hand: doctor says so, naming what; the next agent narrows it again.
+    use std::os::unix::fs::PermissionsExt as _;
+    let peers = b.join("maps/MESHACCEL_PEERS");
+    for f in &folders[..2] {
+        std::fs::set_permissions(f, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    std::fs::set_permissions(&peers, std::fs::Permissions::from_mode(0o644)).unwrap();
+    assert_eq!(
+        open_as_nobody(&peers).map_err(|_| ()),
+        Ok(()),
+        "widened: nobody reads PEERS"
+    );
+    let out = std::process::Command::new(meshaccel_e2e::workspace_bin("meshaccel"))
+        .args(["doctor", "--output", "json", "--bpffs"])
+        .arg(&b)
+        .arg("--cgroup")
+        .arg(accel.cgroup())
+        .output()
+        .expect("doctor");
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).expect("doctor's JSON");
+    let c = r["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "pin permissions")
+        .unwrap_or_else(|| panic!("no pin permissions check: {r:#}"));
+    let d = c["detail"].as_str().unwrap();
+    assert_eq!(c["level"], "warn", "{c}");
+    assert!(
+        d.contains(&format!("{} (755)", b.display())) && d.contains("MESHACCEL_PEERS (644)"),
+        "{c}"
+    );
+    accel.kill_agent();
+    accel.start_agent().expect("restart");
+    modes("after adoption");
+    assert!(open_as_nobody(&peers).is_err());
+}
