@@ -253,8 +253,12 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
 /// Runs the agent with a caller-made [`Shared`] (other sources and endpoints hold it too).
 pub async fn run_with(cfg: AgentConfig, shared: Arc<Shared>) -> Result<()> {
     let mut dp = Dataplane::install_or_adopt(&cfg.cgroup, &cfg.bpffs, &cfg.install)?;
+    if dp.sk_msg_reattached {
+        shared.metrics.sk_msg_reattached();
+    }
     info!(
         adopted = dp.adopted,
+        sk_msg_reattached = dp.sk_msg_reattached,
         cgroup = %cfg.cgroup.display(),
         bpffs = %cfg.bpffs.display(),
         workloads = ?cfg.workloads,

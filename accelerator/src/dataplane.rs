@@ -24,7 +24,7 @@ use meshaccel_common::{
 use crate::error::{Error, Result};
 
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
-const SOCK_OPS_LINK: &str = "links/sock_ops";
+pub(crate) const SOCK_OPS_LINK: &str = "links/sock_ops";
 
 /// The eBPF object built by build.rs (also loaded by `doctor` to probe the kernel).
 pub(crate) static EBPF_OBJECT: &[u8] =
@@ -39,6 +39,8 @@ pub struct Dataplane {
     pub bpffs: PathBuf,
     /// True when this process found the programs already pinned and adopted them.
     pub adopted: bool,
+    /// True when, adopting, it found no sk_msg program on the pinned sockhash and attached one.
+    pub sk_msg_reattached: bool,
     pub socks: SockHash<MapData, PairKey>,
     pub peers: HashMap<MapData, PairKey, PeerInfo>,
     pub workloads: HashMap<MapData, u64, WorkloadPolicy>,
@@ -128,7 +130,7 @@ fn monotonic_ns() -> u64 {
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
-fn pin_path(bpffs: &Path, name: &str) -> PathBuf {
+pub(crate) fn pin_path(bpffs: &Path, name: &str) -> PathBuf {
     bpffs.join("maps").join(name)
 }
 
@@ -225,6 +227,8 @@ fn open_map(bpffs: &Path, name: &'static str, wrap: fn(MapData) -> Map) -> Resul
 enum Outcome {
     Installed,
     Adopted,
+    /// Adopted, and the sockhash had no sk_msg program: this version's was attached.
+    Reattached,
     Upgraded,
 }
 
@@ -254,7 +258,7 @@ impl Default for InstallOptions {
 
 /// Map type and key/value sizes this version expects, to refuse pinned maps of an incompatible
 /// version before anything is replaced.
-fn expected_maps() -> [(&'static str, u32, usize, usize); 10] {
+pub(crate) fn expected_maps() -> [(&'static str, u32, usize, usize); 10] {
     use aya::maps::MapType::*;
     use std::mem::size_of;
     [
@@ -313,6 +317,46 @@ fn check_pinned_maps(bpffs: &Path) -> Result<()> {
             });
         }
     }
+    Ok(())
+}
+
+/// The sk_msg programs attached to the pinned sockhash.
+fn sk_msg_attached(bpffs: &Path) -> Result<Vec<u32>> {
+    let md = MapData::from_pin(pin_path(bpffs, names::SOCKS))
+        .map_err(map_err(names::SOCKS, "open pin"))?;
+    crate::bpf_sys::prog_query(
+        std::os::fd::AsFd::as_fd(md.fd()),
+        crate::bpf_sys::BPF_SK_MSG_VERDICT,
+        0,
+    )
+    .map(|(_, ids)| ids)
+    .map_err(|e| Error::Load {
+        message: format!("querying the sk_msg program of the pinned sockhash: {e}"),
+    })
+}
+
+/// Makes the object's sk_msg program the (pinned) sockhash's.
+fn attach_sk_msg(ebpf: &mut aya::Ebpf) -> Result<()> {
+    let load = |message: String| Error::Load { message };
+    let socks: SockHash<&MapData, PairKey> = ebpf
+        .map(names::SOCKS)
+        .ok_or_else(|| load("no sockhash".into()))?
+        .try_into()
+        .map_err(map_err(names::SOCKS, "open"))?;
+    let socks_fd = socks
+        .fd()
+        .try_clone()
+        .map_err(|e| load(format!("dup sockhash fd: {e}")))?;
+    let msg: &mut SkMsg = ebpf
+        .program_mut(names::PROG_SK_MSG)
+        .ok_or_else(|| load(format!("no program {}", names::PROG_SK_MSG)))?
+        .try_into()
+        .map_err(|e| load(format!("{e}")))?;
+    let msg_link = msg
+        .attach(&socks_fd)
+        .map_err(|e| load(format!("attaching sk_msg: {e:#}")))?;
+    // The map keeps the sk_msg program attached after we exit; forget our handle.
+    std::mem::forget(msg.take_link(msg_link).map_err(|e| load(format!("{e}")))?);
     Ok(())
 }
 
@@ -402,15 +446,21 @@ impl Dataplane {
         }
         let outcome = Self::load_and_attach(cgroup, bpffs, opts)?;
         gate.record_installed(&opts.generation)?;
+        // Every pin now exists: root-only, also when adopted pins were widened meanwhile.
+        crate::pin_mode::restrict(bpffs)?;
         drop(gate);
         let mut dp = Self::open(bpffs)?;
         dp.adopted = outcome != Outcome::Installed;
+        dp.sk_msg_reattached = outcome == Outcome::Reattached;
         match outcome {
             Outcome::Installed => {
                 tracing::info!(cgroup = %cgroup.display(), bpffs = %bpffs.display(), "attached and pinned")
             }
             Outcome::Adopted => {
                 tracing::info!(bpffs = %bpffs.display(), "adopted the pinned programs and maps")
+            }
+            Outcome::Reattached => {
+                tracing::info!(bpffs = %bpffs.display(), "adopted the pinned programs and maps; attached the missing sk_msg program")
             }
             Outcome::Upgraded => {
                 tracing::info!(bpffs = %bpffs.display(), "replaced the pinned programs with this version's; maps and socket state kept")
@@ -429,6 +479,11 @@ impl Dataplane {
                 message: e.to_string(),
             })?;
         }
+        // Before any map is created or program replaced: pinned maps of another layout are
+        // refused, a folder without maps is stamped with this build's layout.
+        crate::layout_stamp::ensure(bpffs)?;
+        // Root-only before the programs' maps appear in it (pins hold kernel addresses).
+        crate::pin_mode::restrict(bpffs)?;
         // Every map is reused from its pin when it exists, else created and pinned.
         let paths: Vec<(&str, PathBuf)> = names::ALL
             .iter()
@@ -521,7 +576,14 @@ impl Dataplane {
                 .find(|p| p.id() == prog_id)
                 .map(|p| p.tag());
             if pinned_tag == Some(our_tag) && !opts.replace_programs {
-                return Ok(Outcome::Adopted);
+                // An agent that stopped between pinning the link and attaching sk_msg left a
+                // sockhash that takes sockets in and redirects nothing: attach ours then.
+                if !sk_msg_attached(bpffs)?.is_empty() {
+                    return Ok(Outcome::Adopted);
+                }
+                tracing::warn!(bpffs = %bpffs.display(), "the pinned sockhash had no sk_msg program (an agent stopped between attaching sock_ops and sk_msg?): nothing was redirected; attaching this version's");
+                attach_sk_msg(&mut ebpf)?;
+                return Ok(Outcome::Reattached);
             }
             // Another version: swap the sock_ops program under the same link (atomic), then
             // make ours the sockhash's sk_msg program. Sockets already in the sockhash keep the
@@ -570,30 +632,13 @@ impl Dataplane {
             })?;
             Outcome::Installed
         };
-        let socks: SockHash<&MapData, PairKey> = ebpf
-            .map(names::SOCKS)
-            .ok_or_else(|| load("no sockhash".into()))?
-            .try_into()
-            .map_err(map_err(names::SOCKS, "open"))?;
-        let socks_fd = socks
-            .fd()
-            .try_clone()
-            .map_err(|e| load(format!("dup sockhash fd: {e}")))?;
-        let msg: &mut SkMsg = ebpf
-            .program_mut(names::PROG_SK_MSG)
-            .ok_or_else(|| load(format!("no program {}", names::PROG_SK_MSG)))?
-            .try_into()
-            .map_err(|e| load(format!("{e}")))?;
-        let msg_link = msg
-            .attach(&socks_fd)
-            .map_err(|e| load(format!("attaching sk_msg: {e:#}")))?;
-        // The map keeps the sk_msg program attached after we exit; forget our handle.
-        std::mem::forget(msg.take_link(msg_link).map_err(|e| load(format!("{e}")))?);
+        attach_sk_msg(&mut ebpf)?;
         Ok(outcome)
     }
 
     /// Opens the pinned maps (for the agent, status and uninstall).
     pub fn open(bpffs: &Path) -> Result<Self> {
+        crate::layout_stamp::check(bpffs)?;
         let socks = open_map(bpffs, names::SOCKS, Map::SockHash)?;
         let peers = open_map(bpffs, names::PEERS, Map::HashMap)?;
         let workloads = open_map(bpffs, names::WORKLOADS, Map::HashMap)?;
@@ -605,6 +650,7 @@ impl Dataplane {
         Ok(Self {
             bpffs: bpffs.into(),
             adopted: false,
+            sk_msg_reattached: false,
             socks: socks.try_into().map_err(map_err(names::SOCKS, "open"))?,
             peers: peers.try_into().map_err(map_err(names::PEERS, "open"))?,
             workloads: workloads
@@ -723,7 +769,7 @@ impl Dataplane {
     pub fn status(&self) -> Result<KernelStatus> {
         let cfg = self.config()?;
         let mut map_ids = Vec::new();
-        for name in names::ALL {
+        for name in crate::layout_stamp::all_maps() {
             if let Ok(md) = MapData::from_pin(pin_path(&self.bpffs, name))
                 && let Ok(info) = md.info()
             {
@@ -824,7 +870,7 @@ fn leftovers(only: Option<&[u32]>) -> (Vec<u32>, Vec<u32>, usize) {
         let Some(name) = m.name_as_str() else {
             continue;
         };
-        if !names::ALL.contains(&name) || !keep(m.id()) {
+        if !crate::layout_stamp::all_maps().any(|n| n == name) || !keep(m.id()) {
             continue;
         }
         maps.push(m.id());
@@ -879,7 +925,7 @@ pub fn uninstall(bpffs: &Path, wait: std::time::Duration) -> Result<UninstallRep
     }
     let link = bpffs.join(SOCK_OPS_LINK);
     let mut pins = vec![link];
-    pins.extend(names::ALL.iter().map(|n| pin_path(bpffs, n)));
+    pins.extend(crate::layout_stamp::all_maps().map(|n| pin_path(bpffs, n)));
     for p in pins {
         match std::fs::remove_file(&p) {
             Ok(()) => removed.push(p),

@@ -126,6 +126,7 @@ pub fn run(cfg: &DoctorConfig) -> Report {
     checks.push(capabilities());
     let cgroup = cgroup_check(cfg.cgroup.as_deref(), &mut checks);
     let ours = installation(&cfg.bpffs, &mut checks);
+    checks.extend(pin_permissions(&cfg.bpffs));
     // Before our own probe programs exist, so that they are not taken for foreign ones.
     checks.extend(foreign_programs(cgroup.as_deref(), &ours));
     checks.push(btf());
@@ -632,58 +633,65 @@ fn installation(bpffs: &Path, checks: &mut Vec<Check>) -> BTreeSet<u32> {
     ours
 }
 
-// BPF_PROG_QUERY, by hand: aya does not expose it for cgroup sock_ops.
-const BPF_PROG_QUERY: libc::c_long = 16;
-const BPF_CGROUP_SOCK_OPS: u32 = 3;
-const BPF_F_QUERY_EFFECTIVE: u32 = 1;
-const BPF_F_ALLOW_OVERRIDE: u32 = 1;
-const BPF_F_ALLOW_MULTI: u32 = 2;
-
-/// `union bpf_attr`'s `query` member (linux/bpf.h), zero-padded to the union's start.
-#[repr(C)]
-#[derive(Default)]
-struct QueryAttr {
-    target_fd: u32,
-    attach_type: u32,
-    query_flags: u32,
-    attach_flags: u32,
-    prog_ids: u64,
-    prog_cnt: u32,
-    _pad: u32,
-    prog_attach_flags: u64,
-    link_ids: u64,
-    link_attach_flags: u64,
-    revision: u64,
+/// Whether others than root can reach meshaccel's pins (`MESHACCEL_PEERS` holds kernel socket
+/// addresses). Nothing to say when nothing is pinned.
+fn pin_permissions(bpffs: &Path) -> Option<Check> {
+    if crate::pin_mode::entries(bpffs).iter().all(|(_, dir)| *dir) {
+        return None;
+    }
+    Some(permissions_check(
+        bpffs,
+        &crate::pin_mode::open_to_others(bpffs),
+    ))
 }
+
+/// The check from the entries found open to others (pure, for tests).
+fn permissions_check(bpffs: &Path, open: &[(PathBuf, u32)]) -> Check {
+    const NAME: &str = "pin permissions";
+    if open.is_empty() {
+        return Check::new(
+            NAME,
+            Level::Ok,
+            format!(
+                "{} and its folders are {:o}, its pins {:o}: only root opens them",
+                bpffs.display(),
+                crate::pin_mode::DIR_MODE,
+                crate::pin_mode::PIN_MODE
+            ),
+        );
+    }
+    let list: Vec<String> = open
+        .iter()
+        .map(|(p, m)| format!("{} ({m:o})", p.display()))
+        .collect();
+    Check::new(
+        NAME,
+        Level::Warn,
+        format!(
+            "others than root can reach {}: the pins hold kernel socket addresses (MESHACCEL_PEERS) and steer traffic",
+            list.join(", ")
+        ),
+    )
+    .fix(format!(
+        "restart the agent (it sets the folders to {:o} and the pins to {:o}), or `chmod -R go-rwx {}`",
+        crate::pin_mode::DIR_MODE,
+        crate::pin_mode::PIN_MODE,
+        bpffs.display()
+    ))
+}
+
+use crate::bpf_sys::{BPF_CGROUP_SOCK_OPS, BPF_F_ALLOW_MULTI, BPF_F_ALLOW_OVERRIDE};
 
 /// Programs of `attach_type` on the cgroup at `cgroup`: (the cgroup's own attach flags, ids).
 /// With `effective`, the programs that run for its sockets (inherited ones included).
 fn prog_query(cgroup: &Path, attach_type: u32, effective: bool) -> io::Result<(u32, Vec<u32>)> {
     let f = File::open(cgroup)?;
-    let mut ids = vec![0u32; 64];
-    let mut attr = QueryAttr {
-        target_fd: f.as_raw_fd() as u32,
-        attach_type,
-        query_flags: if effective { BPF_F_QUERY_EFFECTIVE } else { 0 },
-        prog_ids: ids.as_mut_ptr() as u64,
-        prog_cnt: ids.len() as u32,
-        ..Default::default()
+    let flags = if effective {
+        crate::bpf_sys::BPF_F_QUERY_EFFECTIVE
+    } else {
+        0
     };
-    // SAFETY: bpf(2) with a correctly laid out attr; prog_ids points at `ids` (prog_cnt slots),
-    // which outlives the call.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_PROG_QUERY,
-            &raw mut attr,
-            std::mem::size_of::<QueryAttr>() as u32,
-        )
-    };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    ids.truncate(attr.prog_cnt as usize);
-    Ok((attr.attach_flags, ids))
+    crate::bpf_sys::prog_query(std::os::fd::AsFd::as_fd(&f), attach_type, flags)
 }
 
 fn prog_label(id: u32) -> String {
@@ -1037,11 +1045,24 @@ mod tests {
     }
 
     #[test]
-    fn query_attr_layout_matches_linux() {
-        // offsetof(union bpf_attr, query.prog_cnt) == 24, .revision == 56 (linux/bpf.h).
-        assert_eq!(std::mem::offset_of!(QueryAttr, prog_ids), 16);
-        assert_eq!(std::mem::offset_of!(QueryAttr, prog_cnt), 24);
-        assert_eq!(std::mem::offset_of!(QueryAttr, revision), 56);
+    fn pins_open_to_others_are_flagged_by_name() {
+        let b = Path::new("/sys/fs/bpf/meshaccel");
+        let ok = permissions_check(b, &[]);
+        assert_eq!(ok.level, Level::Ok, "{ok:?}");
+        let peers = b.join("maps/MESHACCEL_PEERS");
+        let c = permissions_check(b, &[(b.to_path_buf(), 0o755), (peers, 0o644)]);
+        assert_eq!(c.level, Level::Warn);
+        assert!(
+            c.detail.contains("/sys/fs/bpf/meshaccel (755)")
+                && c.detail.contains("maps/MESHACCEL_PEERS (644)"),
+            "{c:?}"
+        );
+        assert!(
+            c.fix
+                .as_deref()
+                .is_some_and(|f| f.contains("chmod -R go-rwx /sys/fs/bpf/meshaccel")),
+            "{c:?}"
+        );
     }
 
     #[test]

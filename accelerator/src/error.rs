@@ -25,6 +25,10 @@ pub enum Error {
     Cgroup { path: PathBuf, message: String },
     #[error("loading the eBPF programs: {message}")]
     Load { message: String },
+    #[error(
+        "the pinned maps under {path} are not this version's to read: {message}. Run `meshaccel uninstall --bpffs {path}` (live connections continue on TCP), then start the agent again"
+    )]
+    Layout { path: PathBuf, message: String },
     #[error("map {name}: {op}: {source}")]
     Map {
         name: &'static str,

@@ -3,6 +3,7 @@
 //! The agent loads the eBPF programs (bpf-progs/), pins them, and keeps the kernel maps equal to
 //! the desired state computed from its inputs (the static workloads file for now).
 pub mod agent;
+pub mod bpf_sys;
 pub mod cgroup;
 pub mod dataplane;
 pub mod desired;
@@ -12,8 +13,10 @@ pub mod http;
 pub mod install_gate;
 pub mod kernel_btf;
 pub mod kube;
+pub mod layout_stamp;
 pub mod metrics;
 pub mod netns;
+pub mod pin_mode;
 pub mod reconcile;
 pub mod statefile;
 pub mod status;

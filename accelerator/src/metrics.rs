@@ -96,6 +96,7 @@ pub struct Metrics {
     source_synced: Family<SourceLabels, Gauge>,
     source_errors: Family<SourceLabels, Counter>,
     source_last_sync: Family<SourceLabels, Gauge<f64, AtomicU64>>,
+    sk_msg_reattached: Counter,
     sources: Mutex<BTreeMap<Source, SourceHealth>>,
     kernel: Arc<KernelCollector>,
     /// The state file the agent keeps for `meshaccel status` (workload names), if any.
@@ -147,6 +148,12 @@ impl Metrics {
             "Unix time of a source's last successful sync",
             source_last_sync.clone(),
         );
+        let sk_msg_reattached = Counter::default();
+        registry.register(
+            "meshaccel_sk_msg_reattached",
+            "Adoptions that found the pinned sockhash without an sk_msg program (nothing was redirected) and attached one",
+            sk_msg_reattached.clone(),
+        );
         let build_info = Family::<Vec<(&'static str, &'static str)>, Gauge>::default();
         build_info
             .get_or_create(&vec![("version", env!("CARGO_PKG_VERSION"))])
@@ -161,6 +168,7 @@ impl Metrics {
             source_synced,
             source_errors,
             source_last_sync,
+            sk_msg_reattached,
             sources: Mutex::default(),
             kernel,
             state_file: Mutex::default(),
@@ -227,6 +235,11 @@ impl Metrics {
         self.source_errors
             .get_or_create(&SourceLabels { source })
             .inc();
+    }
+
+    /// Counts an adoption that had to attach the missing sk_msg program.
+    pub fn sk_msg_reattached(&self) {
+        self.sk_msg_reattached.inc();
     }
 
     /// `Ok` when every required source has synced, else the ones that have not.
@@ -647,6 +660,7 @@ mod tests {
         m.source_error(Source::Xds);
         m.reconciled(Duration::from_millis(3), Some(&DesiredState::default()));
         m.reconciled(Duration::from_millis(1), None);
+        m.sk_msg_reattached();
         let text = m.encode(false).unwrap();
         for want in [
             "meshaccel_source_synced{source=\"kubernetes\"} 0",
@@ -656,6 +670,7 @@ mod tests {
             "meshaccel_reconciles_total{result=\"error\"} 1",
             "meshaccel_reconcile_duration_seconds_count 2",
             "meshaccel_build_info{version=",
+            "meshaccel_sk_msg_reattached_total 1",
         ] {
             assert!(text.contains(want), "missing {want:?} in:\n{text}");
         }

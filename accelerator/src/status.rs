@@ -28,6 +28,14 @@ pub struct WorkloadRow {
     pub traffic: WorkloadTraffic,
 }
 
+/// The pinned maps' layout stamp, as `status` shows it.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct LayoutStamp {
+    pub format: u32,
+    /// The layout hash, 16 hex digits.
+    pub hash: String,
+}
+
 /// What `status` prints (`--output json`: this, serialized; the kernel fields at the top level).
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct StatusReport {
@@ -41,6 +49,9 @@ pub struct StatusReport {
     pub sockhash_capacity: Option<u32>,
     /// What the agent learned from istiod, when it runs with `--istiod`.
     pub xds: Option<crate::xds::XdsStatus>,
+    /// The layout stamp of the pinned maps (`MESHACCEL_META`): format and layout hash, which
+    /// `open` has already found equal to this build's.
+    pub layout: Option<LayoutStamp>,
     /// With `--sockets`: every socket meshaccel holds, with its connection and workload.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub sockets: Option<Vec<crate::dataplane::SocketRow>>,
@@ -67,6 +78,12 @@ pub fn collect(bpffs: &Path, state_dir: &Path, sockets: bool) -> Result<StatusRe
     report.xds = crate::xds::read_status(state_dir, bpffs);
     report.sockhash_capacity = crate::metrics::sockhash_capacity(bpffs);
     report.sockets = sockets.then(|| dp.sockets());
+    if let crate::layout_stamp::Found::Stamp(m) = crate::layout_stamp::read(bpffs) {
+        report.layout = Some(LayoutStamp {
+            format: m.format,
+            hash: format!("{:016x}", m.layout),
+        });
+    }
     Ok(report)
 }
 
@@ -126,6 +143,7 @@ pub fn build(
         by_workload: rows,
         sockhash_capacity: None,
         xds: None,
+        layout: None,
         sockets: None,
     }
 }
@@ -175,6 +193,9 @@ impl StatusReport {
             self.sockhash_capacity
                 .map_or("unknown".to_string(), |c| c.to_string())
         );
+        if let Some(m) = &self.layout {
+            let _ = writeln!(o, "map layout:       {} (format {})", m.hash, m.format);
+        }
         let _ = writeln!(o, "workloads on:     {}", k.workloads_enabled);
         let _ = writeln!(o, "excluded ports:   {}", k.excluded_ports);
         let _ = writeln!(

@@ -234,6 +234,11 @@ impl Accel {
         &self.bpffs
     }
 
+    /// The cgroup the agent attaches sock_ops to.
+    pub fn cgroup(&self) -> &Path {
+        &self.cgroup
+    }
+
     pub fn workloads_path(&self) -> &Path {
         &self.workloads
     }
@@ -276,47 +281,8 @@ impl Accel {
         self.write_raw(&workloads_yaml(enabled, self.scope, workloads))
     }
 
-    /// Starts the agent (again) and waits until the maps match the workloads file.
-    pub fn start_agent(&mut self) -> anyhow::Result<()> {
-        if self.agent.is_some() {
-            bail!("the agent is already running");
-        }
-        let child = self
-            .agent_command()?
-            .spawn()
-            .with_context(|| format!("starting {}", self.bin.display()))?;
-        let pid = u64::from(child.id());
-        self.agent = Some(child);
-        // This agent (not an earlier one, whose pins are still there) has installed, adopted or
-        // upgraded, and reconciled once: it writes its pid to the state file then. Under a soak's
-        // load (2,000 busy threads on 2 vCPUs) a start has taken up to 6 s: the agent gets its
-        // share of the CPU like any other thread.
-        self.wait_status_for(
-            "the new agent's first reconcile",
-            Duration::from_secs(30),
-            |s| s["agent"]["pid"].as_u64() == Some(pid),
-        )?;
-        if self.log.is_some() {
-            // Kubernetes mode: which workloads appear is up to the test.
-            return self.wait_status("the agent's programs installed", |s| s["enabled"] == true);
-        }
-        self.wait_applied("the agent's first sync")
-    }
-
-    /// Runs an agent as [`Accel::start_agent`] would (same arguments and settings) and waits up
-    /// to `limit` for it to exit on its own: for an agent that must refuse to start. Its stderr
-    /// is captured.
-    pub fn run_agent_until_exit(&self, limit: Duration) -> anyhow::Result<std::process::Output> {
-        let child = self
-            .agent_command()?
-            .stderr(Stdio::piped())
-            .spawn()
-            .with_context(|| format!("starting {}", self.bin.display()))?;
-        crate::wait_output_timeout(child, limit)
-    }
-
-    /// The agent's command line, as every start uses it.
-    fn agent_command(&self) -> anyhow::Result<Command> {
+    /// The agent's command line and environment (run through the launcher, if any).
+    fn agent_command(&self) -> Command {
         let mut cmd = match self.launcher.split_first() {
             Some((program, args)) => {
                 let mut c = Command::new(program);
@@ -338,7 +304,50 @@ impl Accel {
             .env("MESHACCEL_METRICS_ADDR", "127.0.0.1:0")
             .envs(self.extra_env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
-            .stdout(Stdio::null())
+            .stdout(Stdio::null());
+        cmd
+    }
+
+    /// Runs an agent that is expected to refuse to start: returns its exit status and what it
+    /// logged, or fails if it is still running after `limit` (it is killed then).
+    pub fn run_agent_expecting_exit(
+        &self,
+        limit: Duration,
+    ) -> anyhow::Result<(std::process::ExitStatus, String)> {
+        let log = self.dir.join("refused-agent.log");
+        let file =
+            std::fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
+        let mut child = self
+            .agent_command()
+            .stderr(Stdio::from(file))
+            .spawn()
+            .with_context(|| format!("starting {}", self.bin.display()))?;
+        let deadline = Instant::now() + limit;
+        let status = loop {
+            if let Some(st) = child.try_wait()? {
+                break st;
+            }
+            if Instant::now() >= deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                let text = std::fs::read_to_string(&log).unwrap_or_default();
+                let _ = std::fs::remove_file(&log);
+                bail!("the agent was still running after {limit:?}; it logged:\n{text}");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        let _ = std::fs::remove_file(&log);
+        Ok((status, text))
+    }
+
+    /// Starts the agent (again) and waits until the maps match the workloads file.
+    pub fn start_agent(&mut self) -> anyhow::Result<()> {
+        if self.agent.is_some() {
+            bail!("the agent is already running");
+        }
+        let child = self
+            .agent_command()
             .stderr(match &self.log {
                 Some(p) => Stdio::from(
                     std::fs::File::options()
@@ -348,8 +357,25 @@ impl Accel {
                         .with_context(|| format!("opening {}", p.display()))?,
                 ),
                 None => Stdio::inherit(),
-            });
-        Ok(cmd)
+            })
+            .spawn()
+            .with_context(|| format!("starting {}", self.bin.display()))?;
+        let pid = u64::from(child.id());
+        self.agent = Some(child);
+        // This agent (not an earlier one, whose pins are still there) has installed, adopted or
+        // upgraded, and reconciled once: it writes its pid to the state file then. Under a soak's
+        // load (2,000 busy threads on 2 vCPUs) a start has taken up to 6 s: the agent gets its
+        // share of the CPU like any other thread.
+        self.wait_status_for(
+            "the new agent's first reconcile",
+            Duration::from_secs(30),
+            |s| s["agent"]["pid"].as_u64() == Some(pid),
+        )?;
+        if self.log.is_some() {
+            // Kubernetes mode: which workloads appear is up to the test.
+            return self.wait_status("the agent's programs installed", |s| s["enabled"] == true);
+        }
+        self.wait_applied("the agent's first sync")
     }
 
     /// Runs the next [`Accel::start_agent`]s through `launcher` (its program and arguments; the

@@ -15,6 +15,7 @@
 
 pub mod ab;
 pub mod accel;
+pub mod bpf;
 mod cgroup;
 mod mesh;
 pub mod pattern;

@@ -9,9 +9,13 @@ mod support;
 use meshaccel_e2e::{
     Mesh, Pod,
     accel::{Accel, Scope, Workload},
-    require_root,
+    bpf, require_root,
 };
-use std::time::Duration;
+use std::{
+    os::fd::AsFd as _,
+    path::{Path, PathBuf},
+    time::Duration,
+};
 use support::*;
 
 const MB50: u64 = 50 * 1024 * 1024;
@@ -308,8 +312,8 @@ fn agent_killed_mid_transfer_restarts_adopting_pins_and_uninstall_leaves_nothing
     let report = accel.uninstall().expect("uninstall");
     assert_eq!(
         report["removed_pins"].as_array().unwrap().len(),
-        11,
-        "link + 10 maps: {report}"
+        12,
+        "link + 10 maps + the layout stamp: {report}"
     );
     drop(mesh); // every pod process ends, their sockets close
     // A second uninstall finishes the job: it waits until the kernel freed everything.
@@ -696,4 +700,295 @@ fn a_reconnected_socket_never_receives_its_old_peers_bytes() {
         1,
         "the reconnected socket stays on TCP: {c1}"
     );
+}
+
+/// The ids of what the agent attached: (sock_ops programs on the cgroup, the link's program,
+/// sk_msg programs on the pinned sockhash), read from the kernel, not from `status`.
+fn attached(accel: &Accel) -> (Vec<u32>, u32, Vec<u32>) {
+    let cg = std::fs::File::open(accel.cgroup()).expect("the run's cgroup");
+    let ops = bpf::prog_query(cg.as_fd(), bpf::BPF_CGROUP_SOCK_OPS).expect("query the cgroup");
+    let link = bpf::obj_get(&accel.bpffs().join("links/sock_ops"), 0).expect("the link pin");
+    let link_prog = bpf::link_prog_id(link.as_fd()).expect("link info");
+    let socks = bpf::obj_get(&pin(accel, "MESHACCEL_SOCKS"), 0).expect("the sockhash pin");
+    let msg = bpf::prog_query(socks.as_fd(), bpf::BPF_SK_MSG_VERDICT).expect("query the sockhash");
+    (ops, link_prog, msg)
+}
+
+fn pin(accel: &Accel, map: &str) -> PathBuf {
+    accel.bpffs().join("maps").join(map)
+}
+
+/// An agent that finds it cannot start says why, naming the bpffs folder and the fix.
+fn assert_refused(accel: &Accel, what: &str, reason: &str) {
+    let (status, log) = accel
+        .run_agent_expecting_exit(Duration::from_secs(20))
+        .unwrap_or_else(|e| panic!("{what}: {e:#}"));
+    let bpffs = accel.bpffs().display().to_string();
+    assert!(!status.success(), "{what}: the agent started:\n{log}");
+    assert!(
+        log.contains(reason) && log.contains(&format!("meshaccel uninstall --bpffs {bpffs}")),
+        "{what}: the agent's error does not say {reason:?} and name the fix for {bpffs}:\n{log}"
+    );
+}
+
+/// Pinned maps whose layout stamp (`MESHACCEL_META`, written at install) is another build's, or
+/// missing next to the maps, are refused by a starting agent, with the bpffs folder and the fix
+/// named, before anything is loaded or attached; `status` refuses to read them too. After
+/// `uninstall`, a fresh install accelerates again.
+#[test]
+fn pinned_maps_of_another_layout_are_refused() {
+    require_root();
+    let mut mesh = Mesh::new().expect("mesh");
+    let a = mesh_pod(&mut mesh, "a");
+    let mut accel = Accel::start_with(&mesh, true, Scope::All, &[Workload::on(&a)]).expect("agent");
+    let meta = pin(&accel, "MESHACCEL_META");
+    let before = attached(&accel);
+    assert_eq!(
+        (before.0.len(), before.2.len()),
+        (1, 1),
+        "one sock_ops, one sk_msg: {before:?}"
+    );
+    let stamp = bpf::obj_get(&meta, 0).expect("the install pinned a layout stamp");
+    let mut ours = [0u8; 16];
+    bpf::map_lookup(stamp.as_fd(), &0u32.to_ne_bytes(), &mut ours).expect("read the stamp");
+    let hash = u64::from_ne_bytes(ours[8..16].try_into().unwrap());
+    assert_eq!(
+        accel.status().unwrap()["layout"]["hash"],
+        format!("{hash:016x}"),
+        "status shows the stamp"
+    );
+    accel.kill_agent();
+
+    // Another layout hash, the same format (as an older build whose Config fields moved).
+    let mut other = ours;
+    other[8..16]
+        .copy_from_slice(&(u64::from_ne_bytes(ours[8..16].try_into().unwrap()) ^ 1).to_ne_bytes());
+    bpf::map_update(stamp.as_fd(), &0u32.to_ne_bytes(), &other).expect("overwrite the stamp");
+    assert_refused(&accel, "another layout", "map layout");
+    assert_eq!(
+        attached(&accel),
+        before,
+        "nothing attached or replaced by the refused agent"
+    );
+    let e = accel
+        .status()
+        .expect_err("status must not read maps of another layout");
+    assert!(
+        e.to_string().contains("meshaccel uninstall --bpffs"),
+        "{e:#}"
+    );
+
+    // No stamp at all next to the maps (as left by a build from before stamps).
+    drop(stamp);
+    std::fs::remove_file(&meta).expect("remove the stamp pin");
+    assert_refused(&accel, "no stamp", "no layout stamp");
+    assert_eq!(
+        attached(&accel),
+        before,
+        "nothing attached or replaced by the refused agent"
+    );
+
+    // The fix the error names: uninstall (which does not switch the foreign maps off, it cannot
+    // read them), then a fresh install that accelerates.
+    let report = accel.uninstall().expect("uninstall");
+    assert_eq!(
+        report["removed_pins"].as_array().unwrap().len(),
+        11,
+        "link + 10 maps, no stamp: {report}"
+    );
+    // A new install is asked for explicitly: the uninstalled generation stays off.
+    accel.set_agent_env("MESHACCEL_INSTALL_GENERATION", "2");
+    accel.start_agent().expect("a fresh install");
+    let after = attached(&accel);
+    assert_ne!(after.1, before.1, "a new program under a new link");
+    assert!(
+        Path::new(&meta).exists(),
+        "the fresh install stamped its maps"
+    );
+    sink(&mut mesh, &a, "127.0.0.1:9000");
+    let c0 = counters(&accel);
+    finished(
+        send(
+            &mut mesh,
+            &a,
+            &["--connect", "127.0.0.1:9000", "--bytes", "1000000"],
+        ),
+        "after a fresh install",
+    );
+    let c1 = counters(&accel);
+    assert_eq!(delta(&c1, &c0, "inserted"), 2, "{c1}");
+    assert!(delta(&c1, &c0, "redirect_bytes") >= 1_000_000, "{c1}");
+}
+
+/// The mode bits of a file or folder.
+fn mode(p: &Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::metadata(p)
+        .unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+        .permissions()
+        .mode()
+        & 0o7777
+}
+
+/// Opens `pin` with BPF_OBJ_GET as UID/GID 65534 (nobody), read-only and read-write:
+/// `Ok(())` when either open succeeded, else the errnos.
+fn open_as_nobody(pin: &Path) -> Result<(), Vec<i64>> {
+    let mut errnos = Vec::new();
+    for ro in [true, false] {
+        let mut cmd = std::process::Command::new(tool());
+        cmd.arg("obj-get").arg(pin);
+        if ro {
+            cmd.arg("--read-only");
+        }
+        let out = std::os::unix::process::CommandExt::gid(
+            std::os::unix::process::CommandExt::uid(&mut cmd, 65534),
+            65534,
+        )
+        .output()
+        .expect("run the tool as nobody");
+        let text = String::from_utf8_lossy(&out.stdout);
+        let v: serde_json::Value = serde_json::from_str(text.trim()).unwrap_or_else(|e| {
+            panic!(
+                "obj-get as nobody printed no JSON ({e}): {text}{}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        });
+        if v["ok"] == true {
+            return Ok(());
+        }
+        errnos.push(v["errno"].as_i64().unwrap_or(-1));
+    }
+    Err(errnos)
+}
+
+/// A bpffs of the test's own, with a pin everybody may open: shows that an unprivileged open
+/// of a pin works on this kernel when its mode allows it, so the refusals below are the modes'.
+struct OpenPin {
+    dir: tempfile::TempDir,
+}
+
+impl OpenPin {
+    fn new() -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("meshaccel-open-pin-")
+            .tempdir_in("/run")
+            .unwrap();
+        let st = std::process::Command::new("mount")
+            .args(["-t", "bpf", "bpf"])
+            .arg(dir.path())
+            .status()
+            .unwrap();
+        assert!(st.success(), "mounting a bpffs");
+        let me = Self { dir };
+        let map = bpf::create_array("ma_open_pin", 8, 1).expect("a map");
+        bpf::obj_pin(map.as_fd(), &me.pin()).expect("pin it");
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(me.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::set_permissions(me.pin(), std::fs::Permissions::from_mode(0o666)).unwrap();
+        me
+    }
+    fn pin(&self) -> PathBuf {
+        self.dir.path().join("open")
+    }
+}
+
+impl Drop for OpenPin {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(self.pin());
+        let _ = std::process::Command::new("umount")
+            .arg(self.dir.path())
+            .status();
+    }
+}
+
+/// The pins hold kernel socket addresses (PEERS): the bpffs folder and its folders are 0700
+/// and every pin 0600 after install, nobody but root can open one, `doctor` flags a pin or
+/// folder widened later, and the next agent narrows them again when it adopts the pins.
+#[test]
+fn pins_are_root_only() {
+    require_root();
+    let mut mesh = Mesh::new().expect("mesh");
+    let a = mesh_pod(&mut mesh, "a");
+    let mut accel = Accel::start(&mesh, true, &[Workload::on(&a)]).expect("agent");
+    let b = accel.bpffs().to_path_buf();
+    let folders = [b.clone(), b.join("maps"), b.join("links")];
+    let mut pins: Vec<PathBuf> = std::fs::read_dir(b.join("maps"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    pins.push(b.join("links/sock_ops"));
+    assert_eq!(pins.len(), 12, "{pins:?}");
+    let modes = |what: &str| {
+        for f in &folders {
+            assert_eq!(
+                format!("{:o}", mode(f)),
+                "700",
+                "{what}: folder {}",
+                f.display()
+            );
+        }
+        for p in &pins {
+            assert_eq!(
+                format!("{:o}", mode(p)),
+                "600",
+                "{what}: pin {}",
+                p.display()
+            );
+        }
+    };
+    modes("after install");
+
+    let control = OpenPin::new();
+    assert_eq!(
+        open_as_nobody(&control.pin()),
+        Ok(()),
+        "nobody cannot open even a 0666 pin here: this test could not tell a refusal by mode"
+    );
+    for p in &pins {
+        let errnos = open_as_nobody(p).expect_err(&format!("nobody opened {}", p.display()));
+        assert!(
+            errnos
+                .iter()
+                .all(|e| *e == i64::from(libc::EACCES) || *e == i64::from(libc::EPERM)),
+            "{}: {errnos:?}",
+            p.display()
+        );
+    }
+
+    // Widened by hand: doctor says so, naming what; the next agent narrows it again.
+    use std::os::unix::fs::PermissionsExt as _;
+    let peers = b.join("maps/MESHACCEL_PEERS");
+    for f in &folders[..2] {
+        std::fs::set_permissions(f, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    std::fs::set_permissions(&peers, std::fs::Permissions::from_mode(0o644)).unwrap();
+    assert_eq!(
+        open_as_nobody(&peers).map_err(|_| ()),
+        Ok(()),
+        "widened: nobody reads PEERS"
+    );
+    let out = std::process::Command::new(meshaccel_e2e::workspace_bin("meshaccel"))
+        .args(["doctor", "--output", "json", "--bpffs"])
+        .arg(&b)
+        .arg("--cgroup")
+        .arg(accel.cgroup())
+        .output()
+        .expect("doctor");
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).expect("doctor's JSON");
+    let c = r["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "pin permissions")
+        .unwrap_or_else(|| panic!("no pin permissions check: {r:#}"));
+    let d = c["detail"].as_str().unwrap();
+    assert_eq!(c["level"], "warn", "{c}");
+    assert!(
+        d.contains(&format!("{} (755)", b.display())) && d.contains("MESHACCEL_PEERS (644)"),
+        "{c}"
+    );
+    accel.kill_agent();
+    accel.start_agent().expect("restart");
+    modes("after adoption");
+    assert!(open_as_nobody(&peers).is_err());
 }

@@ -11,7 +11,7 @@ use std::time::Duration;
 use meshaccel_e2e::{
     Mesh, Pod,
     accel::{Accel, Workload},
-    require_root, wait_output_timeout,
+    bpf, require_root, wait_output_timeout,
 };
 use serde_json::Value;
 use support::*;
@@ -442,14 +442,11 @@ fn uninstall_stays_off_through_a_reconcile_storm_and_a_restarted_agent() {
         "no sender redirects after the uninstall (the senders kept writing)"
     );
     // What a DaemonSet does next: the same agent again.
-    let out = accel
-        .run_agent_until_exit(Duration::from_secs(20))
+    let (status, err) = accel
+        .run_agent_expecting_exit(Duration::from_secs(20))
         .expect("the restarted agent exits");
-    let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        !out.status.success()
-            && err.contains("uninstalled")
-            && err.contains("--install-generation"),
+        !status.success() && err.contains("uninstalled") && err.contains("--install-generation"),
         "the restarted agent refuses, naming the fix: {err}"
     );
     for sub in ["maps", "links"] {
@@ -537,4 +534,82 @@ fn agent_restart_and_upgrade_under_load_lose_nothing() {
     assert_eq!(delta(&c1, &c0, "inserted"), 6, "{c1}");
     assert!(delta(&c1, &c0, "redirect_bytes") >= 3 * 1_000_000, "{c1}");
     assert!(counter(&accel, "inserted") > inserted_at_upgrade);
+}
+
+/// The sk_msg programs attached to the pinned sockhash, read from the kernel.
+fn sk_msg_programs(accel: &Accel) -> Vec<u32> {
+    use std::os::fd::AsFd as _;
+    let socks = bpf::obj_get(&accel.bpffs().join("maps/MESHACCEL_SOCKS"), 0).expect("sockhash pin");
+    bpf::prog_query(socks.as_fd(), bpf::BPF_SK_MSG_VERDICT).expect("query the sockhash")
+}
+
+/// An agent that stopped between pinning the sock_ops link and attaching sk_msg leaves a
+/// sockhash that takes sockets in and redirects nothing (shown here by detaching sk_msg from the
+/// pinned sockhash): the next agent finds no sk_msg program on it when it adopts the pins,
+/// attaches its own, counts it, and new connections are accelerated again. An agent that finds
+/// one attached leaves it (no second attach).
+#[test]
+fn adoption_reattaches_a_missing_sk_msg_program() {
+    use std::os::fd::AsFd as _;
+    require_root();
+    let (mut mesh, a, b, mut accel) = two_mesh_pods(&[]);
+    let target = format!("{}:8080", b.ip);
+    sink(&mut mesh, &b, &target);
+    let transfer = |mesh: &mut Mesh, accel: &Accel, what: &str| {
+        let c0 = counters(accel);
+        finished(
+            send(mesh, &a, &["--connect", &target, "--bytes", "1000000"]),
+            what,
+        );
+        let c1 = counters(accel);
+        (
+            delta(&c1, &c0, "inserted"),
+            delta(&c1, &c0, "redirect_bytes"),
+        )
+    };
+    let attached = sk_msg_programs(&accel);
+    assert_eq!(attached.len(), 1, "{attached:?}");
+    accel.kill_agent();
+    let socks = bpf::obj_get(&accel.bpffs().join("maps/MESHACCEL_SOCKS"), 0).expect("sockhash pin");
+    let prog = bpf::prog_fd_by_id(attached[0]).expect("the sk_msg program");
+    bpf::prog_detach(socks.as_fd(), prog.as_fd(), bpf::BPF_SK_MSG_VERDICT).expect("detach sk_msg");
+    drop((socks, prog));
+    assert!(sk_msg_programs(&accel).is_empty());
+    // The broken state: sockets are inserted, nothing is redirected.
+    let (inserted, redirected) = transfer(&mut mesh, &accel, "without sk_msg");
+    assert_eq!(
+        (inserted, redirected),
+        (6, 0),
+        "sock_ops inserts, no sk_msg redirects"
+    );
+
+    accel.start_agent().expect("restart");
+    let now = sk_msg_programs(&accel);
+    assert_eq!(now.len(), 1, "the adopting agent attached sk_msg: {now:?}");
+    assert_eq!(
+        metric(&accel, "meshaccel_sk_msg_reattached_total"),
+        Some(1.0),
+        "and counted it"
+    );
+    let (inserted, redirected) = transfer(&mut mesh, &accel, "after the reattach");
+    assert_eq!(inserted, 6);
+    assert!(
+        redirected >= 3 * 1_000_000,
+        "all three legs redirect again: {redirected}"
+    );
+
+    // With sk_msg in place, a restart adopts without attaching anything.
+    accel.kill_agent();
+    accel.start_agent().expect("second restart");
+    assert_eq!(
+        sk_msg_programs(&accel),
+        now,
+        "the same single sk_msg program"
+    );
+    assert_eq!(
+        metric(&accel, "meshaccel_sk_msg_reattached_total"),
+        Some(0.0)
+    );
+    let (_, redirected) = transfer(&mut mesh, &accel, "after a plain restart");
+    assert!(redirected >= 3 * 1_000_000, "{redirected}");
 }

@@ -517,3 +517,501 @@ mod tests {
         assert_eq!(counter::NAMES[counter::CLOSED as usize], "closed");
     }
 }
+
+/// The layout identity of everything meshaccel keeps in pinned maps, so that an agent adopting
+/// pinned maps can tell whether it reads them as their writer wrote them.
+///
+/// Map type and key/value sizes alone do not tell: two `Config` fields swapped keep the size,
+/// and the new agent would read the old agent's `epoch` as its `scope`. So every type a pinned
+/// map holds is described here field by field (name, type, offset, size: `offset_of!`,
+/// `size_of`), checked at compile time to cover its type exactly, and hashed (FNV-1a, 64 bits)
+/// into [`HASH`]. Any change of a field — added, removed, renamed, retyped, moved — either stops
+/// the build here (the listing no longer matches the type) or changes the hash; nobody has to
+/// remember to bump a number. The agent stores the hash in the `MESHACCEL_META` map at install
+/// and refuses pinned maps that carry another one.
+///
+/// [`FORMAT`] covers what no layout shows: bump it when the meaning of a stored value changes
+/// while its layout stays (a flag bit, a state value, a counter index reused).
+pub mod layout {
+    use super::names;
+    use super::{Config, PairKey, PeerInfo, PortKey, SockState, WorkloadPolicy, WorkloadStats};
+    use core::mem::{align_of, offset_of, size_of};
+
+    /// Name of the ARRAY[1] map holding a [`Meta`]: created and pinned by the agent (user space)
+    /// next to the programs' maps; no program reads it.
+    pub const META: &str = "MESHACCEL_META";
+
+    /// Bumped by hand when a stored value's meaning changes without a layout change.
+    pub const FORMAT: u32 = 1;
+
+    /// The value of the `MESHACCEL_META` map. Its own layout never changes (a different value
+    /// size is refused like a different hash).
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+    pub struct Meta {
+        /// [`FORMAT`] of the agent that created the maps.
+        pub format: u32,
+        pub _pad: u32,
+        /// [`HASH`] of the agent that created the maps.
+        pub layout: u64,
+    }
+    const _: () = assert!(size_of::<Meta>() == 16);
+
+    impl Meta {
+        /// This build's stamp.
+        pub const fn current() -> Self {
+            Self {
+                format: FORMAT,
+                _pad: 0,
+                layout: HASH,
+            }
+        }
+    }
+
+    /// One field of a type: what the descriptor (and so the hash) is made of.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub struct Field {
+        pub name: &'static str,
+        /// The field's type as written in its struct.
+        pub ty: &'static str,
+        pub offset: usize,
+        pub size: usize,
+    }
+
+    /// One type kept in a pinned map.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub struct Type {
+        pub name: &'static str,
+        pub size: usize,
+        pub align: usize,
+        pub fields: &'static [Field],
+    }
+
+    /// One pinned map: what its keys and values are.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub struct MapLayout {
+        pub name: &'static str,
+        /// The kernel's map type, as in linux/bpf.h without `BPF_MAP_TYPE_`.
+        pub kind: &'static str,
+        pub key: &'static str,
+        pub key_size: usize,
+        pub value: &'static str,
+        pub value_size: usize,
+    }
+
+    /// Whether `fields` cover a type of `size` bytes exactly: in declaration order, each one
+    /// starting where the previous ended (the shared types carry explicit padding, so a gap
+    /// means a field missing from the listing, an overlap or a wrong order a listing that does
+    /// not match the type).
+    pub const fn tiles(fields: &[Field], size: usize) -> bool {
+        let mut at = 0;
+        let mut i = 0;
+        while i < fields.len() {
+            if fields[i].offset != at {
+                return false;
+            }
+            at += fields[i].size;
+            i += 1;
+        }
+        at == size
+    }
+
+    /// Describes a `#[repr(C)]` struct from its fields as written: a field that does not exist
+    /// or has another type stops the build (the fn pointer below does not type-check), and so
+    /// does a listing that does not cover the struct ([`tiles`]).
+    macro_rules! describe {
+        ($t:ident { $($f:ident : $ft:ty),* $(,)? }) => {{
+            const FIELDS: &[Field] = &[$({
+                const _: fn(&$t) -> &$ft = |s| &s.$f;
+                Field {
+                    name: stringify!($f),
+                    ty: stringify!($ft),
+                    offset: offset_of!($t, $f),
+                    size: size_of::<$ft>(),
+                }
+            }),*];
+            const _: () = assert!(
+                tiles(FIELDS, size_of::<$t>()),
+                concat!(
+                    "layout::TYPES does not list every field of ",
+                    stringify!($t),
+                    " in order: update the listing (the layout hash changes with it)"
+                )
+            );
+            Type {
+                name: stringify!($t),
+                size: size_of::<$t>(),
+                align: align_of::<$t>(),
+                fields: FIELDS,
+            }
+        }};
+    }
+
+    macro_rules! map {
+        ($name:expr, $kind:literal, $k:ty => $v:ty) => {
+            MapLayout {
+                name: $name,
+                kind: $kind,
+                key: stringify!($k),
+                key_size: size_of::<$k>(),
+                value: stringify!($v),
+                value_size: size_of::<$v>(),
+            }
+        };
+    }
+
+    /// Every type a pinned map holds, field by field.
+    pub const TYPES: &[Type] = &[
+        describe!(PairKey {
+            netns_cookie: u64,
+            client_ip_be: [u32; 4],
+            client_port: u32,
+            client_seq: u32,
+            server_seq: u32,
+            role: u32,
+        }),
+        describe!(PortKey {
+            netns_cookie: u64,
+            port: u16,
+            direction: u8,
+            _pad0: u8,
+            _pad1: u32,
+        }),
+        describe!(PeerInfo {
+            netns_cookie: u64,
+            sk_addr: u64,
+            flags: u64,
+            leg: u16,
+            service_port: u16,
+            _pad: u32,
+        }),
+        describe!(SockState {
+            own: PairKey,
+            netns_cookie: u64,
+            peer_netns_cookie: u64,
+            peer_sk: u64,
+            state: u32,
+            epoch: u32,
+            leg: u32,
+            unchecked: u32,
+            service: PortKey,
+            small_run: u32,
+            small_behind: u32,
+            app: u8,
+            leave: u8,
+            paired: u8,
+            own_keepalive: u8,
+            _pad: u32,
+        }),
+        describe!(WorkloadPolicy {
+            flags: u32,
+            workload_id: u32,
+        }),
+        describe!(Config {
+            enabled: u32,
+            epoch: u32,
+            scope: u32,
+            outbound_port: u32,
+            inbound_port: u32,
+            passthrough_v4_be: u32,
+            passthrough_v6_be: [u32; 4],
+            queue_limit: u32,
+            keepalive_secs: u32,
+            small_write_secs: u32,
+            proxy_uid: u32,
+        }),
+        describe!(WorkloadStats {
+            redirect_msgs: u64,
+            redirect_bytes: u64,
+            tcp_msgs: u64,
+            tcp_bytes: u64,
+        }),
+    ];
+
+    /// Every map the programs pin, with what it holds (the sockhash's value is the socket, a
+    /// u32 fd from user space; SK_STORAGE's key is a socket fd, a u32 too). A unit test of the
+    /// agent holds the sizes it checks pinned maps against to this table.
+    pub const MAPS: &[MapLayout] = &[
+        map!(names::SOCKS, "SOCKHASH", PairKey => u32),
+        map!(names::PEERS, "HASH", PairKey => PeerInfo),
+        map!(names::STATE, "SK_STORAGE", u32 => SockState),
+        map!(names::WORKLOADS, "HASH", u64 => WorkloadPolicy),
+        map!(names::PORTS, "HASH", PortKey => u32),
+        map!(names::CONFIG, "ARRAY", u32 => Config),
+        map!(names::STATS, "PERCPU_ARRAY", u32 => u64),
+        map!(names::WL_STATS, "PERCPU_HASH", u64 => WorkloadStats),
+        map!(names::SMALL_WRITES, "LRU_HASH", PortKey => u64),
+        map!(names::LISTENERS, "LRU_HASH", PortKey => u32),
+    ];
+
+    const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+    const FNV_PRIME: u64 = 0x0000_0100_0000_01b3;
+
+    const fn mix_bytes(mut h: u64, bytes: &[u8]) -> u64 {
+        let mut i = 0;
+        while i < bytes.len() {
+            h ^= bytes[i] as u64;
+            h = h.wrapping_mul(FNV_PRIME);
+            i += 1;
+        }
+        h
+    }
+
+    /// A string and a terminator, so that ("ab", "c") and ("a", "bc") differ.
+    const fn mix_str(h: u64, s: &str) -> u64 {
+        mix_bytes(mix_bytes(h, s.as_bytes()), &[0xff])
+    }
+
+    const fn mix_num(h: u64, n: usize) -> u64 {
+        mix_bytes(h, &(n as u64).to_le_bytes())
+    }
+
+    /// FNV-1a over a descriptor: every type (name, size, alignment, each field's name, type,
+    /// offset and size), then every map (name, kind, key and value type and size).
+    pub const fn hash_of(types: &[Type], maps: &[MapLayout]) -> u64 {
+        let mut h = FNV_OFFSET;
+        let mut t = 0;
+        while t < types.len() {
+            let ty = &types[t];
+            h = mix_str(h, ty.name);
+            h = mix_num(h, ty.size);
+            h = mix_num(h, ty.align);
+            let mut f = 0;
+            while f < ty.fields.len() {
+                let fl = &ty.fields[f];
+                h = mix_str(h, fl.name);
+                h = mix_str(h, fl.ty);
+                h = mix_num(h, fl.offset);
+                h = mix_num(h, fl.size);
+                f += 1;
+            }
+            t += 1;
+        }
+        let mut m = 0;
+        while m < maps.len() {
+            let map = &maps[m];
+            h = mix_str(h, map.name);
+            h = mix_str(h, map.kind);
+            h = mix_str(h, map.key);
+            h = mix_num(h, map.key_size);
+            h = mix_str(h, map.value);
+            h = mix_num(h, map.value_size);
+            m += 1;
+        }
+        h
+    }
+
+    /// This build's layout identity.
+    pub const HASH: u64 = hash_of(TYPES, MAPS);
+
+    /// The descriptor as text, one line per type, field and map (what a reviewer reads when
+    /// the pinned descriptor in the tests changes).
+    #[cfg(any(test, feature = "user"))]
+    pub struct Descriptor;
+
+    #[cfg(any(test, feature = "user"))]
+    impl core::fmt::Display for Descriptor {
+        fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+            for t in TYPES {
+                writeln!(f, "{} size {} align {}", t.name, t.size, t.align)?;
+                for fl in t.fields {
+                    writeln!(
+                        f,
+                        "  {:>3} {:>3} {}: {}",
+                        fl.offset, fl.size, fl.name, fl.ty
+                    )?;
+                }
+            }
+            for m in MAPS {
+                writeln!(
+                    f,
+                    "map {} {}: {} ({}) -> {} ({})",
+                    m.name, m.kind, m.key, m.key_size, m.value, m.value_size
+                )?;
+            }
+            write!(f, "format {FORMAT} hash {HASH:016x}")
+        }
+    }
+
+    #[cfg(feature = "user")]
+    // SAFETY: repr(C), Copy, explicit padding, every bit pattern valid.
+    unsafe impl aya::Pod for Meta {}
+
+    #[cfg(test)]
+    mod tests {
+        extern crate std;
+        use super::*;
+        use std::{format, string::String, vec::Vec};
+
+        /// The descriptor, pinned: a change to any shared type shows up here as a diff for the
+        /// reviewer, with the new hash (an agent of this build refuses maps pinned by one of
+        /// the old layout, and `meshaccel uninstall` is the way from one to the other).
+        #[test]
+        fn descriptor_is_pinned() {
+            let text = format!("{Descriptor}");
+            std::eprintln!("{text}");
+            assert_eq!(
+                text, PINNED,
+                "the layout of a pinned map's type changed: if meant, replace PINNED with the text above (the hash moves with it)"
+            );
+        }
+
+        // Checked against an independent FNV-1a of this text (Python) when it was written.
+        const PINNED: &str = r"PairKey size 40 align 8
+    0   8 netns_cookie: u64
+    8  16 client_ip_be: [u32; 4]
+   24   4 client_port: u32
+   28   4 client_seq: u32
+   32   4 server_seq: u32
+   36   4 role: u32
+PortKey size 16 align 8
+    0   8 netns_cookie: u64
+    8   2 port: u16
+   10   1 direction: u8
+   11   1 _pad0: u8
+   12   4 _pad1: u32
+PeerInfo size 32 align 8
+    0   8 netns_cookie: u64
+    8   8 sk_addr: u64
+   16   8 flags: u64
+   24   2 leg: u16
+   26   2 service_port: u16
+   28   4 _pad: u32
+SockState size 112 align 8
+    0  40 own: PairKey
+   40   8 netns_cookie: u64
+   48   8 peer_netns_cookie: u64
+   56   8 peer_sk: u64
+   64   4 state: u32
+   68   4 epoch: u32
+   72   4 leg: u32
+   76   4 unchecked: u32
+   80  16 service: PortKey
+   96   4 small_run: u32
+  100   4 small_behind: u32
+  104   1 app: u8
+  105   1 leave: u8
+  106   1 paired: u8
+  107   1 own_keepalive: u8
+  108   4 _pad: u32
+WorkloadPolicy size 8 align 4
+    0   4 flags: u32
+    4   4 workload_id: u32
+Config size 56 align 4
+    0   4 enabled: u32
+    4   4 epoch: u32
+    8   4 scope: u32
+   12   4 outbound_port: u32
+   16   4 inbound_port: u32
+   20   4 passthrough_v4_be: u32
+   24  16 passthrough_v6_be: [u32; 4]
+   40   4 queue_limit: u32
+   44   4 keepalive_secs: u32
+   48   4 small_write_secs: u32
+   52   4 proxy_uid: u32
+WorkloadStats size 32 align 8
+    0   8 redirect_msgs: u64
+    8   8 redirect_bytes: u64
+   16   8 tcp_msgs: u64
+   24   8 tcp_bytes: u64
+map MESHACCEL_SOCKS SOCKHASH: PairKey (40) -> u32 (4)
+map MESHACCEL_PEERS HASH: PairKey (40) -> PeerInfo (32)
+map MESHACCEL_STATE SK_STORAGE: u32 (4) -> SockState (112)
+map MESHACCEL_WL HASH: u64 (8) -> WorkloadPolicy (8)
+map MESHACCEL_PORTS HASH: PortKey (16) -> u32 (4)
+map MESHACCEL_CFG ARRAY: u32 (4) -> Config (56)
+map MESHACCEL_STATS PERCPU_ARRAY: u32 (4) -> u64 (8)
+map MESHACCEL_WLST PERCPU_HASH: u64 (8) -> WorkloadStats (32)
+map MESHACCEL_SMALL LRU_HASH: PortKey (16) -> u64 (8)
+map MESHACCEL_LSTN LRU_HASH: PortKey (16) -> u32 (4)
+format 1 hash 0b0bcd6b505106a0";
+
+        fn hash_with(ty: &str, fields: &[Field]) -> u64 {
+            let types: Vec<Type> = TYPES
+                .iter()
+                .map(|t| {
+                    if t.name == ty {
+                        Type {
+                            fields: std::boxed::Box::leak(fields.to_vec().into_boxed_slice()),
+                            ..*t
+                        }
+                    } else {
+                        *t
+                    }
+                })
+                .collect();
+            hash_of(&types, MAPS)
+        }
+
+        fn fields_of(ty: &str) -> Vec<Field> {
+            TYPES.iter().find(|t| t.name == ty).unwrap().fields.to_vec()
+        }
+
+        #[test]
+        fn any_field_change_changes_the_hash() {
+            assert_eq!(hash_with("Config", &fields_of("Config")), HASH);
+            // Two fields of the same size swapped: the sizes (all the old check compared) stay.
+            let mut swapped = fields_of("Config");
+            let (a, b) = (swapped[1], swapped[2]);
+            swapped[1] = Field {
+                offset: a.offset,
+                ..b
+            };
+            swapped[2] = Field {
+                offset: b.offset,
+                ..a
+            };
+            assert_ne!(
+                hash_with("Config", &swapped),
+                HASH,
+                "epoch and scope swapped"
+            );
+            let mut renamed = fields_of("PeerInfo");
+            renamed[2].name = "leg2";
+            assert_ne!(hash_with("PeerInfo", &renamed), HASH, "a field renamed");
+            let mut retyped = fields_of("PortKey");
+            retyped[2].ty = "i8";
+            assert_ne!(hash_with("PortKey", &retyped), HASH, "a field retyped");
+            let mut maps: Vec<MapLayout> = MAPS.to_vec();
+            maps[4].value = "i32";
+            assert_ne!(hash_of(TYPES, &maps), HASH, "a map's value type");
+        }
+
+        #[test]
+        fn a_listing_must_cover_its_type_exactly() {
+            let f = |offset, size| Field {
+                name: "x",
+                ty: "u32",
+                offset,
+                size,
+            };
+            assert!(tiles(&[f(0, 4), f(4, 4)], 8));
+            assert!(!tiles(&[f(0, 4)], 8), "a field missing at the end");
+            assert!(
+                !tiles(&[f(0, 4), f(8, 4)], 12),
+                "a gap (a field missing between)"
+            );
+            assert!(!tiles(&[f(4, 4), f(0, 4)], 8), "out of order");
+            assert!(!tiles(&[f(0, 8), f(4, 4)], 12), "an overlap");
+            for t in TYPES {
+                assert!(tiles(t.fields, t.size), "{}", t.name);
+            }
+        }
+
+        #[test]
+        fn every_pinned_map_is_described_once() {
+            let described: Vec<&str> = MAPS.iter().map(|m| m.name).collect();
+            assert_eq!(
+                described,
+                names::ALL,
+                "layout::MAPS must list names::ALL, in order"
+            );
+            assert!(
+                META.len() <= 15,
+                "the kernel keeps 15 characters of a map name"
+            );
+            assert!(!names::ALL.contains(&META));
+            let _: String = format!("{:016x}", Meta::current().layout);
+        }
+    }
+}

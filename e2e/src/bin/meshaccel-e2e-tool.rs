@@ -38,6 +38,14 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
+    /// Tries to open a pinned BPF object (BPF_OBJ_GET) as whoever runs it; prints
+    /// `{"ok":true}` or `{"ok":false,"errno":N,"error":"…"}` and exits 0 either way.
+    ObjGet {
+        path: PathBuf,
+        /// Ask for a read-only fd (BPF_F_RDONLY) instead of a read-write one.
+        #[arg(long)]
+        read_only: bool,
+    },
     /// Stand-in for Envoy in a pod with Istio's iptables rules (run it as uid 1337): relays each
     /// connection redirected to the outbound port to its original destination, and each one
     /// redirected to the inbound port to its original destination from <inbound-bind>:0.
@@ -297,6 +305,19 @@ const STACK: usize = 128 * 1024;
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
+        Cmd::ObjGet { path, read_only } => {
+            let flags = if read_only {
+                meshaccel_e2e::bpf::BPF_F_RDONLY
+            } else {
+                0
+            };
+            let v = match meshaccel_e2e::bpf::obj_get(&path, flags) {
+                Ok(_) => json!({ "ok": true }),
+                Err(e) => json!({ "ok": false, "errno": e.raw_os_error(), "error": e.to_string() }),
+            };
+            println!("{v}");
+            Ok(())
+        }
         Cmd::Relay {
             outbound_port,
             inbound_port,

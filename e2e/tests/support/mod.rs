@@ -137,3 +137,26 @@ pub fn bpftool_ids(kind: &str) -> Vec<u64> {
         .filter_map(|e| e["id"].as_u64())
         .collect()
 }
+
+/// One sample of the running agent's `/metrics` (Prometheus text), by its exact name and
+/// labels as exposed (e.g. `meshaccel_source_errors_total{source="static_file"}`); `None` when
+/// the agent does not expose it.
+pub fn metric(accel: &Accel, sample: &str) -> Option<f64> {
+    use std::io::{Read as _, Write as _};
+    let addr = accel.metrics_addr().expect("the agent's metrics address");
+    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+        .expect("connect to /metrics");
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(
+        s,
+        "GET /metrics HTTP/1.1\r\nHost: meshaccel\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).expect("read /metrics");
+    assert!(raw.starts_with("HTTP/1.1 200"), "/metrics: {raw}");
+    raw.lines().find_map(|l| {
+        let value = l.strip_prefix(sample)?.strip_prefix(' ')?;
+        Some(value.trim().parse().expect("a sample value"))
+    })
+}

@@ -1,0 +1,149 @@
+//! bpf(2) commands aya 0.14 does not expose: which programs are attached to a cgroup or a
+//! sockhash (`BPF_PROG_QUERY`), and creating a named array map outside an object (the layout
+//! stamp, [`crate::layout_stamp`]). Attr structs follow `union bpf_attr` in linux/bpf.h.
+use std::{
+    io,
+    os::fd::{AsRawFd as _, BorrowedFd, FromRawFd as _, OwnedFd},
+};
+
+const BPF_MAP_CREATE: libc::c_long = 0;
+const BPF_PROG_QUERY: libc::c_long = 16;
+
+/// Attach types (`enum bpf_attach_type`).
+pub const BPF_CGROUP_SOCK_OPS: u32 = 3;
+pub const BPF_SK_MSG_VERDICT: u32 = 7;
+/// `BPF_PROG_QUERY` flags and the attach flags it reports.
+pub const BPF_F_QUERY_EFFECTIVE: u32 = 1;
+pub const BPF_F_ALLOW_OVERRIDE: u32 = 1;
+pub const BPF_F_ALLOW_MULTI: u32 = 2;
+
+const BPF_MAP_TYPE_ARRAY: u32 = 2;
+
+/// `union bpf_attr`'s `query` member, zero-padded to the union's start.
+#[repr(C)]
+#[derive(Default)]
+pub(crate) struct QueryAttr {
+    target_fd: u32,
+    attach_type: u32,
+    query_flags: u32,
+    attach_flags: u32,
+    prog_ids: u64,
+    prog_cnt: u32,
+    _pad: u32,
+    prog_attach_flags: u64,
+    link_ids: u64,
+    link_attach_flags: u64,
+    revision: u64,
+}
+
+/// `union bpf_attr`'s map-create member, up to `map_extra`.
+#[repr(C)]
+#[derive(Default)]
+struct MapCreateAttr {
+    map_type: u32,
+    key_size: u32,
+    value_size: u32,
+    max_entries: u32,
+    map_flags: u32,
+    inner_map_fd: u32,
+    numa_node: u32,
+    map_name: [u8; 16],
+    map_ifindex: u32,
+    btf_fd: u32,
+    btf_key_type_id: u32,
+    btf_value_type_id: u32,
+    btf_vmlinux_value_type_id: u32,
+    map_extra: u64,
+}
+
+/// Programs of `attach_type` attached to `target` (a cgroup or a sockmap/sockhash): (the
+/// target's attach flags, program ids). `query_flags`: [`BPF_F_QUERY_EFFECTIVE`] for a cgroup's
+/// programs that run for its sockets, inherited ones included.
+pub fn prog_query(
+    target: BorrowedFd<'_>,
+    attach_type: u32,
+    query_flags: u32,
+) -> io::Result<(u32, Vec<u32>)> {
+    let mut ids = vec![0u32; 64];
+    let mut attr = QueryAttr {
+        target_fd: target.as_raw_fd() as u32,
+        attach_type,
+        query_flags,
+        prog_ids: ids.as_mut_ptr() as u64,
+        prog_cnt: ids.len() as u32,
+        ..Default::default()
+    };
+    // SAFETY: bpf(2) with a correctly laid out attr; prog_ids points at `ids` (prog_cnt slots),
+    // which outlives the call.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_PROG_QUERY,
+            &raw mut attr,
+            std::mem::size_of::<QueryAttr>() as u32,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    ids.truncate(attr.prog_cnt as usize);
+    Ok((attr.attach_flags, ids))
+}
+
+/// A new ARRAY map named `name` (at most 15 characters) with 4-byte keys.
+pub fn create_array(name: &str, value_size: u32, max_entries: u32) -> io::Result<OwnedFd> {
+    let mut map_name = [0u8; 16];
+    if name.len() > 15 || name.contains('\0') {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("map name {name:?}: at most 15 characters, no NUL"),
+        ));
+    }
+    map_name[..name.len()].copy_from_slice(name.as_bytes());
+    let attr = MapCreateAttr {
+        map_type: BPF_MAP_TYPE_ARRAY,
+        key_size: 4,
+        value_size,
+        max_entries,
+        map_name,
+        ..Default::default()
+    };
+    // SAFETY: bpf(2) with a correctly laid out, initialised attr for BPF_MAP_CREATE.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_MAP_CREATE,
+            &raw const attr,
+            std::mem::size_of::<MapCreateAttr>() as u32,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the kernel returned a new fd that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn attr_layouts_match_linux() {
+        // offsetof(union bpf_attr, query.prog_cnt) == 24, .revision == 56 (linux/bpf.h).
+        assert_eq!(std::mem::offset_of!(QueryAttr, prog_ids), 16);
+        assert_eq!(std::mem::offset_of!(QueryAttr, prog_cnt), 24);
+        assert_eq!(std::mem::offset_of!(QueryAttr, revision), 56);
+        // map_name at 28, btf_fd at 48, map_extra at 64.
+        assert_eq!(std::mem::offset_of!(MapCreateAttr, map_name), 28);
+        assert_eq!(std::mem::offset_of!(MapCreateAttr, btf_fd), 48);
+        assert_eq!(std::mem::offset_of!(MapCreateAttr, map_extra), 64);
+    }
+
+    #[test]
+    fn a_long_map_name_is_refused_before_the_kernel() {
+        let e = create_array("MESHACCEL_TOO_LONG", 16, 1).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::InvalidInput);
+        assert!(e.to_string().contains("MESHACCEL_TOO_LONG"), "{e}");
+    }
+}
