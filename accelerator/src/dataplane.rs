@@ -480,13 +480,7 @@ impl Dataplane {
             tracing::warn!(error = %e, "no kernel BTF offsets: peer queues are not bounded");
             Default::default()
         });
-        loader.override_global("OFF_RMEM_ALLOC", &offsets.rmem_alloc, true);
-        loader.override_global("OFF_WRITE_SEQ", &offsets.write_seq, true);
-        loader.override_global("OFF_SND_UNA", &offsets.snd_una, true);
-        loader.override_global("OFF_SK_SOCKET", &offsets.sk_socket, true);
-        loader.override_global("OFF_SOCKET_FILE", &offsets.socket_file, true);
-        loader.override_global("OFF_FILE_FLAGS", &offsets.file_flags, true);
-        loader.override_global("OFF_SK_UID", &offsets.sk_uid, true);
+        offsets.set_globals(&mut loader);
         if let Some(n) = opts.sockhash_capacity {
             loader.map_max_entries(names::SOCKS, n);
             loader.map_max_entries(names::PEERS, n);

@@ -29,6 +29,19 @@ pub struct TcpSockOffsets {
     pub sk_uid: u32,
 }
 
+impl TcpSockOffsets {
+    /// Hands the offsets to meshaccel's programs as their read-only globals (before loading).
+    pub fn set_globals<'a>(&'a self, loader: &mut aya::EbpfLoader<'a>) {
+        loader.override_global("OFF_RMEM_ALLOC", &self.rmem_alloc, true);
+        loader.override_global("OFF_WRITE_SEQ", &self.write_seq, true);
+        loader.override_global("OFF_SND_UNA", &self.snd_una, true);
+        loader.override_global("OFF_SK_SOCKET", &self.sk_socket, true);
+        loader.override_global("OFF_SOCKET_FILE", &self.socket_file, true);
+        loader.override_global("OFF_FILE_FLAGS", &self.file_flags, true);
+        loader.override_global("OFF_SK_UID", &self.sk_uid, true);
+    }
+}
+
 const BTF_MAGIC: u16 = 0xeb9f;
 const KIND_INT: u32 = 1;
 const KIND_ARRAY: u32 = 3;
