@@ -229,6 +229,11 @@ pub async fn run_with(cfg: AgentConfig, shared: Arc<Shared>) -> Result<()> {
     if dp.sk_msg_reattached {
         shared.metrics.sk_msg_reattached();
     }
+    let max_unread = shared.snapshot().tuning.max_unread_bytes;
+    if let Some(w) = crate::queue_charge::agent_warning(&crate::queue_charge::release(), max_unread)
+    {
+        warn!("{w}");
+    }
     info!(
         adopted = dp.adopted,
         sk_msg_reattached = dp.sk_msg_reattached,
