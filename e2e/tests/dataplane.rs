@@ -330,6 +330,12 @@ fn agent_killed_mid_transfer_restarts_adopting_pins_and_uninstall_leaves_nothing
         .args(["prog", "show"])
         .output()
         .unwrap();
+    assert!(
+        names.status.success(),
+        "`bpftool prog show` failed ({}): {}",
+        names.status,
+        String::from_utf8_lossy(&names.stderr)
+    );
     let text = String::from_utf8_lossy(&names.stdout);
     assert!(
         !text.contains("meshaccel_ops") && !text.contains("meshaccel_msg"),
