@@ -172,7 +172,7 @@ fn reload_static(shared: &Shared, path: &Path, why: &str) {
                 .metrics
                 .source_error(crate::metrics::Source::StaticFile);
             let kept = shared.snapshot().static_file.is_some();
-            error!(trigger = why, error = %e, kept_last_good = kept, "workloads file rejected");
+            error!(trigger = why, path = %path.display(), error = %e, kept_last_good = kept, "workloads file rejected");
         }
     }
 }
