@@ -172,7 +172,7 @@ fn reload_static(shared: &Shared, path: &Path, why: &str) {
                 .metrics
                 .source_error(crate::metrics::Source::StaticFile);
             let kept = shared.snapshot().static_file.is_some();
-            error!(trigger = why, error = %e, kept_last_good = kept, "workloads file rejected");
+            error!(trigger = why, path = %path.display(), error = %e, kept_last_good = kept, "workloads file rejected");
         }
     }
 }
@@ -255,6 +255,11 @@ pub async fn run_with(cfg: AgentConfig, shared: Arc<Shared>) -> Result<()> {
     let mut dp = Dataplane::install_or_adopt(&cfg.cgroup, &cfg.bpffs, &cfg.install)?;
     if dp.sk_msg_reattached {
         shared.metrics.sk_msg_reattached();
+    }
+    let max_unread = shared.snapshot().tuning.max_unread_bytes;
+    if let Some(w) = crate::queue_charge::agent_warning(&crate::queue_charge::release(), max_unread)
+    {
+        warn!("{w}");
     }
     info!(
         adopted = dp.adopted,

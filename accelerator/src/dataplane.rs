@@ -499,16 +499,13 @@ impl Dataplane {
             tracing::warn!(error = %e, "no kernel BTF offsets: peer queues are not bounded");
             Default::default()
         });
-        loader.override_global("OFF_RMEM_ALLOC", &offsets.rmem_alloc, true);
-        loader.override_global("OFF_WRITE_SEQ", &offsets.write_seq, true);
-        loader.override_global("OFF_SND_UNA", &offsets.snd_una, true);
-        loader.override_global("OFF_SK_SOCKET", &offsets.sk_socket, true);
-        loader.override_global("OFF_SOCKET_FILE", &offsets.socket_file, true);
-        loader.override_global("OFF_FILE_FLAGS", &offsets.file_flags, true);
-        loader.override_global("OFF_SK_UID", &offsets.sk_uid, true);
-        let charged = u32::from(crate::kernel_btf::charges_redirected_bytes(
-            &crate::kernel_btf::running_release(),
-        ));
+        offsets.set_globals(&mut loader);
+        // Whether `sk_rmem_alloc == 0` means nothing redirected is unread (a closed socket may
+        // then leave the sockhash): by version only, the safe side for a backported kernel.
+        let charged = u32::from(
+            crate::queue_charge::judge_release(&crate::queue_charge::release())
+                == Some(crate::queue_charge::ByVersion::Charged),
+        );
         loader.override_global("RMEM_CHARGED", &charged, true);
         if let Some(n) = opts.sockhash_capacity {
             loader.map_max_entries(names::SOCKS, n);

@@ -310,12 +310,17 @@ mod tests {
         assert!(e.contains("default/c") && e.contains("default/b"), "{e}");
     }
 
+    /// Pinned values, not the function against itself: a changed id would show other names
+    /// for the workloads an earlier agent wrote (the ids live in the pinned maps).
     #[test]
-    fn workload_ids_are_stable() {
-        assert_eq!(
-            workload_id("bookinfo/reviews-v1"),
-            workload_id("bookinfo/reviews-v1")
-        );
-        assert_ne!(workload_id("a/b"), workload_id("a/c"));
+    fn workload_ids_are_fnv1a_32() {
+        // The FNV-1a 32-bit test vectors of the FNV reference (draft-eastlake-fnv).
+        assert_eq!(workload_id(""), 0x811c_9dc5);
+        assert_eq!(workload_id("a"), 0xe40c_292c);
+        assert_eq!(workload_id("foobar"), 0xbf9c_f968);
+        // Names as the agent writes them (computed independently, in Python).
+        assert_eq!(workload_id("bookinfo/reviews-v1"), 0x4e8f_b2f8);
+        assert_eq!(workload_id("a/b"), 0x3a8e_75c1);
+        assert_eq!(workload_id("a/c"), 0x398e_742e);
     }
 }

@@ -29,6 +29,19 @@ pub struct TcpSockOffsets {
     pub sk_uid: u32,
 }
 
+impl TcpSockOffsets {
+    /// Hands the offsets to meshaccel's programs as their read-only globals (before loading).
+    pub fn set_globals<'a>(&'a self, loader: &mut aya::EbpfLoader<'a>) {
+        loader.override_global("OFF_RMEM_ALLOC", &self.rmem_alloc, true);
+        loader.override_global("OFF_WRITE_SEQ", &self.write_seq, true);
+        loader.override_global("OFF_SND_UNA", &self.snd_una, true);
+        loader.override_global("OFF_SK_SOCKET", &self.sk_socket, true);
+        loader.override_global("OFF_SOCKET_FILE", &self.socket_file, true);
+        loader.override_global("OFF_FILE_FLAGS", &self.file_flags, true);
+        loader.override_global("OFF_SK_UID", &self.sk_uid, true);
+    }
+}
+
 const BTF_MAGIC: u16 = 0xeb9f;
 const KIND_INT: u32 = 1;
 const KIND_ARRAY: u32 = 3;
@@ -246,50 +259,9 @@ pub fn running_kernel() -> Result<TcpSockOffsets, String> {
     Btf::from_file(Path::new("/sys/kernel/btf/vmlinux"))?.tcp_sock_offsets()
 }
 
-/// Whether a kernel of this release (`uname -r`) charges bytes redirected into a socket to its
-/// `sk_rmem_alloc` (6.13 on): only there does the sk_msg program see them as unread (the queue
-/// bound, and a closed socket's leaving the sockhash, rely on it). Older kernels with the
-/// backport are judged as older: the safe side (no bound, sockets kept until close()).
-pub fn charges_redirected_bytes(release: &str) -> bool {
-    let mut parts = release
-        .split(|c: char| !c.is_ascii_digit())
-        .map(|p| p.parse::<u32>().ok());
-    match (parts.next().flatten(), parts.next().flatten()) {
-        (Some(major), Some(minor)) => (major, minor) >= (6, 13),
-        _ => false,
-    }
-}
-
-/// The running kernel's release (`uname -r`).
-pub fn running_release() -> String {
-    // SAFETY: uname into a zeroed utsname we own; release is NUL-terminated.
-    let mut u: libc::utsname = unsafe { std::mem::zeroed() };
-    if unsafe { libc::uname(&mut u) } != 0 {
-        return String::new();
-    }
-    unsafe { std::ffi::CStr::from_ptr(u.release.as_ptr()) }
-        .to_string_lossy()
-        .into_owned()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn releases_that_charge_redirected_bytes() {
-        for (r, want) in [
-            ("6.18.0", true),
-            ("6.13", true),
-            ("7.0.1-arch1", true),
-            ("6.12.41-cloud-amd64", false),
-            ("5.15.0-105-generic", false),
-            ("", false),
-            ("garbage", false),
-        ] {
-            assert_eq!(charges_redirected_bytes(r), want, "{r:?}");
-        }
-    }
 
     /// A hand-built blob: struct inner { int a; int b; }; struct outer { int x; struct { int
     /// pad; struct inner in; }; } — offsets through an anonymous member and a nested struct.

@@ -17,6 +17,7 @@ pub mod layout_stamp;
 pub mod metrics;
 pub mod netns;
 pub mod pin_mode;
+pub mod queue_charge;
 pub mod reconcile;
 pub mod statefile;
 pub mod status;

@@ -102,6 +102,9 @@ pub struct Accel {
     extra_env: Vec<(String, String)>,
     /// Kubernetes mode: the agent's stderr goes to this file of the run (see `agent_log`).
     log: Option<PathBuf>,
+    /// Kubernetes mode (and launched agents): a start waits only until the programs are
+    /// installed, not for the workloads file's workloads.
+    installed_only: bool,
     /// Runs the agent through this command (e.g. `setpriv …` to limit its capabilities).
     launcher: Vec<String>,
 }
@@ -151,11 +154,26 @@ impl Accel {
             Err(e) => panic!("preparing the agent: {e:#}"),
         };
         a.log = Some(a.dir.join("agent.log"));
+        a.installed_only = true;
         a.set_launcher(launcher);
         let started = a
             .write_workloads(true, workloads)
             .and_then(|()| a.start_agent());
         (a, started)
+    }
+
+    /// [`Accel::start_with`] with the agent's log in a file of the run ([`Accel::agent_log`]).
+    pub fn start_logged(
+        mesh: &Mesh,
+        enabled: bool,
+        scope: Scope,
+        workloads: &[Workload],
+    ) -> anyhow::Result<Accel> {
+        let mut a = Self::unstarted(mesh, enabled, scope, &[])?;
+        a.log = Some(a.dir.join("agent.log"));
+        a.write_workloads(enabled, workloads)?;
+        a.start_agent()?;
+        Ok(a)
     }
 
     /// Starts the agent in Kubernetes mode (`MESHACCEL_NODE_NAME`, `MESHACCEL_KUBECONFIG`) next
@@ -173,6 +191,7 @@ impl Accel {
             ],
         )?;
         a.log = Some(a.dir.join("agent.log"));
+        a.installed_only = true;
         a.write_workloads(true, &[])?;
         a.start_agent()?;
         Ok(a)
@@ -201,11 +220,13 @@ impl Accel {
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
             log: None,
+            installed_only: false,
             launcher: Vec::new(),
         })
     }
 
-    /// Kubernetes mode: what the agent logged so far (empty otherwise).
+    /// What the agent logged so far, when its log goes to a file ([`Accel::start_logged`],
+    /// Kubernetes mode, launched agents); empty otherwise.
     pub fn agent_log(&self) -> String {
         self.log
             .as_ref()
@@ -371,7 +392,7 @@ impl Accel {
             Duration::from_secs(30),
             |s| s["agent"]["pid"].as_u64() == Some(pid),
         )?;
-        if self.log.is_some() {
+        if self.installed_only {
             // Kubernetes mode: which workloads appear is up to the test.
             return self.wait_status("the agent's programs installed", |s| s["enabled"] == true);
         }

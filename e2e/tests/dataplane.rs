@@ -330,6 +330,12 @@ fn agent_killed_mid_transfer_restarts_adopting_pins_and_uninstall_leaves_nothing
         .args(["prog", "show"])
         .output()
         .unwrap();
+    assert!(
+        names.status.success(),
+        "`bpftool prog show` failed ({}): {}",
+        names.status,
+        String::from_utf8_lossy(&names.stderr)
+    );
     let text = String::from_utf8_lossy(&names.stdout);
     assert!(
         !text.contains("meshaccel_ops") && !text.contains("meshaccel_msg"),
@@ -338,20 +344,40 @@ fn agent_killed_mid_transfer_restarts_adopting_pins_and_uninstall_leaves_nothing
     drop(accel);
 }
 
-/// A bad workloads file is reported and the last good state stays in the maps.
+/// A bad workloads file is reported and the last good state stays in the maps: for each bad
+/// file, the agent logs a rejection naming the file and counts a static_file source error.
 #[test]
 fn bad_workloads_file_keeps_the_last_good_state() {
     require_root();
     let mut mesh = Mesh::new().expect("mesh");
     let a = mesh_pod(&mut mesh, "a");
-    let accel = Accel::start_with(&mesh, true, Scope::All, &[Workload::on(&a)]).expect("agent");
+    let accel = Accel::start_logged(&mesh, true, Scope::All, &[Workload::on(&a)]).expect("agent");
+    const ERRORS: &str = "meshaccel_source_errors_total{source=\"static_file\"}";
+    let file = accel.workloads_path().display().to_string();
+    let rejections = |log: &str| -> Vec<String> {
+        log.lines()
+            .filter(|l| l.contains("workloads file rejected"))
+            .map(str::to_string)
+            .collect()
+    };
     for bad in [
         "workloads:\n  - name: a\n    netns: /run/netns/does-not-exist-meshaccel\n",
         "workloads:\n  - name: a\n    netns: /x\n    colour: red\n",
         "workloads: [",
     ] {
+        let errors = metric(&accel, ERRORS).unwrap_or(0.0);
+        let logged = rejections(&accel.agent_log()).len();
         accel.write_raw(bad).unwrap();
-        std::thread::sleep(Duration::from_millis(400));
+        wait_until(
+            &format!("the agent counts {bad:?} as a source error"),
+            || metric(&accel, ERRORS).unwrap_or(0.0) > errors,
+        );
+        let log = accel.agent_log();
+        let new = rejections(&log);
+        assert!(
+            new.len() > logged && new[logged..].iter().all(|l| l.contains(&file)),
+            "a rejection naming {file} was logged for {bad:?}:\n{log}"
+        );
         let s = accel.status().unwrap();
         assert_eq!(
             s["workloads_enabled"], 1,

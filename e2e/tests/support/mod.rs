@@ -125,16 +125,32 @@ pub fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
     }
 }
 
+/// The ids of every BPF object of `kind` (`prog`, `map`, `link`) in the kernel, from `bpftool`.
+/// Panics when bpftool fails or prints something else than a JSON list of objects with ids:
+/// an empty list must mean "none", never "could not tell".
 pub fn bpftool_ids(kind: &str) -> Vec<u64> {
     let out = std::process::Command::new("bpftool")
         .args(["-j", kind, "show"])
         .output()
         .expect("bpftool (scripts/env.sh installs it)");
-    let v: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Array(vec![]));
-    v.as_array()
-        .unwrap()
-        .iter()
-        .filter_map(|e| e["id"].as_u64())
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "`bpftool -j {kind} show` failed ({}): {}{stdout}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_str(&stdout)
+        .unwrap_or_else(|e| panic!("`bpftool -j {kind} show` printed no JSON ({e}): {stdout}"));
+    let list = v
+        .as_array()
+        .unwrap_or_else(|| panic!("`bpftool -j {kind} show` printed no list: {v}"));
+    list.iter()
+        .map(|e| {
+            e["id"]
+                .as_u64()
+                .unwrap_or_else(|| panic!("`bpftool -j {kind} show`: an entry without an id: {e}"))
+        })
         .collect()
 }
 
