@@ -100,8 +100,8 @@ enum Command {
         #[arg(long, env = "MESHACCEL_KUBECONFIG", requires = "node_name")]
         kubeconfig: Option<PathBuf>,
         /// The label key namespaces (and pods, to override) opt in with: `<key>=true`.
-        #[arg(long, env = "MESHACCEL_OPT_IN_LABEL", default_value = meshaccel::kube::ENABLED_LABEL)]
-        opt_in_label: String,
+        #[arg(long, env = "MESHACCEL_OPT_IN_LABEL", default_value = meshaccel::kube::ENABLED_LABEL, value_parser = meshaccel::kube::OptInLabel::parse)]
+        opt_in_label: meshaccel::kube::OptInLabel,
         #[command(flatten)]
         istiod: meshaccel::xds::IstiodArgs,
     },
@@ -212,11 +212,12 @@ fn main() -> anyhow::Result<()> {
             if workloads.is_some() {
                 shared.metrics.require_source(metrics::Source::StaticFile);
             }
-            meshaccel::kube::policy::set_enabled_label(&opt_in_label)
-                .map_err(|e| anyhow::anyhow!("--opt-in-label / MESHACCEL_OPT_IN_LABEL: {e}"))?;
             if let Some(node) = node_name {
                 shared.metrics.require_source(metrics::Source::Kubernetes);
-                let opts = meshaccel::kube::KubeOptions::new(node, kubeconfig);
+                let opts = meshaccel::kube::KubeOptions {
+                    opt_in_label,
+                    ..meshaccel::kube::KubeOptions::new(node, kubeconfig)
+                };
                 rt.block_on(meshaccel::kube::spawn(opts, shared.clone()))?;
             }
             if let Some(cfg) = istiod.config() {

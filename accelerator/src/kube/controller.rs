@@ -191,7 +191,8 @@ impl Controller {
         let capture = self.shared.snapshot().merged().capture;
         let pods = std::mem::take(&mut self.pods.live);
         let ns = std::mem::take(&mut self.namespaces.live);
-        let out = policy::compute(pods.values(), &ns, &capture, |id, ip| {
+        let label = self.opts.opt_in_label.clone();
+        let out = policy::compute(pods.values(), &ns, &capture, &label, |id, ip| {
             self.lookup(id, ip, now, stale)
         });
         self.pods.live = pods;

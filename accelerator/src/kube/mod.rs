@@ -18,7 +18,7 @@ pub mod policy;
 use std::{path::PathBuf, time::Duration};
 
 pub use controller::{EVENT_REASON, run, spawn};
-pub use policy::ENABLED_LABEL;
+pub use policy::{ENABLED_LABEL, OptInLabel};
 
 /// How the agent reaches the API server and finds its pods.
 #[derive(Clone, Debug)]
@@ -33,6 +33,8 @@ pub struct KubeOptions {
     pub resync: Duration,
     /// The longest wait between two attempts to reach the API server.
     pub max_backoff: Duration,
+    /// The label key that opts namespaces and pods in.
+    pub opt_in_label: OptInLabel,
 }
 
 impl KubeOptions {
@@ -43,6 +45,7 @@ impl KubeOptions {
             scan: podnetns::ScanConfig::default(),
             resync: Duration::from_secs(30),
             max_backoff: Duration::from_secs(5),
+            opt_in_label: OptInLabel::default(),
         }
     }
 }

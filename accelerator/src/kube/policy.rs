@@ -19,46 +19,53 @@ use crate::{
 /// The opt-in label, on namespaces and (overriding) on pods.
 pub const ENABLED_LABEL: &str = "meshaccel.io/enabled";
 
-static OPT_IN_LABEL: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+/// The opt-in label key in force (`--opt-in-label`): [`ENABLED_LABEL`] unless the agent was given
+/// another one; checked once, where the flag is parsed, and handed to the policy with its inputs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OptInLabel(String);
 
-/// The opt-in label key in force: [`ENABLED_LABEL`] unless the agent was given another one.
-pub fn enabled_label() -> &'static str {
-    OPT_IN_LABEL.get().map_or(ENABLED_LABEL, String::as_str)
+impl Default for OptInLabel {
+    fn default() -> Self {
+        Self(ENABLED_LABEL.into())
+    }
 }
 
-/// Sets the opt-in label key (once, at start; `--opt-in-label`). Checks Kubernetes' syntax for
-/// label keys: an optional DNS-subdomain prefix and `/`, then a name of at most 63 characters of
-/// `[A-Za-z0-9._-]` that starts and ends alphanumeric.
-pub fn set_enabled_label(key: &str) -> Result<(), String> {
-    let (prefix, name) = match key.rsplit_once('/') {
-        Some((p, n)) => (Some(p), n),
-        None => (None, key),
-    };
-    let alnum = |c: char| c.is_ascii_alphanumeric();
-    let name_ok = !name.is_empty()
-        && name.len() <= 63
-        && name.chars().all(|c| alnum(c) || "._-".contains(c))
-        && name.starts_with(alnum)
-        && name.ends_with(alnum);
-    let prefix_ok = prefix.is_none_or(|p| {
-        !p.is_empty()
-            && p.len() <= 253
-            && p.split('.').all(|l| {
-                !l.is_empty()
-                    && l.chars()
-                        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
-                    && !l.starts_with('-')
-                    && !l.ends_with('-')
-            })
-    });
-    if !(name_ok && prefix_ok) {
-        return Err(format!(
-            "{key:?} is not a Kubernetes label key (prefix/name, e.g. meshaccel.io/enabled)"
-        ));
+impl OptInLabel {
+    pub fn as_str(&self) -> &str {
+        &self.0
     }
-    OPT_IN_LABEL
-        .set(key.to_string())
-        .map_err(|_| "the opt-in label is already set".to_string())
+
+    /// Checks Kubernetes' syntax for label keys: an optional DNS-subdomain prefix and `/`, then a
+    /// name of at most 63 characters of `[A-Za-z0-9._-]` that starts and ends alphanumeric.
+    pub fn parse(key: &str) -> Result<Self, String> {
+        let (prefix, name) = match key.rsplit_once('/') {
+            Some((p, n)) => (Some(p), n),
+            None => (None, key),
+        };
+        let alnum = |c: char| c.is_ascii_alphanumeric();
+        let name_ok = !name.is_empty()
+            && name.len() <= 63
+            && name.chars().all(|c| alnum(c) || "._-".contains(c))
+            && name.starts_with(alnum)
+            && name.ends_with(alnum);
+        let prefix_ok = prefix.is_none_or(|p| {
+            !p.is_empty()
+                && p.len() <= 253
+                && p.split('.').all(|l| {
+                    !l.is_empty()
+                        && l.chars()
+                            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+                        && !l.starts_with('-')
+                        && !l.ends_with('-')
+                })
+        });
+        if !(name_ok && prefix_ok) {
+            return Err(format!(
+                "{key:?} is not a Kubernetes label key (prefix/name, e.g. meshaccel.io/enabled)"
+            ));
+        }
+        Ok(Self(key.to_string()))
+    }
 }
 
 /// Why a pod is or is not accelerated.
@@ -116,10 +123,11 @@ pub fn decide(
     pod: &Pod,
     ns_labels: Option<&BTreeMap<String, String>>,
     capture: &Capture,
+    label: &OptInLabel,
 ) -> Decision {
     let namespace = pod.metadata.namespace.clone().unwrap_or_default();
     let name = pod.metadata.name.clone().unwrap_or_default();
-    let outcome = outcome(pod, ns_labels, capture);
+    let outcome = outcome(pod, ns_labels, capture, label);
     Decision {
         id: format!("{namespace}/{name}"),
         namespace,
@@ -129,7 +137,12 @@ pub fn decide(
     }
 }
 
-fn outcome(pod: &Pod, ns_labels: Option<&BTreeMap<String, String>>, capture: &Capture) -> Outcome {
+fn outcome(
+    pod: &Pod,
+    ns_labels: Option<&BTreeMap<String, String>>,
+    capture: &Capture,
+    label: &OptInLabel,
+) -> Outcome {
     let empty = BTreeMap::new();
     let annotations = pod.metadata.annotations.as_ref().unwrap_or(&empty);
     let spec = pod.spec.as_ref();
@@ -155,19 +168,19 @@ fn outcome(pod: &Pod, ns_labels: Option<&BTreeMap<String, String>>, capture: &Ca
         .metadata
         .labels
         .as_ref()
-        .and_then(|l| l.get(enabled_label()));
+        .and_then(|l| l.get(label.as_str()));
     let on = match pod_label {
         Some(v) => match bool_label(v) {
             Some(b) => b,
             None => {
                 return Outcome::Invalid(format!(
                     "pod label {}={v:?}: must be \"true\" or \"false\"",
-                    enabled_label()
+                    label.as_str()
                 ));
             }
         },
         None => ns_labels
-            .and_then(|l| l.get(enabled_label()))
+            .and_then(|l| l.get(label.as_str()))
             .is_some_and(|v| v == "true"),
     };
     if !on {
@@ -302,13 +315,14 @@ pub fn compute<'a>(
     pods: impl IntoIterator<Item = &'a Pod>,
     namespaces: &BTreeMap<String, BTreeMap<String, String>>,
     capture: &Capture,
+    label: &OptInLabel,
     mut netns_of: impl FnMut(&str, IpAddr) -> Lookup,
 ) -> KubeDesired {
     let mut decisions: Vec<Decision> = pods
         .into_iter()
         .map(|p| {
             let ns = p.metadata.namespace.as_deref().unwrap_or_default();
-            decide(p, namespaces.get(ns), capture)
+            decide(p, namespaces.get(ns), capture, label)
         })
         .collect();
     decisions.sort_by(|a, b| a.id.cmp(&b.id));
@@ -357,7 +371,7 @@ pub fn compute<'a>(
 
 #[cfg(test)]
 mod label_tests {
-    use super::set_enabled_label;
+    use super::OptInLabel;
 
     #[test]
     fn bad_label_keys_are_refused_with_the_fix() {
@@ -370,7 +384,7 @@ mod label_tests {
             "x/y-",
             &"n".repeat(64),
         ] {
-            let e = set_enabled_label(bad).unwrap_err();
+            let e = OptInLabel::parse(bad).unwrap_err();
             assert!(e.contains("not a Kubernetes label key"), "{bad:?}: {e}");
         }
     }
@@ -543,7 +557,12 @@ mod tests {
             },
         ];
         for c in cases {
-            let d = decide(&pod(c.pod), c.ns.as_ref(), &Capture::default());
+            let d = decide(
+                &pod(c.pod),
+                c.ns.as_ref(),
+                &Capture::default(),
+                &OptInLabel::default(),
+            );
             let got = match &d.outcome {
                 Outcome::Accelerate {
                     exclude_inbound_ports,
@@ -569,7 +588,13 @@ mod tests {
     fn the_app_sockets_annotation() {
         let with = |v: Value| {
             let p = pod(json!({"metadata": {"annotations": {"meshaccel.io/app-sockets": v}}}));
-            decide(&p, Some(&on_ns()), &Capture::default()).outcome
+            decide(
+                &p,
+                Some(&on_ns()),
+                &Capture::default(),
+                &OptInLabel::default(),
+            )
+            .outcome
         };
         let apps = |o: Outcome| match o {
             Outcome::Accelerate { app_sockets, .. } => Ok(app_sockets),
@@ -579,7 +604,15 @@ mod tests {
         assert_eq!(apps(with(json!("trusted"))), Ok(AppSockets::Trusted));
         assert_eq!(apps(with(json!("auto"))), Ok(AppSockets::Auto));
         assert_eq!(
-            apps(decide(&pod(json!({})), Some(&on_ns()), &Capture::default()).outcome),
+            apps(
+                decide(
+                    &pod(json!({})),
+                    Some(&on_ns()),
+                    &Capture::default(),
+                    &OptInLabel::default()
+                )
+                .outcome
+            ),
             Ok(AppSockets::Auto)
         );
         let err = apps(with(json!("yes"))).unwrap_err();
@@ -630,7 +663,12 @@ mod tests {
                 "istio-init",
             ),
         ] {
-            let d = decide(&pod(p), Some(&on_ns()), &Capture::default());
+            let d = decide(
+                &pod(p),
+                Some(&on_ns()),
+                &Capture::default(),
+                &OptInLabel::default(),
+            );
             match d.outcome {
                 Outcome::Invalid(m) => assert!(m.contains(needle), "{name}: {m}"),
                 o => panic!("{name}: {o:?}"),
@@ -658,14 +696,18 @@ mod tests {
                 json!({"metadata": {"name": "f", "namespace": "plain", "uid": "uf"}, "status": {"podIP": "10.1.0.7"}}),
             ),
         ];
-        let out = compute(&pods, &ns, &Capture::default(), |_, ip| {
-            match ip.to_string().as_str() {
+        let out = compute(
+            &pods,
+            &ns,
+            &Capture::default(),
+            &OptInLabel::default(),
+            |_, ip| match ip.to_string().as_str() {
                 "10.1.0.2" | "10.1.0.5" => Lookup::Found(11),
                 "10.1.0.3" => Lookup::Found(22),
                 "10.1.0.6" => Lookup::Found(66),
                 _ => Lookup::Missing,
-            }
-        });
+            },
+        );
         let ids: Vec<_> = out
             .inputs
             .workloads
@@ -704,14 +746,18 @@ mod tests {
         );
         assert!(out.inputs.enabled);
         // Pure: the same input gives the same output.
-        let again = compute(&pods, &ns, &Capture::default(), |_, ip| {
-            match ip.to_string().as_str() {
+        let again = compute(
+            &pods,
+            &ns,
+            &Capture::default(),
+            &OptInLabel::default(),
+            |_, ip| match ip.to_string().as_str() {
                 "10.1.0.2" | "10.1.0.5" => Lookup::Found(11),
                 "10.1.0.3" => Lookup::Found(22),
                 "10.1.0.6" => Lookup::Found(66),
                 _ => Lookup::Missing,
-            }
-        });
+            },
+        );
         assert_eq!(again, out);
     }
 }
