@@ -43,7 +43,7 @@ pub struct SourceState {
     /// From Kubernetes (node-local pods).
     pub kube: Option<Inputs>,
     /// From istiod (xDS): the last good snapshot; its capture ports and passthrough addresses
-    /// override the static file's (see [`crate::xds::apply`]).
+    /// override the static file's (see [`Capture::apply_xds`](crate::workloads::Capture::apply_xds)).
     pub xds: Option<istio_integration::xds::XdsSnapshot>,
     /// The dataplane's tunables (agent flags).
     pub tuning: desired::Tuning,
@@ -72,7 +72,7 @@ impl SourceState {
             }
         }
         if let Some(x) = &self.xds {
-            crate::xds::apply(x, &mut out.capture);
+            out.capture.apply_xds(x);
         }
         out
     }
@@ -326,6 +326,46 @@ pub async fn run_with(cfg: AgentConfig, shared: Arc<Shared>) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::workloads::Capture;
+    use istio_integration::xds::XdsSnapshot;
+
+    #[test]
+    fn xds_overrides_what_it_states_and_only_that() {
+        let mut c = Capture::default();
+        let defaults = c.clone();
+        c.apply_xds(&XdsSnapshot::default());
+        assert_eq!(c, defaults, "an empty snapshot changes nothing");
+        let x = XdsSnapshot {
+            outbound_port: Some(16001),
+            inbound_port: Some(16006),
+            inbound_passthrough_binds: vec!["127.0.0.7".parse().unwrap()],
+            ..Default::default()
+        };
+        c.apply_xds(&x);
+        assert_eq!((c.outbound_port, c.inbound_port), (16001, 16006));
+        assert_eq!(c.passthrough_addresses, x.inbound_passthrough_binds);
+        assert_eq!(c.proxy_uid, defaults.proxy_uid);
+    }
+
+    #[test]
+    fn the_agents_merged_inputs_take_the_xds_capture() {
+        let mut s = SourceState::default();
+        assert_eq!(
+            s.merged().capture,
+            Capture::default(),
+            "Istio's defaults until xDS"
+        );
+        s.xds = Some(XdsSnapshot {
+            inbound_port: Some(15007),
+            ..Default::default()
+        });
+        let m = s.merged();
+        assert_eq!(
+            (m.capture.outbound_port, m.capture.inbound_port),
+            (15001, 15007)
+        );
+    }
+
     use crate::desired::WorkloadSpec;
 
     fn spec(id: &str, cookie: u64) -> WorkloadSpec {

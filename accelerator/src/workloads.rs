@@ -82,6 +82,23 @@ fn yes() -> bool {
     true
 }
 
+impl Capture {
+    /// Merges istiod's word (the xDS snapshot) in: a capture port or the passthrough addresses
+    /// it states replace the configured ones; what it does not state (no `virtualInbound`
+    /// listener, no passthrough cluster) leaves them as configured.
+    pub fn apply_xds(&mut self, x: &istio_integration::xds::XdsSnapshot) {
+        if let Some(p) = x.outbound_port {
+            self.outbound_port = p;
+        }
+        if let Some(p) = x.inbound_port {
+            self.inbound_port = p;
+        }
+        if !x.inbound_passthrough_binds.is_empty() {
+            self.passthrough_addresses = x.inbound_passthrough_binds.clone();
+        }
+    }
+}
+
 impl Default for Capture {
     fn default() -> Self {
         Self {

@@ -1,6 +1,7 @@
 //! The agent's xDS source: an ADS stream to istiod (`--istiod`, see
 //! [`istio_integration::xds::client`]) whose last good snapshot is this source's contribution
-//! ([`crate::agent::SourceState::xds`]), merged into the capture configuration by [`apply`]:
+//! ([`crate::agent::SourceState::xds`]), merged into the capture configuration by
+//! [`Capture::apply_xds`](crate::workloads::Capture::apply_xds):
 //! Istio's ports and passthrough addresses come from xDS once istiod answered, and from the
 //! workloads file (or Istio's defaults) until then.
 //!
@@ -17,7 +18,7 @@ use std::{
 use istio_integration::xds::{AdsConfig, AdsEvent, NodeIdentity, XdsSnapshot, client};
 use tracing::warn;
 
-use crate::{agent::Shared, statefile, workloads::Capture};
+use crate::{agent::Shared, statefile};
 
 /// The `--istiod*` flags of `meshaccel agent`.
 #[derive(clap::Args, Clone, Debug, Default)]
@@ -137,21 +138,6 @@ impl IstiodArgs {
         cfg.backoff_max = Duration::from_millis(self.istiod_backoff_max_ms);
         cfg.max_message_bytes = (self.istiod_max_message_mb as usize) << 20;
         Some(cfg)
-    }
-}
-
-/// Merges the xDS snapshot into the capture configuration: a capture port or the passthrough
-/// addresses istiod states replace the configured ones; what it does not state (no
-/// `virtualInbound` listener, no passthrough cluster) leaves them as configured.
-pub fn apply(x: &XdsSnapshot, capture: &mut Capture) {
-    if let Some(p) = x.outbound_port {
-        capture.outbound_port = p;
-    }
-    if let Some(p) = x.inbound_port {
-        capture.inbound_port = p;
-    }
-    if !x.inbound_passthrough_binds.is_empty() {
-        capture.passthrough_addresses = x.inbound_passthrough_binds.clone();
     }
 }
 
@@ -288,43 +274,6 @@ pub async fn run(cfg: AdsConfig, shared: Arc<Shared>, status_file: PathBuf) {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn xds_overrides_what_it_states_and_only_that() {
-        let mut c = Capture::default();
-        let defaults = c.clone();
-        apply(&XdsSnapshot::default(), &mut c);
-        assert_eq!(c, defaults, "an empty snapshot changes nothing");
-        let x = XdsSnapshot {
-            outbound_port: Some(16001),
-            inbound_port: Some(16006),
-            inbound_passthrough_binds: vec!["127.0.0.7".parse().unwrap()],
-            ..Default::default()
-        };
-        apply(&x, &mut c);
-        assert_eq!((c.outbound_port, c.inbound_port), (16001, 16006));
-        assert_eq!(c.passthrough_addresses, x.inbound_passthrough_binds);
-        assert_eq!(c.proxy_uid, defaults.proxy_uid);
-    }
-
-    #[test]
-    fn the_agents_merged_inputs_take_the_xds_capture() {
-        let mut s = crate::agent::SourceState::default();
-        assert_eq!(
-            s.merged().capture,
-            Capture::default(),
-            "Istio's defaults until xDS"
-        );
-        s.xds = Some(XdsSnapshot {
-            inbound_port: Some(15007),
-            ..Default::default()
-        });
-        let m = s.merged();
-        assert_eq!(
-            (m.capture.outbound_port, m.capture.inbound_port),
-            (15001, 15007)
-        );
-    }
 
     #[test]
     fn host_and_status_path() {
