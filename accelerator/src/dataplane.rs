@@ -24,11 +24,7 @@ use meshaccel_common::{
 use crate::error::{Error, Result};
 
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
-pub(crate) const SOCK_OPS_LINK: &str = "links/sock_ops";
-
-/// The eBPF object built by build.rs (also loaded by `doctor` to probe the kernel).
-pub(crate) static EBPF_OBJECT: &[u8] =
-    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/meshaccel-ebpf"));
+pub(crate) use crate::objects::{EBPF_OBJECT, SOCK_OPS_LINK, pin_path};
 
 fn map_err(name: &'static str, op: &'static str) -> impl FnOnce(aya::maps::MapError) -> Error {
     move |source| Error::Map { name, op, source }
@@ -128,10 +124,6 @@ fn monotonic_ns() -> u64 {
     // SAFETY: clock_gettime into a timespec we own.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
-
-pub(crate) fn pin_path(bpffs: &Path, name: &str) -> PathBuf {
-    bpffs.join("maps").join(name)
 }
 
 fn is_bpffs(path: &Path) -> bool {

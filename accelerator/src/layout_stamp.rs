@@ -62,7 +62,7 @@ pub fn judge(found: &Found, maps_pinned: bool) -> Verdict {
 }
 
 pub fn path(bpffs: &Path) -> PathBuf {
-    crate::dataplane::pin_path(bpffs, layout::META)
+    crate::objects::pin_path(bpffs, layout::META)
 }
 
 /// Every map pinned under the bpffs folder: the programs' and the stamp.
@@ -74,7 +74,7 @@ pub fn all_maps() -> impl Iterator<Item = &'static str> {
 pub fn maps_pinned(bpffs: &Path) -> bool {
     names::ALL
         .iter()
-        .any(|n| crate::dataplane::pin_path(bpffs, n).exists())
+        .any(|n| crate::objects::pin_path(bpffs, n).exists())
 }
 
 /// Reads the stamp under `bpffs`.

@@ -16,6 +16,7 @@ pub mod kube;
 pub mod layout_stamp;
 pub mod metrics;
 pub mod netns;
+mod objects;
 pub mod pin_mode;
 pub mod queue_charge;
 pub mod reconcile;

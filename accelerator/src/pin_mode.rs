@@ -31,8 +31,8 @@ pub fn entries(bpffs: &Path) -> Vec<(PathBuf, bool)> {
             .collect();
     out.extend(
         crate::layout_stamp::all_maps()
-            .map(|n| (crate::dataplane::pin_path(bpffs, n), false))
-            .chain([(bpffs.join(crate::dataplane::SOCK_OPS_LINK), false)]),
+            .map(|n| (crate::objects::pin_path(bpffs, n), false))
+            .chain([(bpffs.join(crate::objects::SOCK_OPS_LINK), false)]),
     );
     out.retain(|(p, _)| p.exists());
     out
@@ -83,7 +83,7 @@ mod tests {
         let b = dir.path().join("bpffs");
         std::fs::create_dir_all(b.join("maps")).unwrap();
         std::fs::create_dir_all(b.join("links")).unwrap();
-        let peers = crate::dataplane::pin_path(&b, meshaccel_common::names::PEERS);
+        let peers = crate::objects::pin_path(&b, meshaccel_common::names::PEERS);
         std::fs::write(&peers, "").unwrap();
         std::fs::set_permissions(&peers, std::fs::Permissions::from_mode(0o644)).unwrap();
         std::fs::set_permissions(&b, std::fs::Permissions::from_mode(0o755)).unwrap();

@@ -139,7 +139,7 @@ fn probe_inner(cgroup: &Path, ids: &mut Vec<u32>) -> Result<Probed, String> {
     let mut loader = aya::EbpfLoader::new();
     offsets.set_globals(&mut loader);
     let mut ebpf = loader
-        .load(crate::dataplane::EBPF_OBJECT)
+        .load(crate::objects::EBPF_OBJECT)
         .map_err(|e| format!("loading meshaccel's programs: {e:#}"))?;
     // This netns, every connection (scope all), sockets of any uid treated as the sidecar's.
     let cookie = crate::netns::current_cookie().map_err(|e| format!("netns cookie: {e}"))?;
