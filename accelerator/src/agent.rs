@@ -85,9 +85,6 @@ pub struct Shared {
     changed: Notify,
     /// Set once the first reconcile after start succeeded.
     synced: std::sync::atomic::AtomicBool,
-    /// The Kubernetes source: 0 = not configured, 1 = not in sync (starting, or the API server
-    /// is unreachable: the last good state is kept), 2 = in sync.
-    kube_state: std::sync::atomic::AtomicU8,
     /// Metrics and readiness of the sources (see [`crate::metrics`]), served on `/metrics`.
     pub metrics: crate::metrics::Metrics,
 }
@@ -108,24 +105,17 @@ impl Shared {
     }
 
     /// Whether the Kubernetes source is in sync with the API server (true when the agent runs
-    /// without Kubernetes). For /readyz.
+    /// without Kubernetes): the one record of it is the sources' readiness in `metrics`.
     pub fn kube_ready(&self) -> bool {
-        self.kube_state.load(std::sync::atomic::Ordering::Acquire) != 1
+        self.metrics
+            .source_ready(crate::metrics::Source::Kubernetes)
     }
 
-    /// Whether the agent has a Kubernetes source (`--node-name`).
-    pub fn kube_configured(&self) -> bool {
-        self.kube_state.load(std::sync::atomic::Ordering::Acquire) != 0
-    }
-
-    /// Set by the Kubernetes source (which thereby counts as configured).
+    /// Set by the Kubernetes source: in sync, or not (starting, or the API server is
+    /// unreachable: the last good state is kept).
     pub fn set_kube_ready(&self, ready: bool) {
         self.metrics
             .source_synced(crate::metrics::Source::Kubernetes, ready);
-        self.kube_state.store(
-            if ready { 2 } else { 1 },
-            std::sync::atomic::Ordering::Release,
-        );
     }
 }
 

@@ -48,9 +48,6 @@ pub fn not_ready_reasons(shared: &Shared) -> Vec<String> {
     for s in &waiting {
         why.push(format!("source {s} has not synced"));
     }
-    if !shared.kube_ready() && !waiting.contains(&crate::metrics::Source::Kubernetes) {
-        why.push("source kubernetes has not synced".to_string());
-    }
     why
 }
 

@@ -259,6 +259,15 @@ impl Metrics {
         }
     }
 
+    /// Whether `source` does not hold readiness back: synced, or not required.
+    pub fn source_ready(&self, source: Source) -> bool {
+        self.sources
+            .lock()
+            .expect("metrics lock")
+            .get(&source)
+            .is_none_or(|h| h.synced || !h.required)
+    }
+
     /// The sources readiness waits for.
     pub fn required_sources(&self) -> BTreeSet<Source> {
         self.sources
