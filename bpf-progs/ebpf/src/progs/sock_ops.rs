@@ -194,14 +194,7 @@ pub(super) fn established(ctx: &SockOpsContext, active: bool) -> Result<(), ()> 
         },
         BPF_NOEXIST.into(),
     ) {
-        count(
-            if e == -EEXIST {
-                counter::INSERT_COLLISION
-            } else {
-                counter::INSERT_FAILED
-            },
-            1,
-        );
+        insert_refused(e.into());
         return Err(());
     }
     let init = SockState {
@@ -253,14 +246,7 @@ pub(super) fn established(ctx: &SockOpsContext, active: bool) -> Result<(), ()> 
     if let Err(e) = MESHACCEL_SOCKS.update(&mut k, unsafe { &mut *ctx.ops }, BPF_NOEXIST.into()) {
         let _ = MESHACCEL_PEERS.remove(key);
         unsafe { (*st).state = STATE_TCP };
-        count(
-            if e == -EEXIST {
-                counter::INSERT_COLLISION
-            } else {
-                counter::INSERT_FAILED
-            },
-            1,
-        );
+        insert_refused(e.into());
         return Err(());
     }
     unsafe { (*st).own_keepalive = keepalive(ctx, cfg.keepalive_secs).into() };
@@ -339,6 +325,19 @@ pub(super) fn remove(key: &PairKey) {
     if unsafe { bpf_map_delete_elem(socks, ptr::from_ref(key).cast()) } == 0 {
         count(counter::LEFT, 1);
     }
+}
+
+/// Counts an insert (PEERS or the sockhash) the kernel refused: the key existed, or the map is
+/// full; that socket stays on TCP.
+fn insert_refused(e: i64) {
+    count(
+        if e == -i64::from(EEXIST) {
+            counter::INSERT_COLLISION
+        } else {
+            counter::INSERT_FAILED
+        },
+        1,
+    );
 }
 
 /// A socket reconnected after TCP_CLOSE (`connect(AF_UNSPEC)`, then `connect`): it has the state
