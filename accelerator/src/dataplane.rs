@@ -134,7 +134,8 @@ pub(crate) fn pin_path(bpffs: &Path, name: &str) -> PathBuf {
     bpffs.join("maps").join(name)
 }
 
-fn is_bpffs(path: &Path) -> bool {
+/// Whether `path` is on a bpffs (also `doctor`'s check).
+pub(crate) fn is_bpffs(path: &Path) -> bool {
     let Ok(c) = CString::new(path.as_os_str().as_bytes()) else {
         return false;
     };

@@ -5,20 +5,7 @@ use std::{
 };
 
 use super::{Check, Level};
-use crate::dataplane::Dataplane;
-
-const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
-
-fn is_bpffs(path: &Path) -> bool {
-    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) else {
-        return false;
-    };
-    // SAFETY: statfs into a zeroed struct we own.
-    unsafe {
-        let mut st: libc::statfs = std::mem::zeroed();
-        libc::statfs(c.as_ptr(), &mut st) == 0 && st.f_type as i64 == BPF_FS_MAGIC
-    }
-}
+use crate::dataplane::{Dataplane, is_bpffs};
 
 /// The bpffs check and, when meshaccel is installed there, what it holds. Returns the ids of
 /// meshaccel's own programs under `bpffs`.
