@@ -126,7 +126,8 @@ fn monotonic_ns() -> u64 {
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
-fn is_bpffs(path: &Path) -> bool {
+/// Whether `path` is on a bpffs (also `doctor`'s check).
+pub(crate) fn is_bpffs(path: &Path) -> bool {
     let Ok(c) = CString::new(path.as_os_str().as_bytes()) else {
         return false;
     };

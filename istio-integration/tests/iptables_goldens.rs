@@ -1,7 +1,8 @@
-//! The rendered capture rules equal Istio's real istio-cni goldens, byte for byte.
+//! The rendered capture rules equal Istio's real istio-cni goldens, byte for byte, and parsing a
+//! golden gives back the config it was rendered from.
 use std::path::PathBuf;
 
-use istio_integration::capture::{CaptureConfig, InboundPorts};
+use istio_integration::capture::{CaptureConfig, InboundPorts, parse_iptables_save};
 
 fn golden(name: &str) -> String {
     let dir = std::env::var_os("MESHACCEL_FIXTURES")
@@ -28,6 +29,32 @@ fn same(cfg: &CaptureConfig, name: &str) {
     );
 }
 
+/// The configs the goldens were rendered from, by golden.
+fn include_exclude_ports() -> CaptureConfig {
+    CaptureConfig {
+        inbound_ports: InboundPorts::Only(vec![1111, 2222]),
+        exclude_inbound_ports: vec![3333, 4444],
+        exclude_outbound_ports: vec![5555, 6666],
+        ..Default::default()
+    }
+}
+
+fn custom_uid() -> CaptureConfig {
+    CaptureConfig {
+        proxy_uid: 1000670000,
+        proxy_gid: 1000670001,
+        ..Default::default()
+    }
+}
+
+fn include_exclude_ip() -> CaptureConfig {
+    CaptureConfig {
+        include_outbound_cidrs: Some(vec!["127.0.0.0/8".into()]),
+        exclude_outbound_cidrs: vec!["10.0.0.0/8".into()],
+        ..Default::default()
+    }
+}
+
 #[test]
 fn default_sidecar_capture_equals_istio_basic() {
     same(&CaptureConfig::default(), "basic");
@@ -35,31 +62,41 @@ fn default_sidecar_capture_equals_istio_basic() {
 
 #[test]
 fn include_inbound_and_exclude_outbound_ports_equal_istio() {
-    let cfg = CaptureConfig {
-        inbound_ports: InboundPorts::Only(vec![1111, 2222]),
-        exclude_inbound_ports: vec![3333, 4444],
-        exclude_outbound_ports: vec![5555, 6666],
-        ..Default::default()
-    };
-    same(&cfg, "include-exclude-ports");
+    same(&include_exclude_ports(), "include-exclude-ports");
 }
 
 #[test]
 fn custom_proxy_uid_equals_istio() {
-    let cfg = CaptureConfig {
-        proxy_uid: 1000670000,
-        proxy_gid: 1000670001,
-        ..Default::default()
-    };
-    same(&cfg, "custom-uid");
+    same(&custom_uid(), "custom-uid");
 }
 
 #[test]
 fn include_and_exclude_ip_ranges_equal_istio() {
-    let cfg = CaptureConfig {
-        include_outbound_cidrs: Some(vec!["127.0.0.0/8".into()]),
-        exclude_outbound_cidrs: vec!["10.0.0.0/8".into()],
-        ..Default::default()
+    same(&include_exclude_ip(), "include-exclude-ip");
+}
+
+#[test]
+fn parsing_each_golden_gives_back_its_config() {
+    let ports = CaptureConfig {
+        // With an include list Istio writes no inbound exclusions: the golden cannot carry them.
+        exclude_inbound_ports: vec![],
+        ..include_exclude_ports()
     };
-    same(&cfg, "include-exclude-ip");
+    for (name, cfg) in [
+        ("basic", CaptureConfig::default()),
+        ("include-exclude-ports", ports),
+        ("custom-uid", custom_uid()),
+        ("include-exclude-ip", include_exclude_ip()),
+    ] {
+        let saved = parse_iptables_save(&golden(name))
+            .unwrap_or_else(|| panic!("{name}: no ISTIO_* chain read"));
+        assert_eq!(saved.config, cfg, "{name}");
+        assert!(
+            !saved.tproxy
+                && saved.proxy_port().is_some()
+                && saved.inbound_capture_port().is_some()
+                && saved.proxy_uid().is_some(),
+            "{name}: {saved:?}"
+        );
+    }
 }
