@@ -24,7 +24,7 @@ use meshaccel_common::{
 use crate::error::{Error, Result};
 
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
-pub(crate) use crate::objects::{EBPF_OBJECT, SOCK_OPS_LINK, pin_path};
+use crate::objects::{EBPF_OBJECT, SOCK_OPS_LINK, pin_path};
 
 fn map_err(name: &'static str, op: &'static str) -> impl FnOnce(aya::maps::MapError) -> Error {
     move |source| Error::Map { name, op, source }
