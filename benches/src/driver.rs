@@ -223,7 +223,7 @@ pub struct AbSetup<'a> {
 }
 
 /// One A/B run of the e2e tool's `ab-rr` / `ab-http` (`args` without `--gate-file`), as
-/// described in `meshaccel_e2e::ab`: switch off, baseline connections, switch on, gate,
+/// described in `meshaccel_e2e::tool::ab`: switch off, baseline connections, switch on, gate,
 /// accelerated connections, blocks. Returns the parsed run with the moved kernel counters in
 /// `extra`.
 pub fn run_ab(mesh: &mut Mesh, s: &mut AbSetup<'_>, args: &[String]) -> anyhow::Result<AbRun> {

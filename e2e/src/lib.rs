@@ -7,13 +7,13 @@
 //! optionally as another uid (Istio's proxy is 1337). Everything a run creates carries its run id,
 //! and dropping the `Mesh` (also while a test panics) removes exactly that and nothing else.
 //!
-//! The `meshaccel-e2e-tool` binary of this crate provides the programs run in the pods: a relay
-//! standing in for Envoy, a checksumming sink and sender, an echo server and a ping-pong client.
-//! Servers print `ready` on stdout once listening: see [`wait_ready`].
+//! The programs run in the pods (a relay standing in for Envoy, a checksumming sink and sender,
+//! an echo server and a ping-pong client, HTTP and A/B load, the soak pair) live in [`tool`], a
+//! module per subcommand of this crate's `meshaccel-e2e-tool` binary. Servers print `ready` on
+//! stdout once listening: see [`wait_ready`].
 //!
 //! Everything here needs root (see [`require_root`]).
 
-pub mod ab;
 pub mod accel;
 pub mod bpf;
 mod cgroup;
@@ -22,6 +22,7 @@ pub mod pattern;
 mod pod;
 mod process;
 pub mod sock;
+pub mod tool;
 
 use std::{
     env,
