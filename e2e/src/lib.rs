@@ -33,6 +33,12 @@ pub use mesh::{Mesh, split_capture_log};
 pub use pod::{Pod, TcpCounters};
 pub use process::{wait_output_timeout, wait_ready, wait_ready_timeout};
 
+/// Istio's proxy uid and gid: Envoy, or the tool's relay standing in for it, runs as this, and
+/// Istio's iptables rules let its own connections out uncaptured.
+pub const PROXY_UID: u32 = 1337;
+/// The uid apps run as (anything but [`PROXY_UID`], so that Istio's capture rules apply).
+pub const APP_UID: u32 = 1000;
+
 /// Panics with a clear message unless the effective uid is 0.
 pub fn require_root() {
     // SAFETY: geteuid has no preconditions and cannot fail.

@@ -17,13 +17,13 @@ use std::{
 };
 
 use meshaccel_e2e::{
-    Mesh, Pod, fixtures_dir, require_root, wait_output_timeout, wait_ready, workspace_bin,
+    APP_UID, Mesh, PROXY_UID, Pod, fixtures_dir, require_root, wait_output_timeout, wait_ready,
+    workspace_bin,
 };
 use serde_json::Value;
 
 use meshaccel_e2e::envoy::{self, CertPaths, Pki, SidecarSpec};
 
-const APP_UID: u32 = 1000;
 
 fn envoy_bin() -> PathBuf {
     match envoy::envoy_binary() {
@@ -711,14 +711,14 @@ fn two_sidecars_carry_mtls_traffic_between_pods() {
         let certs = pki.issue(&pod.name).unwrap();
         let config = envoy::write_bootstrap(dir, s, &certs).unwrap();
         let log = dir.join(format!("envoy-{}.log", pod.name));
-        envoy::create_log_file(&log, envoy::PROXY_UID).unwrap();
+        envoy::create_log_file(&log, PROXY_UID).unwrap();
         let mut cmd = Command::new(&envoy_path);
         cmd.args(envoy::envoy_args(&config, base + i as u32, &log))
             .stdin(Stdio::null())
             .stdout(Stdio::null());
         cmd.stderr(File::create(dir.join(format!("envoy-{}.stderr", pod.name))).unwrap());
         let mut child = mesh
-            .spawn_cmd(pod, Some(envoy::PROXY_UID), cmd)
+            .spawn_cmd(pod, Some(PROXY_UID), cmd)
             .expect("spawning envoy");
         meshaccel_e2e::sidecar::wait_live(pod, ADMIN, &log, &mut child).expect("envoy LIVE");
         envoys.push(child);

@@ -270,8 +270,7 @@ fn sockets_whose_peer_is_on_another_node_stay_out_of_the_sockhash() {
     let to_remote_socks: Vec<&str> = text
         .lines()
         .filter(|l| {
-            l.contains(&format!("{}:8080", remote.ip))
-                && l.contains(&format!("uid:{}", meshaccel_e2e::envoy::PROXY_UID))
+            l.contains(&format!("{}:8080", remote.ip)) && l.contains(&format!("uid:{PROXY_UID}"))
         })
         .collect();
     assert!(

@@ -18,11 +18,9 @@ use std::{
 };
 
 use meshaccel_e2e::{
-    Mesh, Pod, fixtures_dir, require_root, wait_output_timeout, wait_ready, workspace_bin,
+    APP_UID, Mesh, PROXY_UID, Pod, fixtures_dir, require_root, wait_output_timeout, wait_ready,
+    workspace_bin,
 };
-
-const ISTIO_UID: u32 = 1337;
-const APP_UID: u32 = 1000;
 
 fn tool() -> PathBuf {
     workspace_bin("meshaccel-e2e-tool")
@@ -103,8 +101,8 @@ fn relay_chain_through_istio_rules() {
         logs.path().join("relay-b.log"),
         logs.path().join("sink.log"),
     );
-    let _relay_a = spawn_tool(&mut mesh, &a, Some(ISTIO_UID), &relay_args, &relay_a_log);
-    let _relay_b = spawn_tool(&mut mesh, &b, Some(ISTIO_UID), &relay_args, &relay_b_log);
+    let _relay_a = spawn_tool(&mut mesh, &a, Some(PROXY_UID), &relay_args, &relay_a_log);
+    let _relay_b = spawn_tool(&mut mesh, &b, Some(PROXY_UID), &relay_args, &relay_b_log);
     let _sink = spawn_tool(
         &mut mesh,
         &b,
@@ -196,7 +194,7 @@ fn spawn_places_process_in_pod() {
     let mut mesh = Mesh::new().unwrap();
     let a = mesh.add_pod("a", None).unwrap();
     let child = mesh
-        .spawn(&a, Some(ISTIO_UID), Path::new("sleep"), &["100"])
+        .spawn(&a, Some(PROXY_UID), Path::new("sleep"), &["100"])
         .unwrap();
     let pid = child.id();
 
@@ -396,7 +394,7 @@ fn panic_cleans_up() {
         let mut mesh = Mesh::new().unwrap();
         let a = mesh.add_pod("a", Some(&basic_golden())).unwrap();
         let child = mesh
-            .spawn(&a, Some(ISTIO_UID), Path::new("sleep"), &["1000"])
+            .spawn(&a, Some(PROXY_UID), Path::new("sleep"), &["1000"])
             .unwrap();
         *created.lock().unwrap() = record(&mesh, vec![child.id()]);
         panic!("deliberate panic with a live mesh");
@@ -418,11 +416,11 @@ fn relay_many_concurrent_connections() {
     let b = mesh.add_pod("b", Some(&golden)).unwrap();
     let sink_addr = format!("{}:8080", b.ip);
     let relay_a_log = logs.path().join("relay-a.log");
-    let _relay_a = spawn_tool(&mut mesh, &a, Some(ISTIO_UID), &["relay"], &relay_a_log);
+    let _relay_a = spawn_tool(&mut mesh, &a, Some(PROXY_UID), &["relay"], &relay_a_log);
     let _relay_b = spawn_tool(
         &mut mesh,
         &b,
-        Some(ISTIO_UID),
+        Some(PROXY_UID),
         &["relay"],
         &logs.path().join("relay-b.log"),
     );

@@ -18,7 +18,7 @@ use kube::{
     api::{DeleteParams, ListParams, Patch, PatchParams, PostParams},
 };
 use meshaccel_e2e::{
-    Mesh, Pod,
+    APP_UID, Mesh, PROXY_UID, Pod,
     accel::Accel,
     fixtures_dir,
     kube_api::{self, AGENT_CLUSTER_ROLE_RULES, KubeApi},
@@ -26,8 +26,6 @@ use meshaccel_e2e::{
 };
 use serde_json::{Value, json};
 
-const PROXY_UID: u32 = 1337;
-const APP_UID: u32 = 1000;
 const LABEL: &str = "meshaccel.io/enabled";
 const EVENT_REASON: &str = "MeshaccelNotAccelerated";
 

@@ -10,11 +10,11 @@ use std::process::ExitCode;
 
 use clap::{Parser, ValueEnum};
 use meshaccel_benches::{
-    driver::{self, AbSetup, Cpus, PROXY_UID},
+    driver::{self, AbSetup, Cpus},
     plot,
     stats::{Compare, Metric, Target},
 };
-use meshaccel_e2e::{Mesh, accel::Accel, require_root};
+use meshaccel_e2e::{Mesh, PROXY_UID, accel::Accel, require_root};
 use serde_json::json;
 
 /// Latency of one app ↔ sidecar hop under Istio's capture, baseline vs accelerated.

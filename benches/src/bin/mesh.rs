@@ -14,11 +14,12 @@ use std::process::ExitCode;
 
 use clap::{Parser, ValueEnum};
 use meshaccel_benches::{
-    driver::{self, APP_UID, AbSetup, Cpus},
+    driver::{self, AbSetup, Cpus},
     plot,
     stats::{AbRun, Compare, Metric, Target, table},
 };
 use meshaccel_e2e::{
+    APP_UID,
     accel::Accel,
     require_root,
     sidecar::{PodSpec, Rules, SidecarMesh},

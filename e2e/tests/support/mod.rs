@@ -14,8 +14,7 @@ use meshaccel_e2e::{
 };
 use serde_json::Value;
 
-pub const PROXY_UID: u32 = 1337;
-pub const APP_UID: u32 = 1000;
+pub use meshaccel_e2e::{APP_UID, PROXY_UID};
 
 pub fn golden() -> PathBuf {
     fixtures_dir().join("iptables/istio-cni-sidecar/basic.txt.golden")
