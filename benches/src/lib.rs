@@ -12,4 +12,5 @@
 
 pub mod driver;
 pub mod plot;
+pub mod report_tail;
 pub mod stats;
