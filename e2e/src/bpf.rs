@@ -138,11 +138,7 @@ pub fn prog_attach(
     prog: BorrowedFd<'_>,
     attach_type: u32,
 ) -> io::Result<()> {
-    let mut attr = [0u8; 128];
-    put32(&mut attr, 0, target.as_raw_fd() as u32);
-    put32(&mut attr, 4, prog.as_raw_fd() as u32);
-    put32(&mut attr, 8, attach_type);
-    sys_bpf(BPF_PROG_ATTACH, &mut attr).map(|_| ())
+    attach_cmd(BPF_PROG_ATTACH, target, prog, attach_type)
 }
 
 /// BPF_PROG_DETACH of `prog` from `target` (for a sockhash, the program must be named).
@@ -151,11 +147,21 @@ pub fn prog_detach(
     prog: BorrowedFd<'_>,
     attach_type: u32,
 ) -> io::Result<()> {
+    attach_cmd(BPF_PROG_DETACH, target, prog, attach_type)
+}
+
+/// BPF_PROG_ATTACH and BPF_PROG_DETACH share their attr: target fd, program fd, attach type.
+fn attach_cmd(
+    cmd: i64,
+    target: BorrowedFd<'_>,
+    prog: BorrowedFd<'_>,
+    attach_type: u32,
+) -> io::Result<()> {
     let mut attr = [0u8; 128];
     put32(&mut attr, 0, target.as_raw_fd() as u32);
     put32(&mut attr, 4, prog.as_raw_fd() as u32);
     put32(&mut attr, 8, attach_type);
-    sys_bpf(BPF_PROG_DETACH, &mut attr).map(|_| ())
+    sys_bpf(cmd, &mut attr).map(|_| ())
 }
 
 /// The kernel id of the object behind `fd` (map, program or link: `id` is the second u32 of
