@@ -14,18 +14,13 @@ use std::{
 
 use anyhow::{Context as _, bail, ensure};
 use meshaccel_e2e::{
-    Mesh, Pod,
+    APP_UID, Mesh, Pod,
     accel::{Accel, Workload},
     wait_ready_timeout, workspace_bin,
 };
 use serde_json::{Value, json};
 
 use crate::stats::AbRun;
-
-/// The uid apps run as (anything but Istio's proxy uid, so that the capture rules apply).
-pub const APP_UID: u32 = 1000;
-/// Istio's proxy uid.
-pub const PROXY_UID: u32 = 1337;
 
 static STOP: AtomicBool = AtomicBool::new(false);
 
@@ -223,7 +218,7 @@ pub struct AbSetup<'a> {
 }
 
 /// One A/B run of the e2e tool's `ab-rr` / `ab-http` (`args` without `--gate-file`), as
-/// described in `meshaccel_e2e::ab`: switch off, baseline connections, switch on, gate,
+/// described in `meshaccel_e2e::tool::ab`: switch off, baseline connections, switch on, gate,
 /// accelerated connections, blocks. Returns the parsed run with the moved kernel counters in
 /// `extra`.
 pub fn run_ab(mesh: &mut Mesh, s: &mut AbSetup<'_>, args: &[String]) -> anyhow::Result<AbRun> {

@@ -3,13 +3,14 @@
 //! `meshaccel-e2e`, repeats, and prints ratios accelerated/baseline with their spread; results go
 //! to JSON and PNG files.
 //!
-//! How a run interleaves: the e2e tool's A/B clients (`meshaccel_e2e::ab`) open their baseline
-//! connections while the agent's switch is off (those sockets never enter the sockhash: plain
-//! TCP for life), then, with the switch on, their accelerated connections, and alternate blocks
-//! A B B A … on both for the rest of the run. Both sides share processes, CPUs, caches and
+//! How a run interleaves: the e2e tool's A/B clients (`meshaccel_e2e::tool::ab`) open their
+//! baseline connections while the agent's switch is off (those sockets never enter the sockhash:
+//! plain TCP for life), then, with the switch on, their accelerated connections, and alternate
+//! blocks A B B A … on both for the rest of the run. Both sides share processes, CPUs, caches and
 //! whatever else the machine is doing at that moment; the two halves of each side (every other
 //! block) give the run's own noise.
 
 pub mod driver;
 pub mod plot;
+pub mod report_tail;
 pub mod stats;

@@ -1,6 +1,7 @@
 //! Raw bpf(2) for tests that look at or tamper with what the agent pinned, independently of
 //! the agent's own code: open a pin, read and write a map element, list the programs attached to
-//! a sockhash or cgroup, detach one. Attr offsets follow `union bpf_attr` in linux/bpf.h.
+//! a sockhash or cgroup, detach one, or load and attach a trivial program of another
+//! "accelerator". Attr offsets follow `union bpf_attr` in linux/bpf.h.
 use std::{
     ffi::CString,
     io,
@@ -11,13 +12,20 @@ use std::{
 const BPF_MAP_CREATE: i64 = 0;
 const BPF_MAP_LOOKUP_ELEM: i64 = 1;
 const BPF_MAP_UPDATE_ELEM: i64 = 2;
+const BPF_PROG_LOAD: i64 = 5;
 const BPF_OBJ_PIN: i64 = 6;
 const BPF_OBJ_GET: i64 = 7;
+const BPF_PROG_ATTACH: i64 = 8;
 const BPF_PROG_DETACH: i64 = 9;
 const BPF_PROG_GET_FD_BY_ID: i64 = 13;
 const BPF_OBJ_GET_INFO_BY_FD: i64 = 15;
 const BPF_PROG_QUERY: i64 = 16;
 
+/// `enum bpf_map_type`.
+const BPF_MAP_TYPE_SOCKHASH: u32 = 18;
+/// `enum bpf_prog_type`.
+pub const BPF_PROG_TYPE_SOCK_OPS: u32 = 13;
+pub const BPF_PROG_TYPE_SK_MSG: u32 = 16;
 /// `enum bpf_attach_type`.
 pub const BPF_CGROUP_SOCK_OPS: u32 = 3;
 pub const BPF_SK_MSG_VERDICT: u32 = 7;
@@ -98,8 +106,53 @@ pub fn prog_fd_by_id(id: u32) -> io::Result<OwnedFd> {
     sys_bpf(BPF_PROG_GET_FD_BY_ID, &mut attr).map(owned)
 }
 
+/// A trivial program (`r0 = 1; exit`) of `prog_type`, expecting `attach_type`, named `name`:
+/// another "accelerator" of the tests, loaded without an object file.
+pub fn prog_load_trivial(prog_type: u32, attach_type: u32, name: &str) -> io::Result<OwnedFd> {
+    let insns: [u8; 16] = [0xb7, 0, 0, 0, 1, 0, 0, 0, 0x95, 0, 0, 0, 0, 0, 0, 0];
+    let license = c"GPL";
+    let mut attr = [0u8; 128];
+    put32(&mut attr, 0, prog_type);
+    put32(&mut attr, 4, 2);
+    put64(&mut attr, 8, insns.as_ptr() as u64);
+    put64(&mut attr, 16, license.as_ptr() as u64);
+    attr[48..48 + name.len()].copy_from_slice(name.as_bytes());
+    put32(&mut attr, 68, attach_type);
+    sys_bpf(BPF_PROG_LOAD, &mut attr).map(owned)
+}
+
+/// A new SOCKHASH map (4-byte keys) of `max_entries`.
+pub fn create_sockhash(max_entries: u32) -> io::Result<OwnedFd> {
+    let mut attr = [0u8; 128];
+    put32(&mut attr, 0, BPF_MAP_TYPE_SOCKHASH);
+    put32(&mut attr, 4, 4);
+    put32(&mut attr, 8, 4);
+    put32(&mut attr, 12, max_entries);
+    sys_bpf(BPF_MAP_CREATE, &mut attr).map(owned)
+}
+
+/// BPF_PROG_ATTACH of `prog` to `target` (a cgroup, a sockmap or sockhash), exclusively (no
+/// BPF_F_ALLOW_MULTI).
+pub fn prog_attach(
+    target: BorrowedFd<'_>,
+    prog: BorrowedFd<'_>,
+    attach_type: u32,
+) -> io::Result<()> {
+    attach_cmd(BPF_PROG_ATTACH, target, prog, attach_type)
+}
+
 /// BPF_PROG_DETACH of `prog` from `target` (for a sockhash, the program must be named).
 pub fn prog_detach(
+    target: BorrowedFd<'_>,
+    prog: BorrowedFd<'_>,
+    attach_type: u32,
+) -> io::Result<()> {
+    attach_cmd(BPF_PROG_DETACH, target, prog, attach_type)
+}
+
+/// BPF_PROG_ATTACH and BPF_PROG_DETACH share their attr: target fd, program fd, attach type.
+fn attach_cmd(
+    cmd: i64,
     target: BorrowedFd<'_>,
     prog: BorrowedFd<'_>,
     attach_type: u32,
@@ -108,7 +161,7 @@ pub fn prog_detach(
     put32(&mut attr, 0, target.as_raw_fd() as u32);
     put32(&mut attr, 4, prog.as_raw_fd() as u32);
     put32(&mut attr, 8, attach_type);
-    sys_bpf(BPF_PROG_DETACH, &mut attr).map(|_| ())
+    sys_bpf(cmd, &mut attr).map(|_| ())
 }
 
 /// The kernel id of the object behind `fd` (map, program or link: `id` is the second u32 of

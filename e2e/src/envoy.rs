@@ -45,10 +45,10 @@ use rcgen::{
 };
 use serde_json::{Value, json};
 
+use crate::PROXY_UID;
+
 /// The Envoy release that `scripts/install-envoy.sh` installs.
 pub const ENVOY_VERSION: &str = "1.40.0";
-/// Istio's proxy uid and gid.
-pub const PROXY_UID: u32 = 1337;
 /// `virtualOutbound`: where `ISTIO_REDIRECT` sends the app's outgoing connections.
 pub const OUTBOUND_CAPTURE_PORT: u16 = 15001;
 /// `virtualInbound`: where `ISTIO_IN_REDIRECT` sends incoming connections.

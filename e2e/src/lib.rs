@@ -7,13 +7,13 @@
 //! optionally as another uid (Istio's proxy is 1337). Everything a run creates carries its run id,
 //! and dropping the `Mesh` (also while a test panics) removes exactly that and nothing else.
 //!
-//! The `meshaccel-e2e-tool` binary of this crate provides the programs run in the pods: a relay
-//! standing in for Envoy, a checksumming sink and sender, an echo server and a ping-pong client.
-//! Servers print `ready` on stdout once listening: see [`wait_ready`].
+//! The programs run in the pods (a relay standing in for Envoy, a checksumming sink and sender,
+//! an echo server and a ping-pong client, HTTP and A/B load, the soak pair) live in [`tool`], a
+//! module per subcommand of this crate's `meshaccel-e2e-tool` binary. Servers print `ready` on
+//! stdout once listening: see [`wait_ready`].
 //!
 //! Everything here needs root (see [`require_root`]).
 
-pub mod ab;
 pub mod accel;
 pub mod bpf;
 mod cgroup;
@@ -22,6 +22,7 @@ pub mod pattern;
 mod pod;
 mod process;
 pub mod sock;
+pub mod tool;
 
 use std::{
     env,
@@ -31,6 +32,12 @@ use std::{
 pub use mesh::{Mesh, split_capture_log};
 pub use pod::{Pod, TcpCounters};
 pub use process::{wait_output_timeout, wait_ready, wait_ready_timeout};
+
+/// Istio's proxy uid and gid: Envoy, or the tool's relay standing in for it, runs as this, and
+/// Istio's iptables rules let its own connections out uncaptured.
+pub const PROXY_UID: u32 = 1337;
+/// The uid apps run as (anything but [`PROXY_UID`], so that Istio's capture rules apply).
+pub const APP_UID: u32 = 1000;
 
 /// Panics with a clear message unless the effective uid is 0.
 pub fn require_root() {

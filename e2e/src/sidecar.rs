@@ -11,7 +11,7 @@ use std::{
 use anyhow::{Context as _, bail};
 
 use crate::{
-    Mesh, Pod,
+    APP_UID, Mesh, PROXY_UID, Pod,
     ads::{AdsOptions, AdsServer, Resources},
     envoy::{self, Pki, SidecarSpec},
     fixtures_dir, wait_ready, workspace_bin,
@@ -19,8 +19,6 @@ use crate::{
 
 /// Istio's proxy admin port.
 pub const ADMIN_PORT: u16 = 15000;
-/// The UID apps run as (anything but the proxy's, so that Istio's rules capture them).
-pub const APP_UID: u32 = 1000;
 
 /// One pod of the mesh.
 #[derive(Clone, Debug)]
@@ -265,7 +263,7 @@ impl SidecarMesh {
         let envoy = self.envoy.clone();
         let dir = self.dir.path().to_path_buf();
         let (pod, sc) = self.sidecar(name)?;
-        envoy::create_log_file(&sc.log, envoy::PROXY_UID)?;
+        envoy::create_log_file(&sc.log, PROXY_UID)?;
         let mut cmd = Command::new(&envoy);
         cmd.args(envoy::envoy_args(&sc.config, base_id, &sc.log))
             .stdin(Stdio::null())
@@ -273,7 +271,7 @@ impl SidecarMesh {
             .stderr(File::create(dir.join(format!("envoy-{name}.stderr")))?);
         let log = sc.log.clone();
         let admin = sc.spec.admin_port;
-        let mut child = self.mesh.spawn_cmd(&pod, Some(envoy::PROXY_UID), cmd)?;
+        let mut child = self.mesh.spawn_cmd(&pod, Some(PROXY_UID), cmd)?;
         wait_live(&pod, admin, &log, &mut child)?;
         self.sidecar(name)?.1.child = Some(child);
         Ok(())

@@ -16,10 +16,10 @@ use std::{
 };
 
 use meshaccel_e2e::{
-    Pod,
+    APP_UID, Pod,
     accel::{Accel, Workload},
     require_root,
-    sidecar::{APP_UID, PodSpec, SidecarMesh},
+    sidecar::{PodSpec, SidecarMesh},
     wait_output_timeout, wait_ready,
 };
 use serde_json::Value;

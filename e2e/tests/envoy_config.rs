@@ -17,13 +17,13 @@ use std::{
 };
 
 use meshaccel_e2e::{
-    Mesh, Pod, fixtures_dir, require_root, wait_output_timeout, wait_ready, workspace_bin,
+    APP_UID, Mesh, Pod, fixtures_dir, require_root,
+    sidecar::{ADMIN_PORT, PodSpec, SidecarMesh},
+    wait_output_timeout, wait_ready, workspace_bin,
 };
 use serde_json::Value;
 
 use meshaccel_e2e::envoy::{self, CertPaths, Pki, SidecarSpec};
-
-const APP_UID: u32 = 1000;
 
 fn envoy_bin() -> PathBuf {
     match envoy::envoy_binary() {
@@ -671,58 +671,18 @@ fn spawn_tool(mesh: &mut Mesh, pod: &Pod, args: &[&str], log: &Path) -> Child {
 #[test]
 fn two_sidecars_carry_mtls_traffic_between_pods() {
     require_root();
-    let envoy_path = envoy_bin();
-    let golden = fixtures_dir().join("iptables/istio-cni-sidecar/basic.txt.golden");
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path();
-    let pki = Pki::new(dir).expect("creating the CA");
-
-    let mut mesh = Mesh::new().expect("creating the mesh");
-    let a = mesh.add_pod("client", Some(&golden)).expect("pod client");
-    let b = mesh.add_pod("server", Some(&golden)).expect("pod server");
     const SINK: u16 = 8080;
     const ECHO: u16 = 8081;
     const HTTP: u16 = 8082;
-    const ADMIN: u16 = 15000;
-    let specs = [
-        SidecarSpec {
-            pod_name: a.name.clone(),
-            pod_ip: a.ip,
-            inbound_ports: vec![],
-            upstreams: vec![
-                (b.name.clone(), b.ip, SINK),
-                (b.name.clone(), b.ip, ECHO),
-                (b.name.clone(), b.ip, HTTP),
-            ],
-            admin_port: ADMIN,
-        },
-        SidecarSpec {
-            pod_name: b.name.clone(),
-            pod_ip: b.ip,
-            inbound_ports: vec![SINK, ECHO, HTTP],
-            upstreams: vec![],
-            admin_port: ADMIN,
-        },
-    ];
-
-    let base = std::process::id() % 100_000 * 10;
-    let mut envoys = Vec::new();
-    for (i, (pod, s)) in [&a, &b].into_iter().zip(&specs).enumerate() {
-        let certs = pki.issue(&pod.name).unwrap();
-        let config = envoy::write_bootstrap(dir, s, &certs).unwrap();
-        let log = dir.join(format!("envoy-{}.log", pod.name));
-        envoy::create_log_file(&log, envoy::PROXY_UID).unwrap();
-        let mut cmd = Command::new(&envoy_path);
-        cmd.args(envoy::envoy_args(&config, base + i as u32, &log))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null());
-        cmd.stderr(File::create(dir.join(format!("envoy-{}.stderr", pod.name))).unwrap());
-        let mut child = mesh
-            .spawn_cmd(pod, Some(envoy::PROXY_UID), cmd)
-            .expect("spawning envoy");
-        meshaccel_e2e::sidecar::wait_live(pod, ADMIN, &log, &mut child).expect("envoy LIVE");
-        envoys.push(child);
-    }
+    let mut m = SidecarMesh::start(&[
+        PodSpec::mesh("client", &[]),
+        PodSpec::mesh("server", &[SINK, ECHO, HTTP]),
+    ])
+    .unwrap_or_else(|e| panic!("starting the pods and their Envoys: {e:#}"));
+    let (a, b) = (m.pod("client").clone(), m.pod("server").clone());
+    let dir = m.dir().to_path_buf();
+    let dir = dir.as_path();
+    let mesh = &mut m.mesh;
     let dump_logs = || {
         let mut s = String::new();
         for p in ["client", "server"] {
@@ -738,14 +698,14 @@ fn two_sidecars_carry_mtls_traffic_between_pods() {
 
     // Apps (uid 1000, so they are captured) in pod B: a checksumming sink and an echo server.
     let mut sink = spawn_tool(
-        &mut mesh,
+        mesh,
         &b,
         &["sink", "--listen", &format!("0.0.0.0:{SINK}")],
         &dir.join("sink.log"),
     );
     wait_ready(&mut sink).expect("sink ready");
     let mut echo = spawn_tool(
-        &mut mesh,
+        mesh,
         &b,
         &["echo", "--listen", &format!("0.0.0.0:{ECHO}")],
         &dir.join("echo.log"),
@@ -755,7 +715,7 @@ fn two_sidecars_carry_mtls_traffic_between_pods() {
     // 1. Bulk bytes, with a pause after connecting so the three legs can be seen established.
     const BYTES: u64 = 4 << 20;
     let send = spawn_tool(
-        &mut mesh,
+        mesh,
         &a,
         &[
             "send",
@@ -809,7 +769,7 @@ fn two_sidecars_carry_mtls_traffic_between_pods() {
 
     // 2. Ping-pong through the same path (second app port, bytes both ways).
     let pp = spawn_tool(
-        &mut mesh,
+        mesh,
         &a,
         &[
             "pingpong",
@@ -894,8 +854,8 @@ fn two_sidecars_carry_mtls_traffic_between_pods() {
     );
 
     // 4. Envoy's own account of it.
-    let sa = stats(&a, ADMIN);
-    let sb = stats(&b, ADMIN);
+    let sa = stats(&a, ADMIN_PORT);
+    let sb = stats(&b, ADMIN_PORT);
     let outbound = envoy::outbound_cluster_name(&b.name, SINK);
     let outbound_echo = envoy::outbound_cluster_name(&b.name, ECHO);
     let inbound = envoy::inbound_cluster_name(SINK);
@@ -1012,6 +972,6 @@ fn two_sidecars_carry_mtls_traffic_between_pods() {
         0,
         "{report}"
     );
-    drop((envoys, apps));
-    mesh.shutdown();
+    drop(apps);
+    drop(m);
 }

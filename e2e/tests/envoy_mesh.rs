@@ -5,7 +5,7 @@ mod support;
 use std::time::Duration;
 
 use meshaccel_e2e::{
-    TcpCounters,
+    Pod,
     accel::{Accel, Workload},
     require_root,
     sidecar::{PodSpec, SidecarMesh},
@@ -14,17 +14,9 @@ use meshaccel_e2e::{
 use serde_json::Value;
 use support::*;
 
-fn segs(m: &SidecarMesh, pods: &[&str]) -> Vec<TcpCounters> {
-    pods.iter()
-        .map(|p| m.pod(p).tcp_counters().unwrap())
-        .collect()
-}
-
-fn in_segs_since(m: &SidecarMesh, pods: &[&str], before: &[TcpCounters]) -> Vec<u64> {
-    pods.iter()
-        .zip(before)
-        .map(|(p, b)| m.pod(p).tcp_counters().unwrap().since(b).in_segs)
-        .collect()
+/// The mesh's pods named `names`.
+fn pods<'m>(m: &'m SidecarMesh, names: &[&str]) -> Vec<&'m Pod> {
+    names.iter().map(|n| m.pod(n)).collect()
 }
 
 /// Client pod → server pod through both Envoys with mTLS: all three legs are redirected, and
@@ -43,26 +35,26 @@ fn envoy_sidecars_all_legs_accelerated_with_mtls() {
     m.serve("server", &["sink", "--listen", "0.0.0.0:8080"])
         .unwrap();
     let target = format!("{}:8080", server.ip);
-    let pods = ["client", "server"];
+    let names = ["client", "server"];
     let bytes = (20u64 << 20).to_string();
 
-    let before = segs(&m, &pods);
+    let before = segs(&pods(&m, &names));
     finished(
         m.app("client", &["send", "--connect", &target, "--bytes", &bytes])
             .unwrap(),
         "off",
     );
-    let off = in_segs_since(&m, &pods, &before);
+    let off = in_segs_since(&pods(&m, &names), &before);
 
     accel.set_workloads(true, &wl).unwrap();
     let c0 = counters(&accel);
-    let before = segs(&m, &pods);
+    let before = segs(&pods(&m, &names));
     finished(
         m.app("client", &["send", "--connect", &target, "--bytes", &bytes])
             .unwrap(),
         "on",
     );
-    let on = in_segs_since(&m, &pods, &before);
+    let on = in_segs_since(&pods(&m, &names), &before);
     let c1 = counters(&accel);
     eprintln!("Envoy mesh, 20 MiB: in-segments off {off:?} on {on:?}; counters {c1}");
     assert_eq!(
@@ -270,8 +262,7 @@ fn sockets_whose_peer_is_on_another_node_stay_out_of_the_sockhash() {
     let to_remote_socks: Vec<&str> = text
         .lines()
         .filter(|l| {
-            l.contains(&format!("{}:8080", remote.ip))
-                && l.contains(&format!("uid:{}", meshaccel_e2e::envoy::PROXY_UID))
+            l.contains(&format!("{}:8080", remote.ip)) && l.contains(&format!("uid:{PROXY_UID}"))
         })
         .collect();
     assert!(
@@ -494,15 +485,15 @@ fn http_keepalive_through_envoy_is_accelerated_and_correct() {
     m.serve("server", &["http-server", "--listen", "0.0.0.0:8080"])
         .unwrap();
     let target = format!("{}:8080", server.ip);
-    let pods = ["client", "server"];
+    let names = ["client", "server"];
     const N: u64 = 2000;
     let mut per_request = Vec::new();
     for enabled in [false, true] {
         accel.set_workloads(enabled, &wl).unwrap();
         let c0 = counters(&accel);
-        let before = segs(&m, &pods);
+        let before = segs(&pods(&m, &names));
         client_requests(&mut m, &target, N, "http");
-        let segs: u64 = in_segs_since(&m, &pods, &before).iter().sum();
+        let segs: u64 = in_segs_since(&pods(&m, &names), &before).iter().sum();
         let c1 = counters(&accel);
         per_request.push(segs as f64 / N as f64);
         if enabled {

@@ -6,6 +6,8 @@
 // Children spawned through a Mesh are SIGKILLed and reaped by its teardown.
 #![allow(clippy::zombie_processes)]
 
+mod support;
+
 use std::{
     fs::{self, File},
     os::unix::fs::MetadataExt as _,
@@ -17,20 +19,8 @@ use std::{
     time::{Duration, Instant},
 };
 
-use meshaccel_e2e::{
-    Mesh, Pod, fixtures_dir, require_root, wait_output_timeout, wait_ready, workspace_bin,
-};
-
-const ISTIO_UID: u32 = 1337;
-const APP_UID: u32 = 1000;
-
-fn tool() -> PathBuf {
-    workspace_bin("meshaccel-e2e-tool")
-}
-
-fn basic_golden() -> PathBuf {
-    fixtures_dir().join("iptables/istio-cni-sidecar/basic.txt.golden")
-}
+use meshaccel_e2e::{APP_UID, Mesh, PROXY_UID, Pod, require_root, wait_output_timeout, wait_ready};
+use support::{golden, tool};
 
 /// Spawns the tool in `pod` with stderr to `log`, and waits for its `ready`.
 fn spawn_tool(mesh: &mut Mesh, pod: &Pod, uid: Option<u32>, args: &[&str], log: &Path) -> Child {
@@ -83,7 +73,7 @@ fn log_text(path: &Path) -> String {
 fn relay_chain_through_istio_rules() {
     require_root();
     let logs = tempfile::tempdir().unwrap();
-    let golden = basic_golden();
+    let golden = golden();
     let mut mesh = Mesh::new().unwrap();
     let a = mesh.add_pod("a", Some(&golden)).unwrap();
     let b = mesh.add_pod("b", Some(&golden)).unwrap();
@@ -103,8 +93,8 @@ fn relay_chain_through_istio_rules() {
         logs.path().join("relay-b.log"),
         logs.path().join("sink.log"),
     );
-    let _relay_a = spawn_tool(&mut mesh, &a, Some(ISTIO_UID), &relay_args, &relay_a_log);
-    let _relay_b = spawn_tool(&mut mesh, &b, Some(ISTIO_UID), &relay_args, &relay_b_log);
+    let _relay_a = spawn_tool(&mut mesh, &a, Some(PROXY_UID), &relay_args, &relay_a_log);
+    let _relay_b = spawn_tool(&mut mesh, &b, Some(PROXY_UID), &relay_args, &relay_b_log);
     let _sink = spawn_tool(
         &mut mesh,
         &b,
@@ -196,7 +186,7 @@ fn spawn_places_process_in_pod() {
     let mut mesh = Mesh::new().unwrap();
     let a = mesh.add_pod("a", None).unwrap();
     let child = mesh
-        .spawn(&a, Some(ISTIO_UID), Path::new("sleep"), &["100"])
+        .spawn(&a, Some(PROXY_UID), Path::new("sleep"), &["100"])
         .unwrap();
     let pid = child.id();
 
@@ -347,7 +337,7 @@ fn drop_removes_everything_and_only_its_own() {
     let mut m1 = Mesh::new().unwrap();
     let mut m2 = Mesh::new().unwrap();
     assert_ne!(m1.run_id(), m2.run_id());
-    let a = m1.add_pod("a", Some(&basic_golden())).unwrap();
+    let a = m1.add_pod("a", Some(&golden())).unwrap();
     let _b = m1.add_pod("b", None).unwrap();
     let c = m2.add_pod("c", None).unwrap();
     // The background sleep is a grandchild the mesh does not track: the pod cgroup catches it.
@@ -394,9 +384,9 @@ fn panic_cleans_up() {
     let created = Mutex::new(Created::default());
     let result = catch_unwind(AssertUnwindSafe(|| {
         let mut mesh = Mesh::new().unwrap();
-        let a = mesh.add_pod("a", Some(&basic_golden())).unwrap();
+        let a = mesh.add_pod("a", Some(&golden())).unwrap();
         let child = mesh
-            .spawn(&a, Some(ISTIO_UID), Path::new("sleep"), &["1000"])
+            .spawn(&a, Some(PROXY_UID), Path::new("sleep"), &["1000"])
             .unwrap();
         *created.lock().unwrap() = record(&mesh, vec![child.id()]);
         panic!("deliberate panic with a live mesh");
@@ -412,17 +402,17 @@ fn panic_cleans_up() {
 fn relay_many_concurrent_connections() {
     require_root();
     let logs = tempfile::tempdir().unwrap();
-    let golden = basic_golden();
+    let golden = golden();
     let mut mesh = Mesh::new().unwrap();
     let a = mesh.add_pod("a", Some(&golden)).unwrap();
     let b = mesh.add_pod("b", Some(&golden)).unwrap();
     let sink_addr = format!("{}:8080", b.ip);
     let relay_a_log = logs.path().join("relay-a.log");
-    let _relay_a = spawn_tool(&mut mesh, &a, Some(ISTIO_UID), &["relay"], &relay_a_log);
+    let _relay_a = spawn_tool(&mut mesh, &a, Some(PROXY_UID), &["relay"], &relay_a_log);
     let _relay_b = spawn_tool(
         &mut mesh,
         &b,
-        Some(ISTIO_UID),
+        Some(PROXY_UID),
         &["relay"],
         &logs.path().join("relay-b.log"),
     );

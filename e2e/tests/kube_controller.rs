@@ -5,10 +5,11 @@
 //! netns pods (Istio's capture rules, a relay as the sidecar, UID 1337), so whatever the API says
 //! decides what the kernel accelerates. The agent runs with a token bound to exactly
 //! [`AGENT_CLUSTER_ROLE_RULES`] (the Helm chart's ClusterRole).
+mod support;
+
 use std::{
     collections::BTreeSet,
     path::PathBuf,
-    process::Child,
     time::{Duration, Instant},
 };
 
@@ -18,72 +19,16 @@ use kube::{
     api::{DeleteParams, ListParams, Patch, PatchParams, PostParams},
 };
 use meshaccel_e2e::{
-    Mesh, Pod,
+    Mesh, PROXY_UID, Pod,
     accel::Accel,
-    fixtures_dir,
     kube_api::{self, AGENT_CLUSTER_ROLE_RULES, KubeApi},
-    require_root, wait_output_timeout, wait_ready, workspace_bin,
+    require_root,
 };
 use serde_json::{Value, json};
+use support::{counter, finished, mesh_pod, send, sink, wait_until_secs};
 
-const PROXY_UID: u32 = 1337;
-const APP_UID: u32 = 1000;
 const LABEL: &str = "meshaccel.io/enabled";
 const EVENT_REASON: &str = "MeshaccelNotAccelerated";
-
-fn golden() -> PathBuf {
-    fixtures_dir().join("iptables/istio-cni-sidecar/basic.txt.golden")
-}
-
-fn tool() -> PathBuf {
-    workspace_bin("meshaccel-e2e-tool")
-}
-
-/// A netns pod with Istio's capture rules and a relay (the sidecar) as UID 1337.
-fn mesh_pod(mesh: &mut Mesh, name: &str) -> Pod {
-    let pod = mesh.add_pod(name, Some(&golden())).expect("pod");
-    let mut relay = mesh
-        .spawn(&pod, Some(PROXY_UID), &tool(), &["relay"])
-        .expect("relay");
-    wait_ready(&mut relay).expect("relay ready");
-    pod
-}
-
-fn sink(mesh: &mut Mesh, pod: &Pod, listen: &str) {
-    let mut s = mesh
-        .spawn(pod, Some(APP_UID), &tool(), &["sink", "--listen", listen])
-        .expect("sink");
-    wait_ready(&mut s).expect("sink ready");
-}
-
-fn send(mesh: &mut Mesh, pod: &Pod, args: &[&str]) -> Child {
-    mesh.spawn(pod, Some(APP_UID), &tool(), &[&["send"], args].concat())
-        .expect("send")
-}
-
-fn finished(child: Child, what: &str) -> Value {
-    let out = wait_output_timeout(child, Duration::from_secs(120)).expect("send finished");
-    let line = String::from_utf8_lossy(&out.stdout);
-    let v: Value = serde_json::from_str(line.trim())
-        .unwrap_or_else(|e| panic!("{what}: bad report {line:?}: {e}"));
-    assert!(
-        out.status.success() && v["ok"] == true,
-        "{what}: bytes did not arrive exactly: {v}"
-    );
-    v
-}
-
-fn counter(a: &Accel, name: &str) -> u64 {
-    a.counter(name).expect("status counter")
-}
-
-fn wait_until(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting until {what}");
-        std::thread::sleep(Duration::from_millis(25));
-    }
-}
 
 fn cookies(pods: &[&Pod]) -> BTreeSet<u64> {
     pods.iter()
@@ -317,7 +262,7 @@ fn labels_annotations_and_deletion_drive_the_maps() {
         &b.name,
         json!({"metadata": {"annotations": {"traffic.sidecar.istio.io/excludeInboundPorts": "8080"}}}),
     );
-    wait_until("b's excluded port in the maps", 15, || {
+    wait_until_secs("b's excluded port in the maps", 15, || {
         accel.status().unwrap()["excluded_ports"] == 1
     });
     finished(
@@ -332,7 +277,7 @@ fn labels_annotations_and_deletion_drive_the_maps() {
         &b.name,
         json!({"metadata": {"annotations": {"traffic.sidecar.istio.io/excludeInboundPorts": null}}}),
     );
-    wait_until("the exclusion removed", 15, || {
+    wait_until_secs("the exclusion removed", 15, || {
         accel.status().unwrap()["excluded_ports"] == 0
     });
 
@@ -342,7 +287,7 @@ fn labels_annotations_and_deletion_drive_the_maps() {
         json!({"metadata": {"annotations": {"traffic.sidecar.istio.io/excludeOutboundPorts": "5432,postgres"}}}),
     );
     wait_enabled(&accel, &[&a, &b], "pod c with a malformed annotation");
-    wait_until("an Event on pod c", 15, || {
+    wait_until_secs("an Event on pod c", 15, || {
         cl.events(&c.name)
             .iter()
             .any(|m| m.contains("excludeOutboundPorts") && m.contains("postgres"))
@@ -367,7 +312,7 @@ fn labels_annotations_and_deletion_drive_the_maps() {
         ],
     );
     let mid = counter(&accel, "redirect_bytes");
-    wait_until("the transfer is redirecting", 20, || {
+    wait_until_secs("the transfer is redirecting", 20, || {
         counter(&accel, "redirect_bytes") > mid + 2_000_000
     });
     cl.label_namespace(None);
@@ -435,7 +380,7 @@ fn apiserver_outage_keeps_state_and_resyncs() {
         .matches("Kubernetes source in sync")
         .count();
     cl.api.start_apiserver().expect("API server back");
-    wait_until("the agent resynced", 30, || {
+    wait_until_secs("the agent resynced", 30, || {
         accel
             .agent_log()
             .matches("Kubernetes source in sync")
@@ -520,7 +465,7 @@ fn rbac_each_rule_is_needed() {
     let kc = cl.agent_kubeconfig();
     let mesh = Mesh::new().expect("mesh");
     let accel = Accel::start_kube(&mesh, &cl.node, &kc).expect("agent");
-    wait_until("the Event on the malformed pod", 20, || {
+    wait_until_secs("the Event on the malformed pod", 20, || {
         cl.events("bad")
             .iter()
             .any(|m| m.contains("excludeInboundPorts"))

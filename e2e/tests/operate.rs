@@ -8,13 +8,13 @@ use std::{
     collections::BTreeMap,
     io::{Read as _, Write as _},
     net::{SocketAddr, TcpStream},
-    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+    os::fd::{AsFd as _, OwnedFd},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
 
-use meshaccel_e2e::{Mesh, require_root, wait_output_timeout, wait_ready, workspace_bin};
+use meshaccel_e2e::{Mesh, bpf, require_root, wait_output_timeout, wait_ready, workspace_bin};
 use serde_json::Value;
 use support::*;
 
@@ -343,50 +343,6 @@ impl Drop for TempBpffs {
     }
 }
 
-// Raw bpf(2), to load "foreign" programs without an object file: `r0 = 1; exit`.
-const BPF_MAP_CREATE: i64 = 0;
-const BPF_PROG_LOAD: i64 = 5;
-const BPF_PROG_ATTACH: i64 = 8;
-const BPF_PROG_DETACH: i64 = 9;
-const BPF_MAP_TYPE_SOCKHASH: u32 = 18;
-const BPF_PROG_TYPE_SOCK_OPS: u32 = 13;
-const BPF_PROG_TYPE_SK_MSG: u32 = 16;
-const BPF_CGROUP_SOCK_OPS: u32 = 3;
-const BPF_SK_MSG_VERDICT: u32 = 7;
-
-fn sys_bpf(cmd: i64, attr: &mut [u8; 128]) -> std::io::Result<i32> {
-    // SAFETY: bpf(2) with a zero-initialised attr buffer of 128 bytes laid out per linux/bpf.h.
-    let rc = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr.as_mut_ptr(), attr.len() as u32) };
-    if rc < 0 {
-        Err(std::io::Error::last_os_error())
-    } else {
-        Ok(rc as i32)
-    }
-}
-
-fn put32(attr: &mut [u8; 128], off: usize, v: u32) {
-    attr[off..off + 4].copy_from_slice(&v.to_ne_bytes());
-}
-
-fn put64(attr: &mut [u8; 128], off: usize, v: u64) {
-    attr[off..off + 8].copy_from_slice(&v.to_ne_bytes());
-}
-
-fn load_trivial(prog_type: u32, attach_type: u32, name: &str) -> OwnedFd {
-    let insns: [u8; 16] = [0xb7, 0, 0, 0, 1, 0, 0, 0, 0x95, 0, 0, 0, 0, 0, 0, 0];
-    let license = c"GPL";
-    let mut attr = [0u8; 128];
-    put32(&mut attr, 0, prog_type);
-    put32(&mut attr, 4, 2);
-    put64(&mut attr, 8, insns.as_ptr() as u64);
-    put64(&mut attr, 16, license.as_ptr() as u64);
-    attr[48..48 + name.len()].copy_from_slice(name.as_bytes());
-    put32(&mut attr, 68, attach_type);
-    let fd = sys_bpf(BPF_PROG_LOAD, &mut attr).expect("loading a trivial program");
-    // SAFETY: a new fd the kernel just returned to us.
-    unsafe { OwnedFd::from_raw_fd(fd) }
-}
-
 /// Another "accelerator": a sockhash with an sk_msg program of its own. Freed when dropped.
 struct ForeignSkMsg {
     _map: OwnedFd,
@@ -395,20 +351,15 @@ struct ForeignSkMsg {
 
 impl ForeignSkMsg {
     fn new() -> Self {
-        let mut attr = [0u8; 128];
-        put32(&mut attr, 0, BPF_MAP_TYPE_SOCKHASH);
-        put32(&mut attr, 4, 4);
-        put32(&mut attr, 8, 4);
-        put32(&mut attr, 12, 1);
-        let map = sys_bpf(BPF_MAP_CREATE, &mut attr).expect("creating a sockhash");
-        // SAFETY: a new fd the kernel just returned to us.
-        let map = unsafe { OwnedFd::from_raw_fd(map) };
-        let prog = load_trivial(BPF_PROG_TYPE_SK_MSG, BPF_SK_MSG_VERDICT, "foreign_msg");
-        let mut attr = [0u8; 128];
-        put32(&mut attr, 0, map.as_raw_fd() as u32);
-        put32(&mut attr, 4, prog.as_raw_fd() as u32);
-        put32(&mut attr, 8, BPF_SK_MSG_VERDICT);
-        sys_bpf(BPF_PROG_ATTACH, &mut attr).expect("attaching sk_msg to the sockhash");
+        let map = bpf::create_sockhash(1).expect("creating a sockhash");
+        let prog = bpf::prog_load_trivial(
+            bpf::BPF_PROG_TYPE_SK_MSG,
+            bpf::BPF_SK_MSG_VERDICT,
+            "foreign_msg",
+        )
+        .expect("loading a trivial program");
+        bpf::prog_attach(map.as_fd(), prog.as_fd(), bpf::BPF_SK_MSG_VERDICT)
+            .expect("attaching sk_msg to the sockhash");
         Self { _map: map, prog }
     }
 }
@@ -421,38 +372,33 @@ struct ForeignSockOps {
 
 impl ForeignSockOps {
     fn new(cgroup: &Path) -> Self {
-        let prog = load_trivial(BPF_PROG_TYPE_SOCK_OPS, BPF_CGROUP_SOCK_OPS, "foreign_ops");
+        let prog = bpf::prog_load_trivial(
+            bpf::BPF_PROG_TYPE_SOCK_OPS,
+            bpf::BPF_CGROUP_SOCK_OPS,
+            "foreign_ops",
+        )
+        .expect("loading a trivial program");
         let cgroup = std::fs::File::open(cgroup).unwrap();
-        let mut attr = [0u8; 128];
-        put32(&mut attr, 0, cgroup.as_raw_fd() as u32);
-        put32(&mut attr, 4, prog.as_raw_fd() as u32);
-        put32(&mut attr, 8, BPF_CGROUP_SOCK_OPS);
-        sys_bpf(BPF_PROG_ATTACH, &mut attr).expect("attaching sock_ops to the cgroup");
+        bpf::prog_attach(cgroup.as_fd(), prog.as_fd(), bpf::BPF_CGROUP_SOCK_OPS)
+            .expect("attaching sock_ops to the cgroup");
         Self { cgroup, prog }
     }
 }
 
 impl Drop for ForeignSockOps {
     fn drop(&mut self) {
-        let mut attr = [0u8; 128];
-        put32(&mut attr, 0, self.cgroup.as_raw_fd() as u32);
-        put32(&mut attr, 4, self.prog.as_raw_fd() as u32);
-        put32(&mut attr, 8, BPF_CGROUP_SOCK_OPS);
-        if let Err(e) = sys_bpf(BPF_PROG_DETACH, &mut attr) {
+        if let Err(e) = bpf::prog_detach(
+            self.cgroup.as_fd(),
+            self.prog.as_fd(),
+            bpf::BPF_CGROUP_SOCK_OPS,
+        ) {
             eprintln!("detaching the test's sock_ops program: {e}");
         }
     }
 }
 
 fn prog_id(fd: &OwnedFd) -> u32 {
-    // BPF_OBJ_GET_INFO_BY_FD (15): bpf_prog_info.id is at offset 4.
-    let mut info = [0u8; 256];
-    let mut attr = [0u8; 128];
-    put32(&mut attr, 0, fd.as_raw_fd() as u32);
-    put32(&mut attr, 4, info.len() as u32);
-    put64(&mut attr, 8, info.as_mut_ptr() as u64);
-    sys_bpf(15, &mut attr).expect("prog info");
-    u32::from_ne_bytes(info[4..8].try_into().unwrap())
+    bpf::obj_id(fd.as_fd()).expect("prog info")
 }
 
 /// Polls doctor until `pred` holds on its report (the kernel frees programs asynchronously).

@@ -32,18 +32,6 @@ fn dual_stack_pod(mesh: &mut Mesh, name: &str, golden: &str) -> (Pod, std::net::
     (pod, ip6)
 }
 
-fn soak_server(mesh: &mut Mesh, pod: &Pod, listen: &str) {
-    let mut s = mesh
-        .spawn(
-            pod,
-            Some(APP_UID),
-            &tool(),
-            &["soak-server", "--listen", listen],
-        )
-        .expect("soak-server");
-    wait_ready(&mut s).expect("soak-server ready");
-}
-
 fn soak(mesh: &mut Mesh, from: &Pod, target: &str, n: &str) -> Child {
     mesh.spawn(
         from,

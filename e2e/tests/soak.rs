@@ -23,25 +23,13 @@ use std::{
 use meshaccel_e2e::{
     Mesh, Pod,
     accel::{Accel, Workload},
-    require_root, wait_output_timeout, wait_ready,
+    require_root, wait_output_timeout,
 };
 use serde_json::Value;
 use support::*;
 
 fn long_mode() -> bool {
     std::env::var("MESHACCEL_SOAK").is_ok_and(|v| v == "long")
-}
-
-fn soak_server(mesh: &mut Mesh, pod: &Pod, listen: &str) {
-    let mut s = mesh
-        .spawn(
-            pod,
-            Some(APP_UID),
-            &tool(),
-            &["soak-server", "--listen", listen],
-        )
-        .expect("soak-server");
-    wait_ready(&mut s).expect("soak-server ready");
 }
 
 /// [`two_mesh_pods`] with a soak server in pod b on 8080; returns the soak target too.

@@ -38,10 +38,6 @@ fn swarm_report(child: std::process::Child, what: &str) -> Value {
     v
 }
 
-fn counter(a: &Accel, name: &str) -> u64 {
-    a.counter(name).expect("counter")
-}
-
 /// Keeps both CPUs busy (so that sockets are inserted late relative to the client's first
 /// write); killed with the mesh.
 #[allow(

@@ -16,10 +16,6 @@ use meshaccel_e2e::{
 use serde_json::Value;
 use support::*;
 
-fn counter(a: &Accel, name: &str) -> u64 {
-    a.counter(name).expect("status counter")
-}
-
 /// The client/server mesh with ADS-fed Envoys and an agent connected to the same server.
 fn mesh_with_agent() -> (SidecarMesh, Accel, String) {
     let mut m = SidecarMesh::start_opts(

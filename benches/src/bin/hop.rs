@@ -10,11 +10,11 @@ use std::process::ExitCode;
 
 use clap::{Parser, ValueEnum};
 use meshaccel_benches::{
-    driver::{self, AbSetup, Cpus, PROXY_UID},
-    plot,
+    driver::{self, AbSetup, Cpus},
+    plot, report_tail,
     stats::{Compare, Metric, Target},
 };
-use meshaccel_e2e::{Mesh, accel::Accel, require_root};
+use meshaccel_e2e::{Mesh, PROXY_UID, accel::Accel, require_root};
 use serde_json::json;
 
 /// Latency of one app ↔ sidecar hop under Istio's capture, baseline vs accelerated.
@@ -166,17 +166,8 @@ fn run(a: &Args) -> anyhow::Result<bool> {
         "{}",
         meshaccel_benches::stats::table(&c, &METRICS, &TARGETS)
     );
-    println!(
-        "\nrun noise (largest A/A or B/B p50 difference between halves): {:.3}",
-        c.noise(Metric::P50)
-    );
-    let segs = c.pooled(true).metric(Metric::SegsPerReq);
-    if segs > 0.5 {
-        println!(
-            "WARNING: the accelerated side sent {segs:.2} TCP segments per request: acceleration \
-             did not engage (see the kernel counters in hop.json)"
-        );
-    }
+    report_tail::print_noise(c.noise(Metric::P50));
+    report_tail::warn_if_not_engaged(&c, "hop");
     if inverted {
         println!(
             "INVERSION: accelerated p50 is not lower than baseline ({})",
@@ -194,15 +185,12 @@ fn run(a: &Args) -> anyhow::Result<bool> {
         "block_ms": a.block_ms,
         "short": a.common.short,
         "machine": machine,
-        "targets": TARGETS.iter().map(|t| json!({"metric": t.metric.key(), "target": t.show(),
-            "met": t.met(c.ratio(t.metric).median)})).collect::<Vec<_>>(),
+        "targets": report_tail::targets_json(&c, &TARGETS),
         "inversion": inverted,
         "result": c.to_json(&METRICS, true),
     });
-    let json_path = driver::write_json(&a.common.out, "hop.json", &result)?;
-    let png_path = a.common.out.join("hop.png");
     let (pa, pb) = (c.pooled(false), c.pooled(true));
-    plot::png(&png_path, (900, 560), |area| {
+    report_tail::write_results("hop", &a.common.out, &result, (900, 560), |area| {
         plot::percentiles(
             area,
             &format!(
@@ -215,23 +203,11 @@ fn run(a: &Args) -> anyhow::Result<bool> {
             ],
         )
     })?;
-    eprintln!(
-        "[hop] wrote {} and {}",
-        json_path.display(),
-        png_path.display()
-    );
     Ok(!(a.common.check && inverted))
 }
 
 fn main() -> ExitCode {
     let a = Args::parse();
     driver::install_signal_handlers();
-    match run(&a) {
-        Ok(true) => ExitCode::SUCCESS,
-        Ok(false) => ExitCode::FAILURE,
-        Err(e) => {
-            eprintln!("[hop] {e:#}");
-            ExitCode::from(2)
-        }
-    }
+    report_tail::exit("hop", run(&a))
 }

@@ -14,11 +14,12 @@ use std::process::ExitCode;
 
 use clap::{Parser, ValueEnum};
 use meshaccel_benches::{
-    driver::{self, APP_UID, AbSetup, Cpus},
-    plot,
+    driver::{self, AbSetup, Cpus},
+    plot, report_tail,
     stats::{AbRun, Compare, Metric, Target, table},
 };
 use meshaccel_e2e::{
+    APP_UID,
     accel::Accel,
     require_root,
     sidecar::{PodSpec, Rules, SidecarMesh},
@@ -100,16 +101,6 @@ const RATE_TARGETS: [Target; 5] = [
     Target::at_most(Metric::P999, 1.0),
     Target::at_most(Metric::Max, 1.0),
 ];
-
-fn targets_json(c: &Compare, targets: &[Target]) -> serde_json::Value {
-    json!(
-        targets
-            .iter()
-            .map(|t| json!({"metric": t.metric.key(), "target": t.show(),
-                            "met": t.met(c.ratio(t.metric).median)}))
-            .collect::<Vec<_>>()
-    )
-}
 
 /// One line per run: p50 with its ratio, `extra` (e.g. req/s, p99), CPU per request.
 fn progress(round: u32, rounds: u32, what: &str, r: &AbRun, extra: Metric) {
@@ -275,7 +266,7 @@ fn run(a: &Args) -> anyhow::Result<bool> {
     }
     println!("\nclosed loop:\n");
     print!("{}", table(&closed, &METRICS, &TARGETS));
-    println!("\nrun noise (largest A/A or B/B p50 difference between halves): {noise:.3}");
+    report_tail::print_noise(noise);
     if with_rate {
         println!(
             "\nfixed rate, {} req/s per side (coordinated omission corrected):\n",
@@ -283,13 +274,7 @@ fn run(a: &Args) -> anyhow::Result<bool> {
         );
         print!("{}", table(&fixed, &METRICS, &RATE_TARGETS));
     }
-    let segs = closed.pooled(true).metric(Metric::SegsPerReq);
-    if segs > 0.5 {
-        println!(
-            "WARNING: the accelerated side sent {segs:.2} TCP segments per request: acceleration \
-             did not engage (see the kernel counters in mesh.json)"
-        );
-    }
+    report_tail::warn_if_not_engaged(&closed, "mesh");
     if inverted {
         println!(
             "INVERSION: accelerated p50 is worse than baseline beyond the run's noise ({}, noise {noise:.3})",
@@ -311,51 +296,50 @@ fn run(a: &Args) -> anyhow::Result<bool> {
         "machine": machine,
         "inversion": inverted,
         "closed": {
-            "targets": targets_json(&closed, &TARGETS),
+            "targets": report_tail::targets_json(&closed, &TARGETS),
             "result": closed.to_json(&METRICS, true),
         },
         "fixed_rate": if with_rate { json!({
             "rate": rate,
-            "targets": targets_json(&fixed, &RATE_TARGETS),
+            "targets": report_tail::targets_json(&fixed, &RATE_TARGETS),
             "result": fixed.to_json(&METRICS, true),
         }) } else { json!(null) },
     });
-    let json_path = driver::write_json(&a.common.out, "mesh.json", &result)?;
-    let png_path = a.common.out.join("mesh.png");
     let panels = if with_rate { 2 } else { 1 };
-    plot::png(&png_path, (900 * panels, 560), |area| {
-        let parts = area.split_evenly((1, panels as usize));
-        let (ca, cb) = (closed.pooled(false), closed.pooled(true));
-        plot::percentiles(
-            &parts[0],
-            &format!("mesh: HTTP {} B, closed loop ({rounds} rounds)", a.size),
-            &[
-                ("baseline (TCP)".into(), &ca.hist, plot::BASELINE),
-                ("accelerated".into(), &cb.hist, plot::ACCELERATED),
-            ],
-        )?;
-        if with_rate {
-            let (fa, fb) = (fixed.pooled(false), fixed.pooled(true));
+    report_tail::write_results(
+        "mesh",
+        &a.common.out,
+        &result,
+        (900 * panels, 560),
+        |area| {
+            let parts = area.split_evenly((1, panels as usize));
+            let (ca, cb) = (closed.pooled(false), closed.pooled(true));
             plot::percentiles(
-                &parts[1],
-                &format!(
-                    "mesh: HTTP {} B, fixed rate {} req/s",
-                    a.size,
-                    rate.unwrap_or(0.0)
-                ),
+                &parts[0],
+                &format!("mesh: HTTP {} B, closed loop ({rounds} rounds)", a.size),
                 &[
-                    ("baseline (TCP)".into(), &fa.hist, plot::BASELINE),
-                    ("accelerated".into(), &fb.hist, plot::ACCELERATED),
+                    ("baseline (TCP)".into(), &ca.hist, plot::BASELINE),
+                    ("accelerated".into(), &cb.hist, plot::ACCELERATED),
                 ],
             )?;
-        }
-        Ok(())
-    })?;
-    eprintln!(
-        "[mesh] wrote {} and {}",
-        json_path.display(),
-        png_path.display()
-    );
+            if with_rate {
+                let (fa, fb) = (fixed.pooled(false), fixed.pooled(true));
+                plot::percentiles(
+                    &parts[1],
+                    &format!(
+                        "mesh: HTTP {} B, fixed rate {} req/s",
+                        a.size,
+                        rate.unwrap_or(0.0)
+                    ),
+                    &[
+                        ("baseline (TCP)".into(), &fa.hist, plot::BASELINE),
+                        ("accelerated".into(), &fb.hist, plot::ACCELERATED),
+                    ],
+                )?;
+            }
+            Ok(())
+        },
+    )?;
     Ok(!(a.common.check && inverted))
 }
 
@@ -367,12 +351,5 @@ fn num_cpus() -> usize {
 fn main() -> ExitCode {
     let a = Args::parse();
     driver::install_signal_handlers();
-    match run(&a) {
-        Ok(true) => ExitCode::SUCCESS,
-        Ok(false) => ExitCode::FAILURE,
-        Err(e) => {
-            eprintln!("[mesh] {e:#}");
-            ExitCode::from(2)
-        }
-    }
+    report_tail::exit("mesh", run(&a))
 }

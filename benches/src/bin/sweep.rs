@@ -28,12 +28,12 @@ use std::{path::PathBuf, process::ExitCode};
 
 use clap::{Parser, ValueEnum};
 use meshaccel_benches::{
-    driver::{self, AbSetup, Cpus, PROXY_UID},
+    driver::{self, AbSetup, Cpus},
     plot::{self, SizePoint, SizeSeries},
     stats::{Compare, Metric, Spread, round3},
 };
 use meshaccel_e2e::{
-    Pod,
+    APP_UID, PROXY_UID, Pod,
     accel::{Accel, Workload},
     require_root,
     sidecar::{PodSpec, Rules, SidecarMesh},
@@ -295,11 +295,11 @@ fn run(a: &Args) -> anyhow::Result<()> {
     for p in &ports {
         rr.extend(["--listen".into(), format!("0.0.0.0:{p}")]);
     }
-    driver::serve(&mut m.mesh, &server, driver::APP_UID, &server_cpus, &rr)?;
+    driver::serve(&mut m.mesh, &server, APP_UID, &server_cpus, &rr)?;
     // Not a workload of this agent: another node's pod.
     let remote_pod = if remote {
         let p = m.pod("remote").clone();
-        driver::serve(&mut m.mesh, &p, driver::APP_UID, &server_cpus, &rr)?;
+        driver::serve(&mut m.mesh, &p, APP_UID, &server_cpus, &rr)?;
         Some(p)
     } else {
         None

@@ -14,8 +14,7 @@ use meshaccel_e2e::{
 };
 use serde_json::Value;
 
-pub const PROXY_UID: u32 = 1337;
-pub const APP_UID: u32 = 1000;
+pub use meshaccel_e2e::{APP_UID, PROXY_UID};
 
 pub fn golden() -> PathBuf {
     fixtures_dir().join("iptables/istio-cni-sidecar/basic.txt.golden")
@@ -72,6 +71,19 @@ pub fn sink_delayed(mesh: &mut Mesh, pod: &Pod, listen: &str, delay_ms: u64) {
     wait_ready(&mut s).expect("sink ready");
 }
 
+/// A soak server (`soak-server`) in the pod; the mesh kills and reaps it at teardown.
+pub fn soak_server(mesh: &mut Mesh, pod: &Pod, listen: &str) {
+    let mut s = mesh
+        .spawn(
+            pod,
+            Some(APP_UID),
+            &tool(),
+            &["soak-server", "--listen", listen],
+        )
+        .expect("soak-server");
+    wait_ready(&mut s).expect("soak-server ready");
+}
+
 pub fn send(mesh: &mut Mesh, pod: &Pod, args: &[&str]) -> Child {
     mesh.spawn(pod, Some(APP_UID), &tool(), &[&["send"], args].concat())
         .expect("send")
@@ -117,8 +129,19 @@ pub fn delta(after: &Value, before: &Value, name: &str) -> u64 {
     after[name].as_u64().unwrap() - before[name].as_u64().unwrap()
 }
 
-pub fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(20);
+/// One of the agent's status counters.
+pub fn counter(a: &Accel, name: &str) -> u64 {
+    a.counter(name).expect("status counter")
+}
+
+/// Polls `f` until it holds; panics after 20 s.
+pub fn wait_until(what: &str, f: impl FnMut() -> bool) {
+    wait_until_secs(what, 20, f);
+}
+
+/// [`wait_until`] with a deadline of `secs`.
+pub fn wait_until_secs(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
     while !f() {
         assert!(Instant::now() < deadline, "timed out waiting until {what}");
         std::thread::sleep(Duration::from_millis(20));
