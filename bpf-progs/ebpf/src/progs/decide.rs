@@ -25,12 +25,15 @@ pub(super) fn pairing(st: &mut SockState) -> bool {
 
 /// TCP for life. A socket nothing can have been redirected into (an app's; an active one no
 /// socket of this node paired with) has nothing left to gain in the sockhash: it leaves at
-/// its next sock_ops callback, back on TCP's own paths.
+/// its next sock_ops callback, back on TCP's own paths. A socket already on TCP (it went for
+/// another reason before it learned it cannot pair) is counted once, under its first reason.
 #[inline(always)]
 pub(super) fn go_tcp(st: &mut SockState, reason: u32) {
+    if st.state != STATE_TCP {
+        count(reason, 1);
+    }
     st.state = STATE_TCP;
     if st.leave == LEAVE_NO && (st.app != 0 || st.paired == PAIR_NONE) {
         st.leave = LEAVE_PENDING;
     }
-    count(reason, 1);
 }
