@@ -569,7 +569,17 @@ fn ordinary_apps_see_plain_tcp_with_acceleration_on() {
             continue;
         }
         accel.set_workloads(false, &wl).expect("off");
-        let off = bench.run(&accel, c, port);
+        let mut off = bench.run(&accel, c, port);
+        // The reference is plain TCP through real Envoy, with meshaccel off: when it fails, the
+        // app and Envoy did so on their own (seen once in ~10 suite runs: py-threads, a premature
+        // EOF at the server). It is run again once, and said so; the accelerated run never is.
+        if !(verdict(&off.client).0 && verdict(&off.server).0) {
+            eprintln!(
+                "conformance: {}: the reference run (acceleration off) failed on its own, running it again: client {} server {}",
+                c.name, off.client, off.server
+            );
+            off = bench.run(&accel, c, port);
+        }
         accel.set_workloads(true, &wl).expect("on");
         let on = bench.run(&accel, c, port);
         let (vo, vn) = (
