@@ -53,72 +53,76 @@ pub(super) fn btf() -> Check {
 }
 
 pub(super) fn program_and_map_types() -> Vec<Check> {
-    let mut out = Vec::new();
-    let mut missing = Vec::new();
-    let mut errors = Vec::new();
-    for (t, n) in [
+    let programs = [
         (ProgramType::SockOps, "sock_ops"),
         (ProgramType::SkMsg, "sk_msg"),
-    ] {
-        match aya::sys::is_program_supported(t) {
-            Ok(true) => {}
-            Ok(false) => missing.push(n),
-            Err(e) => errors.push(format!("{n}: {e}")),
-        }
-    }
-    out.push(if !missing.is_empty() {
-        Check::new(
-            "program types",
-            Level::Fail,
-            format!("the kernel cannot load {} programs", missing.join(", ")),
+    ]
+    .map(|(t, n)| {
+        (
+            n,
+            aya::sys::is_program_supported(t).map_err(|e| e.to_string()),
         )
-        .fix("meshaccel needs a kernel with CONFIG_BPF_SYSCALL, CONFIG_CGROUP_BPF and CONFIG_BPF_STREAM_PARSER")
-    } else if !errors.is_empty() {
-        Check::new(
-            "program types",
-            Level::Fail,
-            format!("probing failed: {}", errors.join("; ")),
-        )
-        .fix("run as root (or with CAP_BPF + CAP_SYS_ADMIN)")
-    } else {
-        Check::new("program types", Level::Ok, "sock_ops and sk_msg load")
     });
-    let mut missing = Vec::new();
-    let mut errors = Vec::new();
-    for (t, n) in [
+    let maps = [
         (MapType::SockHash, "sockhash"),
         (MapType::SkStorage, "sk_storage"),
         (MapType::Hash, "hash"),
         (MapType::Array, "array"),
         (MapType::PerCpuArray, "percpu_array"),
         (MapType::PerCpuHash, "percpu_hash"),
-    ] {
-        match aya::sys::is_map_supported(t) {
-            Ok(true) => {}
-            Ok(false) => missing.push(n),
-            Err(e) => errors.push(format!("{n}: {e}")),
-        }
-    }
-    out.push(if !missing.is_empty() {
-        Check::new(
+    ]
+    .map(|(t, n)| (n, aya::sys::is_map_supported(t).map_err(|e| e.to_string())));
+    vec![
+        supported(
+            "program types",
+            &programs,
+            ("load", "programs"),
+            "meshaccel needs a kernel with CONFIG_BPF_SYSCALL, CONFIG_CGROUP_BPF and CONFIG_BPF_STREAM_PARSER",
+            "sock_ops and sk_msg load",
+        ),
+        supported(
             "map types",
+            &maps,
+            ("create", "maps"),
+            "meshaccel needs CONFIG_BPF_STREAM_PARSER (sockhash) and BTF support (sk_storage)",
+            "sockhash, sk_storage, hash, array, percpu_array, percpu_hash",
+        ),
+    ]
+}
+
+/// One check over a kind's feature probes: any the kernel lacks fails it with `fix`; any probe
+/// that could not run fails it as a permission problem; else it is ok with `ok`.
+fn supported(
+    name: &str,
+    probes: &[(&str, Result<bool, String>)],
+    (verb, kind): (&str, &str),
+    fix: &str,
+    ok: &str,
+) -> Check {
+    let missing: Vec<&str> = probes
+        .iter()
+        .filter(|(_, r)| matches!(r, Ok(false)))
+        .map(|(n, _)| *n)
+        .collect();
+    let errors: Vec<String> = probes
+        .iter()
+        .filter_map(|(n, r)| r.as_ref().err().map(|e| format!("{n}: {e}")))
+        .collect();
+    if !missing.is_empty() {
+        Check::new(
+            name,
             Level::Fail,
-            format!("the kernel cannot create {} maps", missing.join(", ")),
+            format!("the kernel cannot {verb} {} {kind}", missing.join(", ")),
         )
-        .fix("meshaccel needs CONFIG_BPF_STREAM_PARSER (sockhash) and BTF support (sk_storage)")
+        .fix(fix)
     } else if !errors.is_empty() {
         Check::new(
-            "map types",
+            name,
             Level::Fail,
             format!("probing failed: {}", errors.join("; ")),
         )
         .fix("run as root (or with CAP_BPF + CAP_SYS_ADMIN)")
     } else {
-        Check::new(
-            "map types",
-            Level::Ok,
-            "sockhash, sk_storage, hash, array, percpu_array, percpu_hash",
-        )
-    });
-    out
+        Check::new(name, Level::Ok, ok)
+    }
 }
