@@ -194,6 +194,9 @@ fn reconcile(dp: &mut Dataplane, shared: &Shared, why: &str) -> Option<DesiredSt
                     "maps in sync"
                 );
             }
+            if let Some(a) = &dp.adopter {
+                a.sync(&desired.adopting(), &desired.netns_paths);
+            }
             shared
                 .synced
                 .store(true, std::sync::atomic::Ordering::Release);
@@ -246,6 +249,7 @@ pub async fn run_with(cfg: AgentConfig, shared: Arc<Shared>) -> Result<()> {
     if dp.sk_msg_reattached {
         shared.metrics.sk_msg_reattached();
     }
+
     let max_unread = shared.snapshot().tuning.max_unread_bytes;
     if let Some(w) = crate::queue_charge::agent_warning(&crate::queue_charge::release(), max_unread)
     {

@@ -1,17 +1,22 @@
 //! bpf(2) commands aya 0.14 does not expose: which programs are attached to a cgroup or a
-//! sockhash (`BPF_PROG_QUERY`), and creating a named array map outside an object (the layout
-//! stamp, [`crate::layout_stamp`]). Attr structs follow `union bpf_attr` in linux/bpf.h.
+//! sockhash (`BPF_PROG_QUERY`), creating a named array map outside an object (the layout
+//! stamp, [`crate::layout_stamp`]), and a tcx link made and pinned from a thread inside another
+//! network namespace (aya's attach needs the program's owner, by name). Attr structs follow
+//! `union bpf_attr` in linux/bpf.h.
 use std::{
     io,
     os::fd::{AsRawFd as _, BorrowedFd, FromRawFd as _, OwnedFd},
 };
 
 const BPF_MAP_CREATE: libc::c_long = 0;
+const BPF_OBJ_PIN: libc::c_long = 6;
 const BPF_PROG_QUERY: libc::c_long = 16;
+const BPF_LINK_CREATE: libc::c_long = 28;
 
 /// Attach types (`enum bpf_attach_type`).
 pub const BPF_CGROUP_SOCK_OPS: u32 = 3;
 pub const BPF_SK_MSG_VERDICT: u32 = 7;
+pub const BPF_TCX_EGRESS: u32 = 47;
 /// `BPF_PROG_QUERY` flags and the attach flags it reports.
 pub const BPF_F_QUERY_EFFECTIVE: u32 = 1;
 pub const BPF_F_ALLOW_OVERRIDE: u32 = 1;
@@ -54,6 +59,78 @@ struct MapCreateAttr {
     btf_value_type_id: u32,
     btf_vmlinux_value_type_id: u32,
     map_extra: u64,
+}
+
+/// `union bpf_attr`'s `link_create` member with its `tcx` part (relative_fd, expected_revision).
+#[repr(C)]
+#[derive(Default)]
+struct TcxLinkAttr {
+    prog_fd: u32,
+    target_ifindex: u32,
+    attach_type: u32,
+    flags: u32,
+    relative_fd: u32,
+    _pad: u32,
+    expected_revision: u64,
+}
+
+/// A tcx link of `prog` on interface `ifindex` of the calling thread's network namespace, at
+/// the end of its chain (`attach_type`: [`BPF_TCX_EGRESS`]).
+pub fn tcx_link_create(
+    prog: BorrowedFd<'_>,
+    ifindex: u32,
+    attach_type: u32,
+) -> io::Result<OwnedFd> {
+    let attr = TcxLinkAttr {
+        prog_fd: prog.as_raw_fd() as u32,
+        target_ifindex: ifindex,
+        attach_type,
+        ..Default::default()
+    };
+    // SAFETY: bpf(2) with a correctly laid out, initialised attr for BPF_LINK_CREATE.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_LINK_CREATE,
+            &raw const attr,
+            std::mem::size_of::<TcxLinkAttr>() as u32,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the kernel returned a new fd that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// Pins a bpf object (here a link) at `path` on a bpffs.
+pub fn obj_pin(fd: BorrowedFd<'_>, path: &std::path::Path) -> io::Result<()> {
+    use std::os::unix::ffi::OsStrExt as _;
+    #[repr(C)]
+    struct PinAttr {
+        pathname: u64,
+        bpf_fd: u32,
+        file_flags: u32,
+    }
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes())?;
+    let attr = PinAttr {
+        pathname: c.as_ptr() as u64,
+        bpf_fd: fd.as_raw_fd() as u32,
+        file_flags: 0,
+    };
+    // SAFETY: bpf(2) with a correctly laid out attr; pathname points at `c`, which outlives it.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_PIN,
+            &raw const attr,
+            std::mem::size_of::<PinAttr>() as u32,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// Programs of `attach_type` attached to `target` (a cgroup or a sockmap/sockhash): (the
@@ -138,6 +215,9 @@ mod tests {
         assert_eq!(std::mem::offset_of!(MapCreateAttr, map_name), 28);
         assert_eq!(std::mem::offset_of!(MapCreateAttr, btf_fd), 48);
         assert_eq!(std::mem::offset_of!(MapCreateAttr, map_extra), 64);
+        // link_create.tcx.relative_fd at 16, .expected_revision at 24.
+        assert_eq!(std::mem::offset_of!(TcxLinkAttr, relative_fd), 16);
+        assert_eq!(std::mem::offset_of!(TcxLinkAttr, expected_revision), 24);
     }
 
     #[test]

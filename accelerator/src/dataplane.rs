@@ -37,6 +37,9 @@ pub struct Dataplane {
     pub adopted: bool,
     /// True when, adopting, it found no sk_msg program on the pinned sockhash and attached one.
     pub sk_msg_reattached: bool,
+    /// The program that adopts app sockets after their first write, loaded by the process that
+    /// installed or adopted the pins (the agent links it into each workload's netns).
+    pub adopter: Option<crate::adopter::Adopter>,
     pub socks: SockHash<MapData, PairKey>,
     pub peers: HashMap<MapData, PairKey, PeerInfo>,
     pub workloads: HashMap<MapData, u64, WorkloadPolicy>,
@@ -251,7 +254,7 @@ impl Default for InstallOptions {
 
 /// Map type and key/value sizes this version expects, to refuse pinned maps of an incompatible
 /// version before anything is replaced.
-pub(crate) fn expected_maps() -> [(&'static str, u32, usize, usize); 10] {
+pub(crate) fn expected_maps() -> [(&'static str, u32, usize, usize); 11] {
     use aya::maps::MapType::*;
     use std::mem::size_of;
     [
@@ -285,6 +288,7 @@ pub(crate) fn expected_maps() -> [(&'static str, u32, usize, usize); 10] {
         ),
         (names::SMALL_WRITES, LruHash as u32, size_of::<PortKey>(), 8),
         (names::LISTENERS, LruHash as u32, size_of::<PortKey>(), 4),
+        (names::PENDING, SkStorage as u32, 4, 4),
     ]
 }
 
@@ -437,7 +441,7 @@ impl Dataplane {
         if gate.uninstalled(&opts.generation) {
             return Err(gate.refusal(&opts.generation));
         }
-        let outcome = Self::load_and_attach(cgroup, bpffs, opts)?;
+        let (outcome, adopter) = Self::load_and_attach(cgroup, bpffs, opts)?;
         gate.record_installed(&opts.generation)?;
         // Every pin now exists: root-only, also when adopted pins were widened meanwhile.
         crate::pin_mode::restrict(bpffs)?;
@@ -445,6 +449,7 @@ impl Dataplane {
         let mut dp = Self::open(bpffs)?;
         dp.adopted = outcome != Outcome::Installed;
         dp.sk_msg_reattached = outcome == Outcome::Reattached;
+        dp.adopter = Some(adopter);
         match outcome {
             Outcome::Installed => {
                 tracing::info!(cgroup = %cgroup.display(), bpffs = %bpffs.display(), "attached and pinned")
@@ -462,7 +467,11 @@ impl Dataplane {
         Ok(dp)
     }
 
-    fn load_and_attach(cgroup_path: &Path, bpffs: &Path, opts: &InstallOptions) -> Result<Outcome> {
+    fn load_and_attach(
+        cgroup_path: &Path,
+        bpffs: &Path,
+        opts: &InstallOptions,
+    ) -> Result<(Outcome, crate::adopter::Adopter)> {
         let load = |message: String| Error::Load { message };
         let installed = Self::is_installed(bpffs);
         check_pinned_maps(bpffs)?;
@@ -533,6 +542,7 @@ impl Dataplane {
                 .map_err(map_err(names::CONFIG, "init"))?;
             }
         }
+        let adopter = crate::adopter::Adopter::load(&mut ebpf, bpffs)?;
         let msg: &mut SkMsg = ebpf
             .program_mut(names::PROG_SK_MSG)
             .ok_or_else(|| load(format!("no program {}", names::PROG_SK_MSG)))?
@@ -569,11 +579,11 @@ impl Dataplane {
                 // An agent that stopped between pinning the link and attaching sk_msg left a
                 // sockhash that takes sockets in and redirects nothing: attach ours then.
                 if !sk_msg_attached(bpffs)?.is_empty() {
-                    return Ok(Outcome::Adopted);
+                    return Ok((Outcome::Adopted, adopter));
                 }
                 tracing::warn!(bpffs = %bpffs.display(), "the pinned sockhash had no sk_msg program (an agent stopped between attaching sock_ops and sk_msg?): nothing was redirected; attaching this version's");
                 attach_sk_msg(&mut ebpf)?;
-                return Ok(Outcome::Reattached);
+                return Ok((Outcome::Reattached, adopter));
             }
             // Another version: swap the sock_ops program under the same link (atomic), then
             // make ours the sockhash's sk_msg program. Sockets already in the sockhash keep the
@@ -623,7 +633,7 @@ impl Dataplane {
             Outcome::Installed
         };
         attach_sk_msg(&mut ebpf)?;
-        Ok(outcome)
+        Ok((outcome, adopter))
     }
 
     /// Opens the pinned maps (for the agent, status and uninstall).
@@ -641,6 +651,7 @@ impl Dataplane {
             bpffs: bpffs.into(),
             adopted: false,
             sk_msg_reattached: false,
+            adopter: None,
             socks: socks.try_into().map_err(map_err(names::SOCKS, "open"))?,
             peers: peers.try_into().map_err(map_err(names::PEERS, "open"))?,
             workloads: workloads
@@ -915,6 +926,8 @@ pub fn uninstall(bpffs: &Path, wait: std::time::Duration) -> Result<UninstallRep
     }
     let link = bpffs.join(SOCK_OPS_LINK);
     let mut pins = vec![link];
+    // The adopting program's links (one per workload netns): removing the pin detaches it.
+    pins.extend(crate::objects::adopt_link_pins(bpffs));
     pins.extend(crate::layout_stamp::all_maps().map(|n| pin_path(bpffs, n)));
     for p in pins {
         match std::fs::remove_file(&p) {
@@ -928,7 +941,7 @@ pub fn uninstall(bpffs: &Path, wait: std::time::Duration) -> Result<UninstallRep
             }
         }
     }
-    for sub in ["maps", "links"] {
+    for sub in ["maps", crate::objects::ADOPT_LINKS, "links"] {
         let _ = std::fs::remove_dir(bpffs.join(sub));
     }
     drop(gate);

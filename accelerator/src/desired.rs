@@ -26,6 +26,21 @@ pub struct DesiredState {
     pub excluded_ports: BTreeSet<PortKey>,
     /// netns cookie -> `namespace/name`, for logs and status (not in the kernel).
     pub names: BTreeMap<u64, String>,
+    /// netns cookie -> the file it was named by, when a source named it by file (where the
+    /// agent attaches the adopting program, see `adopter`).
+    pub netns_paths: BTreeMap<u64, std::path::PathBuf>,
+}
+
+impl DesiredState {
+    /// The workloads whose apps' sockets enter the sockhash only after their first write
+    /// (enabled, apps not trusted): they need the adopting program on their `lo`.
+    pub fn adopting(&self) -> std::collections::BTreeSet<u64> {
+        self.workloads
+            .iter()
+            .filter(|(_, p)| p.flags & POLICY_ENABLED != 0 && p.flags & POLICY_TRUST_APPS == 0)
+            .map(|(c, _)| *c)
+            .collect()
+    }
 }
 
 /// A stable small id for a workload name, shown by status.
@@ -177,6 +192,9 @@ pub fn compute(
                 },
                 message: format!("is the same network namespace as {other}'s"),
             });
+        }
+        if let NetnsRef::Path(p) = &w.netns {
+            out.netns_paths.insert(cookie, p.clone());
         }
         if !w.enabled {
             continue;

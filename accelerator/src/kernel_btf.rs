@@ -27,6 +27,8 @@ pub struct TcpSockOffsets {
     pub file_flags: u32,
     /// `struct sock`'s `sk_uid` (a `kuid_t`: one u32).
     pub sk_uid: u32,
+    /// `struct file`'s `f_ep`: whether an epoll instance watches the file (an event loop's).
+    pub file_ep: u32,
 }
 
 impl TcpSockOffsets {
@@ -39,6 +41,7 @@ impl TcpSockOffsets {
         loader.override_global("OFF_SOCKET_FILE", &self.socket_file, true);
         loader.override_global("OFF_FILE_FLAGS", &self.file_flags, true);
         loader.override_global("OFF_SK_UID", &self.sk_uid, true);
+        loader.override_global("OFF_FILE_EP", &self.file_ep, true);
     }
 }
 
@@ -250,6 +253,7 @@ impl Btf {
             socket_file: self.offset("socket", &["file"])?,
             file_flags: self.offset("file", &["f_flags"])?,
             sk_uid: self.offset("sock", &["sk_uid", "val"])?,
+            file_ep: self.offset("file", &["f_ep"])?,
         })
     }
 }
@@ -351,9 +355,14 @@ mod tests {
         ] {
             assert!(v > 0 && v < 4096 && v % 4 == 0, "{o:?}");
         }
-        // `file` is a later member of `struct socket` (after state, type, flags).
+        // `file` is a later member of `struct socket` (after state, type, flags); `f_ep` a
+        // pointer after `f_flags`.
         assert!(
             o.socket_file > 0 && o.socket_file.is_multiple_of(8),
+            "{o:?}"
+        );
+        assert!(
+            o.file_ep > o.file_flags && o.file_ep.is_multiple_of(8),
             "{o:?}"
         );
     }

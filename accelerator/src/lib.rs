@@ -2,6 +2,7 @@
 //!
 //! The agent loads the eBPF programs (bpf-progs/), pins them, and keeps the kernel maps equal to
 //! the desired state computed from its inputs (the static workloads file for now).
+pub mod adopter;
 pub mod agent;
 pub mod bpf_sys;
 pub mod cgroup;

@@ -343,8 +343,8 @@ pub enum CounterMetric {
     },
 }
 
-const FALLBACKS_HELP: &str = "Sockets that went to plain TCP for life, by reason (no_peer: the peer was not in the sockhash at the first message; disabled: a workload or the global switch was off; redirect_failed; no_state; not_mesh: not one of Istio's legs; app_receiver: the peer is an app's socket, which nothing is redirected into unless its workload trusts its apps; app_blocking: an app's socket turned blocking before its first message; no_local_peer: an active socket whose server is not on this node)";
-const SKIPPED_HELP: &str = "Sockets of enabled workloads never inserted into the sockhash, by reason (excluded_port, early_data: TCP Fast Open, not_mesh, small_writes: a service seen streaming small writes; app_blocking: an app's connecting socket was blocking; app_unaccepted: an app's accepted socket whose listener was not non-blocking, or its sidecar's passthrough socket to it; no_local_peer: a passive socket whose client is not on this node; reconnected: a socket connected again after connect(AF_UNSPEC))";
+const FALLBACKS_HELP: &str = "Sockets that went to plain TCP for life, by reason (no_peer: the peer was not in the sockhash at the first message; disabled: a workload or the global switch was off; redirect_failed; no_state; not_mesh: not one of Istio's legs; app_receiver: the peer is an app's socket, which nothing is redirected into unless its workload trusts its apps; app_blocking: an app's socket was (or turned) blocking at its first write; no_local_peer: an active socket whose server is not on this node)";
+const SKIPPED_HELP: &str = "Sockets of enabled workloads never inserted into the sockhash, by reason (excluded_port, early_data: TCP Fast Open, not_mesh, small_writes: a service seen streaming small writes; app_blocking: an app's connecting socket was blocking; app_no_epoll: an app's socket non-blocking at its first write but watched by no epoll (a poll loop or a runtime's socket timeout); app_unaccepted: an app's accepted socket whose listener was not non-blocking, or its sidecar's passthrough socket to it; no_local_peer: a passive socket whose client is not on this node; reconnected: a socket connected again after connect(AF_UNSPEC))";
 const INSERT_FAILURES_HELP: &str = "Sockhash inserts refused, by reason (collision: the key existed; failed: e.g. the map is full); those sockets stay on TCP";
 const EVENTS_HELP: &str = "Other kernel counters of meshaccel, by name";
 /// Counter name prefixes whose counters are one family labelled by the rest of the name.
@@ -405,6 +405,14 @@ pub fn counter_metric(name: &'static str) -> CounterMetric {
         "left" => CounterMetric::Plain(
             "meshaccel_sockhash_leaves",
             "Sockets that left the sockhash before their close(), back on TCP's own paths (an app's socket gone TCP for life or blocking; an active socket whose server is not on this node; a socket at TCP_CLOSE with nothing unread)",
+        ),
+        "deferred_app" => CounterMetric::Plain(
+            "meshaccel_app_sockets_deferred",
+            "App sockets kept out of the sockhash at ESTABLISHED until their first write shows how they read",
+        ),
+        "adopted_app" => CounterMetric::Plain(
+            "meshaccel_app_sockets_adopted",
+            "App sockets inserted into the sockhash at their first write (non-blocking and watched by epoll: an event loop's)",
         ),
         "learned_small_writes" => CounterMetric::Plain(
             "meshaccel_small_write_streams",

@@ -10,6 +10,20 @@ pub(crate) static EBPF_OBJECT: &[u8] =
 /// The sock_ops link's pin, under the bpffs folder.
 pub(crate) const SOCK_OPS_LINK: &str = "links/sock_ops";
 
+/// The folder of the adopting tc program's links (one pin per workload netns, named by its
+/// cookie), under the bpffs folder.
+pub(crate) const ADOPT_LINKS: &str = "links/adopt";
+
+/// The pins of the adopting program's links.
+pub(crate) fn adopt_link_pins(bpffs: &Path) -> Vec<PathBuf> {
+    std::fs::read_dir(bpffs.join(ADOPT_LINKS))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .collect()
+}
+
 /// A map's pin under the bpffs folder.
 pub(crate) fn pin_path(bpffs: &Path, name: &str) -> PathBuf {
     bpffs.join("maps").join(name)

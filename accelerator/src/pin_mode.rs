@@ -24,15 +24,24 @@ pub fn too_open(mode: u32) -> bool {
 
 /// What meshaccel keeps under `bpffs`, as far as it exists: (path, is a folder).
 pub fn entries(bpffs: &Path) -> Vec<(PathBuf, bool)> {
-    let mut out: Vec<(PathBuf, bool)> =
-        [bpffs.to_path_buf(), bpffs.join("maps"), bpffs.join("links")]
-            .into_iter()
-            .map(|p| (p, true))
-            .collect();
+    let mut out: Vec<(PathBuf, bool)> = [
+        bpffs.to_path_buf(),
+        bpffs.join("maps"),
+        bpffs.join("links"),
+        bpffs.join(crate::objects::ADOPT_LINKS),
+    ]
+    .into_iter()
+    .map(|p| (p, true))
+    .collect();
     out.extend(
         crate::layout_stamp::all_maps()
             .map(|n| (crate::objects::pin_path(bpffs, n), false))
-            .chain([(bpffs.join(crate::objects::SOCK_OPS_LINK), false)]),
+            .chain([(bpffs.join(crate::objects::SOCK_OPS_LINK), false)])
+            .chain(
+                crate::objects::adopt_link_pins(bpffs)
+                    .into_iter()
+                    .map(|p| (p, false)),
+            ),
     );
     out.retain(|(p, _)| p.exists());
     out

@@ -238,6 +238,7 @@ mod tests {
                 .map(|&(n, p)| PortKey::new(n, p, DIR_INBOUND))
                 .collect(),
             names: BTreeMap::new(),
+            netns_paths: BTreeMap::new(),
         }
     }
 

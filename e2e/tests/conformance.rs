@@ -126,13 +126,9 @@ struct Case {
     name: &'static str,
     shape: Shape,
     conns: u32,
-    /// An event-loop client: its socket must stay accelerated (inserted, never sent back to TCP
-    /// as blocking) and bytes must be redirected.
+    /// Event-loop apps: their sockets must stay accelerated (adopted after their first write,
+    /// never sent back to TCP as blocking) and bytes must be redirected.
     event_loop: bool,
-    /// A case the kernel does not let meshaccel make invisible (docs/design-notes.md, hazard 4,
-    /// "Known gap"): the one failure it may show (a race), as an outcome prefix of the client.
-    /// Any other difference fails the test.
-    known_gap: Option<&'static str>,
 }
 
 const fn case(name: &'static str, shape: Shape, conns: u32, event_loop: bool) -> Case {
@@ -141,7 +137,6 @@ const fn case(name: &'static str, shape: Shape, conns: u32, event_loop: bool) ->
         shape,
         conns,
         event_loop,
-        known_gap: None,
     }
 }
 
@@ -167,15 +162,12 @@ fn cases() -> Vec<Case> {
         case("c tfo-nb", Direct(C, "tfo-nb"), 2, false),
         case("python threads", Direct(Py, "py-threads"), 3, false),
         case("python halfclose", Direct(Py, "py-halfclose"), 3, false),
-        Case {
-            known_gap: Some("fail:recv-EAGAIN"),
-            ..case(
-                "python timeout-then-blocking",
-                Direct(Py, "py-timeout-then-blocking"),
-                3,
-                false,
-            )
-        },
+        case(
+            "python timeout-then-blocking",
+            Direct(Py, "py-timeout-then-blocking"),
+            3,
+            false,
+        ),
         case("python asyncio", Direct(Py, "py-asyncio"), 3, true),
         case("java threads", Direct(Java, "java-threads"), 3, false),
         case("java halfclose", Direct(Java, "java-halfclose"), 3, false),
@@ -219,7 +211,7 @@ struct Run {
     redirected: (u64, u64),
 }
 
-const COUNTERS: [&str; 7] = [
+const COUNTERS: [&str; 10] = [
     "inserted",
     "redirect_bytes",
     "skip_app_blocking",
@@ -227,6 +219,9 @@ const COUNTERS: [&str; 7] = [
     "fallback_app_receiver",
     "fallback_app_blocking",
     "left",
+    "deferred_app",
+    "adopted_app",
+    "skip_app_no_epoll",
 ];
 
 fn workload_redirected(status: &Value, pod: &Pod) -> u64 {
@@ -561,7 +556,7 @@ fn ordinary_apps_see_plain_tcp_with_acceleration_on() {
     };
     let filter = std::env::var("MESHACCEL_CONFORMANCE_CASES").unwrap_or_default();
     let mut table = String::from(
-        "| case | off | on | correct | redirected bytes (client pod, server pod) | app sockets: skipped blocking / unaccepted, kept out as receivers, left |\n|---|---|---|---|---|---|\n",
+        "| case | off | on | correct | redirected bytes (client pod, server pod) | app sockets: skipped blocking / unaccepted, kept out as receivers, left | app sockets deferred / adopted / no epoll / blocking at first write |\n|---|---|---|---|---|---|---|\n",
     );
     let mut failures = Vec::new();
     for (c, &port) in all.iter().zip(&ports) {
@@ -606,6 +601,7 @@ fn ordinary_apps_see_plain_tcp_with_acceleration_on() {
         if c.event_loop
             && (k["skip_app_blocking"] != 0
                 || k["fallback_app_blocking"] != 0
+                || k["adopted_app"] == 0
                 || on.redirected.0 == 0)
         {
             why.push(format!(
@@ -613,27 +609,11 @@ fn ordinary_apps_see_plain_tcp_with_acceleration_on() {
                 on.redirected
             ));
         }
-        let mut correct = if why.is_empty() { "yes" } else { "NO" };
-        if let Some(gap) = c.known_gap
-            && !why.is_empty()
-        {
-            // A race: it may not show. When it does, it is the client's one failure (its server
-            // then sees the reset).
-            let only_gap = vo.0.0 && vo.1.0 && !vn.0.0 && vn.0.1.starts_with(gap);
-            why = if only_gap {
-                correct = "NO (known kernel gap)";
-                Vec::new()
-            } else {
-                vec![format!(
-                    "expected only the known gap {gap:?} with acceleration on: off {vo:?}, on {vn:?}, client {}",
-                    on.client
-                )]
-            };
-        }
+        let correct = if why.is_empty() { "yes" } else { "NO" };
         let ok = why.is_empty();
         let _ = writeln!(
             table,
-            "| {} | {} | {} | {} | {} / {} | {} / {}, {}, {} |",
+            "| {} | {} | {} | {} | {} / {} | {} / {}, {}, {} | {} / {} / {} / {} |",
             c.name,
             vo.0.1,
             vn.0.1,
@@ -644,6 +624,10 @@ fn ordinary_apps_see_plain_tcp_with_acceleration_on() {
             k["skip_app_unaccepted"],
             k["fallback_app_receiver"],
             k["left"],
+            k["deferred_app"],
+            k["adopted_app"],
+            k["skip_app_no_epoll"],
+            k["fallback_app_blocking"],
         );
         eprintln!(
             "conformance: {}: {}",

@@ -312,8 +312,8 @@ fn agent_killed_mid_transfer_restarts_adopting_pins_and_uninstall_leaves_nothing
     let report = accel.uninstall().expect("uninstall");
     assert_eq!(
         report["removed_pins"].as_array().unwrap().len(),
-        12,
-        "link + 10 maps + the layout stamp: {report}"
+        13,
+        "link + 11 maps + the layout stamp: {report}"
     );
     drop(mesh); // every pod process ends, their sockets close
     // A second uninstall finishes the job: it waits until the kernel freed everything.
@@ -819,8 +819,8 @@ fn pinned_maps_of_another_layout_are_refused() {
     let report = accel.uninstall().expect("uninstall");
     assert_eq!(
         report["removed_pins"].as_array().unwrap().len(),
-        11,
-        "link + 10 maps, no stamp: {report}"
+        12,
+        "link + 11 maps, no stamp: {report}"
     );
     // A new install is asked for explicitly: the uninstalled generation stays off.
     accel.set_agent_env("MESHACCEL_INSTALL_GENERATION", "2");
@@ -935,15 +935,26 @@ fn pins_are_root_only() {
     require_root();
     let mut mesh = Mesh::new().expect("mesh");
     let a = mesh_pod(&mut mesh, "a");
-    let mut accel = Accel::start(&mesh, true, &[Workload::on(&a)]).expect("agent");
+    // Apps not trusted: the workload also gets the adopting program's link (links/adopt/).
+    let mut accel = Accel::start(&mesh, true, &[Workload::auto(&a)]).expect("agent");
     let b = accel.bpffs().to_path_buf();
-    let folders = [b.clone(), b.join("maps"), b.join("links")];
+    let folders = [
+        b.clone(),
+        b.join("maps"),
+        b.join("links"),
+        b.join("links/adopt"),
+    ];
     let mut pins: Vec<PathBuf> = std::fs::read_dir(b.join("maps"))
         .unwrap()
         .map(|e| e.unwrap().path())
         .collect();
     pins.push(b.join("links/sock_ops"));
-    assert_eq!(pins.len(), 12, "{pins:?}");
+    pins.extend(
+        std::fs::read_dir(b.join("links/adopt"))
+            .unwrap()
+            .map(|e| e.unwrap().path()),
+    );
+    assert_eq!(pins.len(), 14, "11 maps, the stamp, 2 links: {pins:?}");
     let modes = |what: &str| {
         for f in &folders {
             assert_eq!(

@@ -31,8 +31,8 @@ pub(super) fn btf() -> Check {
                     "btf",
                     Level::Ok,
                     format!(
-                        "kernel BTF at {PATH}; socket offsets for the unread-bytes bound: sk_rmem_alloc {}, write_seq {}, snd_una {}; for telling app sockets and how they read: sk_uid {}, sk_socket {}, socket.file {}, file.f_flags {}",
-                        o.rmem_alloc, o.write_seq, o.snd_una, o.sk_uid, o.sk_socket, o.socket_file, o.file_flags
+                        "kernel BTF at {PATH}; socket offsets for the unread-bytes bound: sk_rmem_alloc {}, write_seq {}, snd_una {}; for telling app sockets and how they read: sk_uid {}, sk_socket {}, socket.file {}, file.f_flags {}, file.f_ep {}",
+                        o.rmem_alloc, o.write_seq, o.snd_una, o.sk_uid, o.sk_socket, o.socket_file, o.file_flags, o.file_ep
                     ),
                 ),
                 Err(e) => Check::new(

@@ -157,6 +157,32 @@ fn candidates(cfg: &ScanConfig) -> Vec<PathBuf> {
     out
 }
 
+/// A file of each network namespace found (netns folders, then processes), by cookie: how the
+/// agent reaches a workload's netns it knows by cookie only (from the Kubernetes source).
+pub fn paths_by_cookie(cfg: &ScanConfig) -> BTreeMap<u64, PathBuf> {
+    let paths = candidates(cfg);
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let mut out = BTreeMap::new();
+            for p in paths {
+                let Ok(f) = std::fs::File::open(&p) else {
+                    continue;
+                };
+                // SAFETY: setns on this (scan-only) thread, which ends when the scan does.
+                if unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                    continue;
+                }
+                if let Ok(c) = current_cookie() {
+                    out.entry(c).or_insert(p);
+                }
+            }
+            out
+        })
+        .join()
+        .unwrap_or_default()
+    })
+}
+
 /// Enters each namespace on one short-lived thread; returns (cookie, addresses) of each one that
 /// could be entered (a process may exit, a file may be no netns: skipped).
 fn enter_all(paths: &[PathBuf]) -> io::Result<Vec<(u64, Vec<IpAddr>)>> {

@@ -31,8 +31,11 @@ pub mod names {
     /// LRU_HASH: `PortKey` (a netns and a port it listens on, `DIR_INBOUND`) -> `LISTENER_*`
     /// bits, written by sock_ops when a socket starts listening.
     pub const LISTENERS: &str = "MESHACCEL_LSTN";
+    /// SK_STORAGE: `PEND_*` (u32) for an app's socket waiting outside the sockhash for its first
+    /// write (see `SockState::late`), read by the adopting tc program.
+    pub const PENDING: &str = "MESHACCEL_PEND";
     /// All maps, in the order the agent pins them.
-    pub const ALL: [&str; 10] = [
+    pub const ALL: [&str; 11] = [
         SOCKS,
         PEERS,
         STATE,
@@ -43,11 +46,14 @@ pub mod names {
         WL_STATS,
         SMALL_WRITES,
         LISTENERS,
+        PENDING,
     ];
 
     /// Program names (function names in the eBPF crate).
     pub const PROG_SOCK_OPS: &str = "meshaccel_ops";
     pub const PROG_SK_MSG: &str = "meshaccel_msg";
+    /// The adopting tc program (egress of `lo` in each workload's netns).
+    pub const PROG_ADOPT: &str = "meshaccel_adopt";
 }
 
 /// Map capacities.
@@ -134,7 +140,16 @@ pub mod counter {
     /// Sockets not inserted because they were reconnected (`connect(AF_UNSPEC)`, then
     /// `connect`): a redirect decided for the old connection could land in the new one.
     pub const SKIP_RECONNECTED: u32 = 27;
-    pub const COUNT: u32 = 28;
+    /// An app's socket kept out of the sockhash at ESTABLISHED (`SockState::late`): only its
+    /// first write shows whether it reads as an event loop does.
+    pub const DEFERRED_APP: u32 = 28;
+    /// An app's socket adopted into the sockhash after its first write, by the agent's iterator:
+    /// its file was non-blocking and watched by an epoll instance then.
+    pub const ADOPTED_APP: u32 = 29;
+    /// An app's socket left on TCP for life at its first write: non-blocking, but watched by no
+    /// epoll instance (a poll loop, or a runtime's socket timeout, which may turn blocking).
+    pub const SKIP_APP_NO_EPOLL: u32 = 30;
+    pub const COUNT: u32 = 31;
 
     /// Names used by `status` and `/metrics`, indexed like the constants above.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -166,6 +181,9 @@ pub mod counter {
         "skip_no_local_peer",
         "fallback_no_local_peer",
         "skip_reconnected",
+        "deferred_app",
+        "adopted_app",
+        "skip_app_no_epoll",
     ];
 }
 
@@ -277,7 +295,9 @@ pub struct SockState {
     pub paired: u8,
     /// 1: meshaccel turned on this socket's keepalive (it had none): turned off when it leaves.
     pub own_keepalive: u8,
-    pub _pad: u32,
+    /// `LATE_*`: an app's socket that enters the sockhash after its first write, or never.
+    pub late: u8,
+    pub _pad: [u8; 3],
 }
 const _: () = assert!(size_of::<SockState>() == 112);
 
@@ -289,6 +309,23 @@ pub const LEAVE_NO: u8 = 0;
 pub const LEAVE_PENDING: u8 = 1;
 /// It has left.
 pub const LEAVE_DONE: u8 = 2;
+
+/// `SockState::late` values. An app's socket of a workload that does not trust its apps enters
+/// the sockhash only once it has shown, at its first write, that it reads as an event loop does
+/// (non-blocking, watched by epoll): a blocking read started while a socket is in a sockmap
+/// cannot be made TCP's again (kernel hazard 4), and before its first write nothing tells how
+/// the app will read. Only sock_ops can insert at ESTABLISHED; later a tc program on the
+/// workload's `lo` does, as the first write leaves.
+/// Inserted at ESTABLISHED (the sidecar's sockets, trusted apps).
+pub const LATE_NO: u8 = 0;
+/// Out of the sockhash, waiting for its first write.
+pub const LATE_WAITING: u8 = 1;
+/// Adopted: what it wrote over TCP first is read before anything is redirected (held).
+pub const LATE_ADOPTED: u8 = 2;
+
+/// `MESHACCEL_PEND` values: waiting for the first write; ready to be adopted.
+pub const PEND_WAITING: u32 = 0;
+pub const PEND_READY: u32 = 1;
 
 /// `SockState::paired` values.
 /// An active socket that has not yet looked whether a passive socket of this node paired with it.
@@ -701,7 +738,8 @@ pub mod layout {
             leave: u8,
             paired: u8,
             own_keepalive: u8,
-            _pad: u32,
+            late: u8,
+            _pad: [u8; 3],
         }),
         describe!(WorkloadPolicy {
             flags: u32,
@@ -742,6 +780,7 @@ pub mod layout {
         map!(names::WL_STATS, "PERCPU_HASH", u64 => WorkloadStats),
         map!(names::SMALL_WRITES, "LRU_HASH", PortKey => u64),
         map!(names::LISTENERS, "LRU_HASH", PortKey => u32),
+        map!(names::PENDING, "SK_STORAGE", u32 => u32),
     ];
 
     const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
@@ -893,7 +932,8 @@ SockState size 112 align 8
   105   1 leave: u8
   106   1 paired: u8
   107   1 own_keepalive: u8
-  108   4 _pad: u32
+  108   1 late: u8
+  109   3 _pad: [u8; 3]
 WorkloadPolicy size 8 align 4
     0   4 flags: u32
     4   4 workload_id: u32
@@ -924,7 +964,8 @@ map MESHACCEL_STATS PERCPU_ARRAY: u32 (4) -> u64 (8)
 map MESHACCEL_WLST PERCPU_HASH: u64 (8) -> WorkloadStats (32)
 map MESHACCEL_SMALL LRU_HASH: PortKey (16) -> u64 (8)
 map MESHACCEL_LSTN LRU_HASH: PortKey (16) -> u32 (4)
-format 1 hash 0b0bcd6b505106a0";
+map MESHACCEL_PEND SK_STORAGE: u32 (4) -> u32 (4)
+format 1 hash 68bde7f425c33b9e";
 
         fn hash_with(ty: &str, fields: &[Field]) -> u64 {
             let types: Vec<Type> = TYPES

@@ -11,13 +11,17 @@
 //!   sent over TCP has been acknowledged and read (nothing left for a redirected byte to
 //!   overtake). A socket that streams small writes faster than its peer reads them marks its
 //!   service (`MESHACCEL_SMALL`): the service's next connections stay out of the sockhash.
+//! * `meshaccel_adopt` (tc, egress of `lo` in each workload's netns): inserts an app's socket
+//!   that its first write showed to be an event loop's.
 //!
 //! Application transparency (kernel hazard 4 in docs/design-notes.md): every socket in a sockmap
 //! reads through `tcp_bpf_recvmsg`, whose blocking read may fail with EAGAIN and which `splice`
 //! never sees into. Unless its workload trusts its apps (`POLICY_TRUST_APPS`), an app's socket
-//! (one not created by the sidecar's UID) is inserted only when its file is non-blocking (for
-//! an accepted one, not yet accepted at ESTABLISHED: when its listener was), is never redirected
-//! into, and leaves the sockhash again if it turns blocking before its first message.
+//! (one not created by the sidecar's UID) is never inserted at ESTABLISHED: one that may become
+//! an event loop's (non-blocking; for an accepted one, not yet accepted: its listener was) waits
+//! on TCP for its first write, where sock_ops marks it ready if its file is non-blocking and
+//! watched by epoll, and the tc program adopts it as that write leaves (`SockState::late`). It
+//! is never redirected into.
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
 // The bpf target's core has no atomic read-modify-write types: the intrinsics emit BPF's atomics.
@@ -26,6 +30,7 @@
 
 #[cfg(target_arch = "bpf")]
 mod progs {
+    mod adopt;
     mod decide;
     mod kernel;
     mod maps;
@@ -39,29 +44,31 @@ mod progs {
             bindings::{
                 BPF_F_INGRESS, BPF_NOEXIST, BPF_SK_STORAGE_GET_F_CREATE,
                 BPF_SOCK_OPS_PARSE_ALL_HDR_OPT_CB_FLAG, BPF_SOCK_OPS_STATE_CB_FLAG,
-                sk_action::SK_PASS,
+                BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG, sk_action::SK_PASS,
             },
             btf_maps::{
                 Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, SkStorage, SockHash,
             },
             helpers::generated::{
                 bpf_get_netns_cookie, bpf_getsockopt, bpf_ktime_get_ns, bpf_map_delete_elem,
-                bpf_probe_read_kernel, bpf_setsockopt, bpf_sk_storage_get, bpf_skc_to_tcp_sock,
+                bpf_map_update_elem, bpf_probe_read_kernel, bpf_setsockopt, bpf_sk_fullsock,
+                bpf_sk_storage_delete, bpf_sk_storage_get, bpf_skc_to_tcp_sock,
             },
-            macros::{btf_map, sk_msg, sock_ops},
-            programs::{SkMsgContext, SockOpsContext},
+            macros::{btf_map, classifier, sk_msg, sock_ops},
+            programs::{SkMsgContext, SockOpsContext, TcContext},
         };
         pub(super) use core::{
             intrinsics::{AtomicOrdering, atomic_and, atomic_or, atomic_xadd},
             ptr,
         };
         pub(super) use meshaccel_common::{
-            Config, DIR_INBOUND, DIR_OUTBOUND, LEAVE_DONE, LEAVE_NO, LEAVE_PENDING,
-            LISTENER_NONBLOCKING, PAIR_NONE, PAIR_UNKNOWN, PAIR_YES, PEER_APP, PEER_LEFT,
-            PEER_PAIRED, PEER_SMALL_WRITES, PEER_UNPAIRED, POLICY_ENABLED, POLICY_TRUST_APPS,
-            PairKey, PeerInfo, PortKey, ROLE_CLIENT, ROLE_SERVER, SCOPE_MESH, STATE_HELD,
-            STATE_REDIRECT, STATE_TCP, STATE_UNDECIDED, SockState, WorkloadPolicy, WorkloadStats,
-            capacity, counter, is_loopback, port_from_be_field, tuning, v4_mapped,
+            Config, DIR_INBOUND, DIR_OUTBOUND, LATE_ADOPTED, LATE_NO, LATE_WAITING, LEAVE_DONE,
+            LEAVE_NO, LEAVE_PENDING, LISTENER_NONBLOCKING, PAIR_NONE, PAIR_UNKNOWN, PAIR_YES,
+            PEER_APP, PEER_LEFT, PEER_PAIRED, PEER_SMALL_WRITES, PEER_UNPAIRED, PEND_READY,
+            PEND_WAITING, POLICY_ENABLED, POLICY_TRUST_APPS, PairKey, PeerInfo, PortKey,
+            ROLE_CLIENT, ROLE_SERVER, SCOPE_MESH, STATE_HELD, STATE_REDIRECT, STATE_TCP,
+            STATE_UNDECIDED, SockState, WorkloadPolicy, WorkloadStats, capacity, counter,
+            is_loopback, port_from_be_field, tuning, v4_mapped,
         };
     }
 

@@ -10,6 +10,7 @@ pub(super) const PASSIVE_ESTABLISHED: u32 = 5;
 pub(super) const STATE_CB: u32 = 10;
 pub(super) const TCP_LISTEN_CB: u32 = 11;
 pub(super) const PARSE_HDR_OPT_CB: u32 = 13;
+pub(super) const HDR_OPT_LEN_CB: u32 = 14;
 pub(super) const TCP_CLOSE: u32 = 7;
 pub(super) const O_NONBLOCK: u32 = 0o4000;
 pub(super) const EEXIST: i32 = 17;
@@ -45,17 +46,13 @@ pub(super) fn sk_uid(sk: *mut aya_ebpf::bindings::bpf_sock) -> Option<u32> {
     (!tp.is_null()).then(|| field::<u32>(tp, off))
 }
 
-/// Whether this socket's file is O_NONBLOCK right now; None when it has no file (not
-/// accepted yet, or closed) or the offsets are unknown. (Loads through BTF pointers: the
-/// kernel turns a load through a NULL one into 0, and the verifier checks every step.)
+/// This socket's file, when it has one (not before accept(), not after close) and the offsets
+/// are known. (Loads through BTF pointers: the kernel turns a load through a NULL one into 0,
+/// and the verifier checks every step.)
 #[inline(always)]
-pub(super) fn nonblocking(sk: *mut aya_ebpf::bindings::bpf_sock) -> Option<bool> {
-    let (o_sock, o_file, o_flags) = (
-        rd(&raw const OFF_SK_SOCKET),
-        rd(&raw const OFF_SOCKET_FILE),
-        rd(&raw const OFF_FILE_FLAGS),
-    );
-    if o_sock == 0 || o_file == 0 || o_flags == 0 {
+pub(super) fn file_of(sk: *mut aya_ebpf::bindings::bpf_sock) -> Option<*const u8> {
+    let (o_sock, o_file) = (rd(&raw const OFF_SK_SOCKET), rd(&raw const OFF_SOCKET_FILE));
+    if o_sock == 0 || o_file == 0 {
         return None;
     }
     let tp = unsafe { bpf_skc_to_tcp_sock(sk.cast()) }.cast::<u8>();
@@ -67,10 +64,33 @@ pub(super) fn nonblocking(sk: *mut aya_ebpf::bindings::bpf_sock) -> Option<bool>
         return None;
     }
     let file = field::<*const u8>(sock, o_file);
-    if file.is_null() {
+    (!file.is_null()).then_some(file)
+}
+
+/// Whether this socket's file is O_NONBLOCK right now; None when it has no file or the
+/// offsets are unknown.
+#[inline(always)]
+pub(super) fn nonblocking(sk: *mut aya_ebpf::bindings::bpf_sock) -> Option<bool> {
+    let o_flags = rd(&raw const OFF_FILE_FLAGS);
+    if o_flags == 0 {
         return None;
     }
-    Some(field::<u32>(file, o_flags) & O_NONBLOCK != 0)
+    file_of(sk).map(|file| field::<u32>(file, o_flags) & O_NONBLOCK != 0)
+}
+
+/// Whether this socket reads as an event loop does right now: its file is non-blocking and
+/// watched by an epoll instance (Go, Java NIO, nginx, asyncio, libuv, tokio all register their
+/// sockets). A non-blocking file without epoll is a poll loop or a runtime's socket timeout
+/// (CPython's), which may make it blocking again at any moment.
+#[inline(always)]
+pub(super) fn event_loop(sk: *mut aya_ebpf::bindings::bpf_sock) -> bool {
+    let (o_flags, o_ep) = (rd(&raw const OFF_FILE_FLAGS), rd(&raw const OFF_FILE_EP));
+    if o_flags == 0 || o_ep == 0 {
+        return false;
+    }
+    file_of(sk).is_some_and(|file| {
+        field::<u32>(file, o_flags) & O_NONBLOCK != 0 && !field::<*const u8>(file, o_ep).is_null()
+    })
 }
 
 /// The socket of a sock_ops callback.

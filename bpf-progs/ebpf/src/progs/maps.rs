@@ -30,6 +30,8 @@ pub(super) static MESHACCEL_WLST: PerCpuHashMap<u64, WorkloadStats, WL_MAX> = Pe
 pub(super) static MESHACCEL_SMALL: LruHashMap<PortKey, u64, SMALL_MAX> = LruHashMap::new();
 #[btf_map]
 pub(super) static MESHACCEL_LSTN: LruHashMap<PortKey, u32, LISTEN_MAX> = LruHashMap::new();
+#[btf_map]
+pub(super) static MESHACCEL_PEND: SkStorage<u32> = SkStorage::new();
 
 // Byte offsets in this kernel's `struct tcp_sock` (from its BTF, set by the agent before
 // loading; read-only, so the verifier sees constants and drops the code that uses them when
@@ -54,6 +56,9 @@ pub(super) static OFF_SOCKET_FILE: u32 = 0;
 pub(super) static OFF_FILE_FLAGS: u32 = 0;
 #[unsafe(no_mangle)]
 pub(super) static OFF_SK_UID: u32 = 0;
+// `struct file`'s `f_ep`: the epoll instances watching the file (non-NULL: at least one).
+#[unsafe(no_mangle)]
+pub(super) static OFF_FILE_EP: u32 = 0;
 // 1 when this kernel charges redirected bytes to the receiver's `sk_rmem_alloc` (6.13 on):
 // only then does `sk_rmem_alloc == 0` mean nothing redirected is unread (set by the agent).
 #[unsafe(no_mangle)]
@@ -108,6 +113,11 @@ pub(super) fn state_map() -> *mut core::ffi::c_void {
     // The BTF map wrappers keep their pointer accessor crate-private; the map's address is
     // what the helper needs.
     ptr::from_ref(&MESHACCEL_STATE).cast_mut().cast()
+}
+
+#[inline(always)]
+pub(super) fn pend_map() -> *mut core::ffi::c_void {
+    ptr::from_ref(&MESHACCEL_PEND).cast_mut().cast()
 }
 
 /// A socket's `SockState`, when it has one (it was seen at ESTABLISHED).

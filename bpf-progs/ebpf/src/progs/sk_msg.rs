@@ -58,7 +58,12 @@ pub(super) fn try_sk_msg(ctx: &SkMsgContext) -> u32 {
             return tcp_for_life(st, counter::FALLBACK_DISABLED, size);
         }
         if st.state == STATE_UNDECIDED {
-            st.state = STATE_REDIRECT;
+            // An adopted app's socket wrote over TCP first: held until all of that is read.
+            st.state = if st.late == LATE_ADOPTED {
+                STATE_HELD
+            } else {
+                STATE_REDIRECT
+            };
         }
         st.epoch = cfg.epoch;
     }

@@ -19,6 +19,7 @@ pub(super) fn try_sock_ops(ctx: &SockOpsContext) -> Result<(), ()> {
         PASSIVE_ESTABLISHED => established(ctx, false),
         STATE_CB if ctx.arg(1) == TCP_CLOSE => closed(ctx),
         PARSE_HDR_OPT_CB => segment_received(ctx),
+        HDR_OPT_LEN_CB => first_write(ctx),
         TCP_LISTEN_CB => listening(ctx),
         _ => Ok(()),
     }
@@ -217,7 +218,8 @@ pub(super) fn established(ctx: &SockOpsContext, active: bool) -> Result<(), ()> 
         leave: LEAVE_NO,
         paired: if active { PAIR_UNKNOWN } else { PAIR_YES },
         own_keepalive: 0,
-        _pad: 0,
+        late: LATE_NO,
+        _pad: [0; 3],
     };
     let st = unsafe {
         bpf_sk_storage_get(
@@ -242,6 +244,9 @@ pub(super) fn established(ctx: &SockOpsContext, active: bool) -> Result<(), ()> 
         count(counter::SKIP_SMALL_WRITES, 1);
         return Ok(());
     }
+    if app {
+        return defer(ctx, sk, unsafe { &mut *st }, cfg.keepalive_secs);
+    }
     let mut k = key;
     if let Err(e) = MESHACCEL_SOCKS.update(&mut k, unsafe { &mut *ctx.ops }, BPF_NOEXIST.into()) {
         let _ = MESHACCEL_PEERS.remove(key);
@@ -259,6 +264,83 @@ pub(super) fn established(ctx: &SockOpsContext, active: bool) -> Result<(), ()> 
     }
     let _ = ctx.set_cb_flags(flags as i32);
     count(counter::INSERTED, 1);
+    Ok(())
+}
+
+/// An app's socket stays out of the sockhash until its first write (`LATE_WAITING`): it may
+/// yet turn blocking, and a blocking read that starts while it is in the sockhash cannot be
+/// made TCP's again. It keeps its PEERS entry (its sidecar's socket enters and pairs with it)
+/// and gets the keepalive an accelerated socket gets (given back if it stays on TCP).
+#[inline(always)]
+fn defer(
+    ctx: &SockOpsContext,
+    sk: *mut aya_ebpf::bindings::bpf_sock,
+    st: &mut SockState,
+    keepalive_secs: u32,
+) -> Result<(), ()> {
+    let waiting = PEND_WAITING;
+    let pend = unsafe {
+        bpf_sk_storage_get(
+            pend_map(),
+            sk.cast(),
+            ptr::from_ref(&waiting).cast_mut().cast(),
+            BPF_SK_STORAGE_GET_F_CREATE.into(),
+        )
+    };
+    if pend.is_null() {
+        go_tcp(st, counter::INSERT_FAILED);
+        st.leave = LEAVE_DONE;
+        return Err(());
+    }
+    st.late = LATE_WAITING;
+    st.own_keepalive = keepalive(ctx, keepalive_secs).into();
+    let ops = unsafe { &*ctx.ops };
+    let _ = ctx.set_cb_flags(
+        (ops.bpf_sock_ops_cb_flags
+            | BPF_SOCK_OPS_STATE_CB_FLAG
+            | BPF_SOCK_OPS_PARSE_ALL_HDR_OPT_CB_FLAG
+            | BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG) as i32,
+    );
+    count(counter::DEFERRED_APP, 1);
+    Ok(())
+}
+
+/// A segment is about to be sent by a socket that asked to see them: a deferred app's socket
+/// before its first write. At the first one carrying data: an event loop's socket is marked
+/// ready, and the tc program on its netns' `lo` adopts it as this segment leaves (sock_ops may
+/// not insert now); any other stays on TCP for life.
+#[inline(always)]
+pub(super) fn first_write(ctx: &SockOpsContext) -> Result<(), ()> {
+    let ops = unsafe { &*ctx.ops };
+    // No data: a pure ACK, a FIN, or the kernel sizing its next segment.
+    if ops.skb_len == 0 {
+        return Ok(());
+    }
+    let sk = ops_sock(ctx)?;
+    let _ =
+        ctx.set_cb_flags((ops.bpf_sock_ops_cb_flags & !BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG) as i32);
+    let st = sock_state(sk).ok_or(())?;
+    if st.late != LATE_WAITING || st.state != STATE_UNDECIDED {
+        return Ok(());
+    }
+    if event_loop(sk) {
+        if let Some(p) = unsafe {
+            bpf_sk_storage_get(pend_map(), sk.cast(), ptr::null_mut(), 0)
+                .cast::<u32>()
+                .as_mut()
+        } {
+            *p = PEND_READY;
+            return Ok(());
+        }
+    }
+    let reason = if nonblocking(sk) == Some(true) {
+        counter::SKIP_APP_NO_EPOLL
+    } else {
+        counter::FALLBACK_APP_BLOCKING
+    };
+    go_tcp(st, reason);
+    leave(ctx, st);
+    unsafe { bpf_sk_storage_delete(pend_map(), sk.cast()) };
     Ok(())
 }
 
@@ -456,7 +538,7 @@ pub(super) fn closed(ctx: &SockOpsContext) -> Result<(), ()> {
         && info.netns_cookie == st.netns_cookie
     {
         // A small-write service's socket kept its entry only to keep its peer out.
-        inserted = info.flags & PEER_SMALL_WRITES == 0;
+        inserted = info.flags & PEER_SMALL_WRITES == 0 && st.late != LATE_WAITING;
         // Out of the sockhash too when nothing is left unread in it: a peer that did not
         // learn of the close (its RST was lost: hazard 6) then fails its next redirect and
         // goes to TCP, whose answer is the reset TCP would have given it; and a reconnected
