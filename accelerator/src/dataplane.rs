@@ -113,9 +113,11 @@ pub struct KernelStatus {
 }
 
 /// A `PEERS` entry of a socket in the sockhash (not one kept on TCP as a small-write service's,
-/// whose entry only tells its peer to stay out too, nor an app's socket that left).
+/// whose entry only tells its peer to stay out too, nor an app's socket that left or was never
+/// adopted).
 fn in_sockhash(v: &PeerInfo) -> bool {
-    v.flags & (meshaccel_common::PEER_SMALL_WRITES | meshaccel_common::PEER_LEFT) == 0
+    use meshaccel_common::{PEER_DEFERRED, PEER_LEFT, PEER_SMALL_WRITES};
+    v.flags & (PEER_SMALL_WRITES | PEER_LEFT | PEER_DEFERRED) == 0
 }
 
 /// CLOCK_MONOTONIC in ns: the clock of `bpf_ktime_get_ns`.

@@ -371,6 +371,9 @@ pub const PEER_PAIRED: u64 = 8;
 /// passive socket arriving later must not pair with it. Both bits are set with an atomic or
 /// that returns the old flags, so exactly one of the two sockets wins.
 pub const PEER_UNPAIRED: u64 = 16;
+/// `PeerInfo::flags` of an app's socket waiting outside the sockhash for its first write
+/// (`LATE_WAITING`); cleared when it is adopted.
+pub const PEER_DEFERRED: u64 = 32;
 
 /// Per-workload traffic counters (PERCPU_HASH value, summed by user space).
 #[repr(C)]

@@ -51,6 +51,14 @@ fn adopt(sk: *mut aya_ebpf::bindings::bpf_sock) {
         )
     };
     if rc == 0 {
+        if let Some(p) = MESHACCEL_PEERS.get_ptr_mut(st.own) {
+            unsafe {
+                atomic_and::<u64, u64, { AtomicOrdering::SeqCst }>(
+                    &raw mut (*p).flags,
+                    !PEER_DEFERRED,
+                )
+            };
+        }
         count(counter::ADOPTED_APP, 1);
         count(counter::INSERTED, 1);
     } else {

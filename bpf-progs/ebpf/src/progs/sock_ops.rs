@@ -190,7 +190,7 @@ pub(super) fn established(ctx: &SockOpsContext, active: bool) -> Result<(), ()> 
             leg: u16::from(leg),
             service_port: if active { service.port } else { 0 },
             flags: if small_writes { PEER_SMALL_WRITES } else { 0 }
-                | if app { PEER_APP } else { 0 },
+                | if app { PEER_APP | PEER_DEFERRED } else { 0 },
             _pad: 0,
         },
         BPF_NOEXIST.into(),
