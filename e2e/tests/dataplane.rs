@@ -1070,3 +1070,56 @@ fn counters_are_updated_with_atomic_adds() {
     // workload, in the sk_msg program alone.
     assert!(total >= 8, "{total} atomic adds in the two programs");
 }
+
+/// An app-sockets-auto workload gets the adopting tc program on its `lo` (a tcx egress link
+/// pinned under links/adopt/<netns cookie>); declaring its apps trusted removes it, declaring
+/// them auto again brings it back, and uninstall removes it with the rest.
+#[test]
+fn the_app_socket_adopter_follows_its_workload() {
+    require_root();
+    let mut mesh = Mesh::new().expect("mesh");
+    let a = mesh_pod(&mut mesh, "a");
+    let mut accel = Accel::start(&mesh, true, &[Workload::auto(&a)]).expect("agent");
+    let pin = accel
+        .bpffs()
+        .join("links/adopt")
+        .join(a.netns_cookie().expect("cookie").to_string());
+    wait_until("the adopter's link is pinned", || pin.exists());
+    let out = std::process::Command::new("bpftool")
+        .args(["-j", "link", "show", "pinned"])
+        .arg(&pin)
+        .output()
+        .expect("bpftool");
+    let link: serde_json::Value = serde_json::from_slice(&out.stdout).expect("bpftool json");
+    // Debian's bpftool names no tcx details: the type (BPF_LINK_TYPE_TCX = 11) and the program.
+    assert!(link["type"] == "tcx" || link["type"] == 11, "{link}");
+    let prog = std::process::Command::new("bpftool")
+        .args(["-j", "prog", "show", "id"])
+        .arg(link["prog_id"].to_string())
+        .output()
+        .expect("bpftool");
+    let prog: serde_json::Value = serde_json::from_slice(&prog.stdout).expect("bpftool json");
+    assert_eq!(prog["name"], "meshaccel_adopt", "{prog}");
+    assert_eq!(prog["type"], "sched_cls", "{prog}");
+
+    accel
+        .set_workloads(true, &[Workload::on(&a)])
+        .expect("apps trusted");
+    wait_until("the link goes with the apps trusted", || !pin.exists());
+    accel
+        .set_workloads(true, &[Workload::auto(&a)])
+        .expect("apps auto again");
+    wait_until("the link comes back", || pin.exists());
+
+    accel.kill_agent();
+    let report = accel.uninstall().expect("uninstall");
+    assert!(
+        report["removed_pins"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p.as_str() == pin.to_str()),
+        "{report}"
+    );
+    assert!(!pin.exists());
+}

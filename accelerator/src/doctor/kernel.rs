@@ -56,6 +56,7 @@ pub(super) fn program_and_map_types() -> Vec<Check> {
     let programs = [
         (ProgramType::SockOps, "sock_ops"),
         (ProgramType::SkMsg, "sk_msg"),
+        (ProgramType::SchedClassifier, "sched_cls"),
     ]
     .map(|(t, n)| {
         (
@@ -77,8 +78,8 @@ pub(super) fn program_and_map_types() -> Vec<Check> {
             "program types",
             &programs,
             ("load", "programs"),
-            "meshaccel needs a kernel with CONFIG_BPF_SYSCALL, CONFIG_CGROUP_BPF and CONFIG_BPF_STREAM_PARSER",
-            "sock_ops and sk_msg load",
+            "meshaccel needs a kernel with CONFIG_BPF_SYSCALL, CONFIG_CGROUP_BPF, CONFIG_BPF_STREAM_PARSER and CONFIG_NET_XGRESS (tcx)",
+            "sock_ops, sk_msg and sched_cls load",
         ),
         supported(
             "map types",

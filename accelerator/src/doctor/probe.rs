@@ -5,7 +5,7 @@ use std::{fs::File, io, path::Path};
 use aya::{
     Ebpf,
     maps::SockHash,
-    programs::{CgroupAttachMode, SkMsg, SockOps},
+    programs::{CgroupAttachMode, SchedClassifier, SkMsg, SockOps},
 };
 use meshaccel_common::{PairKey, names};
 
@@ -75,7 +75,19 @@ fn probe(cgroup: Option<&Path>, ids: &mut Vec<u32>) -> Vec<Check> {
             Err(e) => failed.push(format!("{}: {e:#}", names::PROG_SOCK_OPS)),
         }
     }
-    if !failed.is_empty() || loaded.len() != 2 {
+    if let Some(Ok(p)) = ebpf
+        .program_mut(names::PROG_ADOPT)
+        .map(<&mut SchedClassifier>::try_from)
+    {
+        match p.load() {
+            Ok(()) => {
+                loaded.push(names::PROG_ADOPT);
+                ids.extend(p.info().ok().map(|i| i.id()));
+            }
+            Err(e) => failed.push(format!("{}: {e:#}", names::PROG_ADOPT)),
+        }
+    }
+    if !failed.is_empty() || loaded.len() != 3 {
         out.push(
             Check::new(
                 "load",
@@ -85,14 +97,14 @@ fn probe(cgroup: Option<&Path>, ids: &mut Vec<u32>) -> Vec<Check> {
                     truncate(&failed.join("; "), 1500)
                 ),
             )
-            .fix("this kernel lacks a helper or map feature meshaccel uses (bpf_msg_redirect_hash, bpf_sk_storage_get, bpf_get_netns_cookie in sock_ops and sk_msg)"),
+            .fix("this kernel lacks a helper or map feature meshaccel uses (bpf_msg_redirect_hash, bpf_sk_storage_get, bpf_get_netns_cookie in sock_ops and sk_msg; sockhash updates and bpf_sk_storage_get in tc)"),
         );
         return out;
     }
     out.push(Check::new(
         "load",
         Level::Ok,
-        "the verifier accepts meshaccel's sock_ops and sk_msg programs",
+        "the verifier accepts meshaccel's sock_ops, sk_msg and tc (app-socket adopter) programs",
     ));
 
     // sk_msg on the sockhash.
