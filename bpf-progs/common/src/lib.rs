@@ -320,8 +320,11 @@ pub const LEAVE_DONE: u8 = 2;
 pub const LATE_NO: u8 = 0;
 /// Out of the sockhash, waiting for its first write.
 pub const LATE_WAITING: u8 = 1;
-/// Adopted: what it wrote over TCP first is read before anything is redirected (held).
+/// Adopted: what it wrote over TCP first is read before anything is redirected (held); its
+/// keepalive is set at its next sock_ops callback.
 pub const LATE_ADOPTED: u8 = 2;
+/// Adopted, keepalive settled.
+pub const LATE_KEPT: u8 = 3;
 
 /// `MESHACCEL_PEND` values: waiting for the first write; ready to be adopted.
 pub const PEND_WAITING: u32 = 0;

@@ -62,13 +62,13 @@ mod progs {
             ptr,
         };
         pub(super) use meshaccel_common::{
-            Config, DIR_INBOUND, DIR_OUTBOUND, LATE_ADOPTED, LATE_NO, LATE_WAITING, LEAVE_DONE,
-            LEAVE_NO, LEAVE_PENDING, LISTENER_NONBLOCKING, PAIR_NONE, PAIR_UNKNOWN, PAIR_YES,
-            PEER_APP, PEER_DEFERRED, PEER_LEFT, PEER_PAIRED, PEER_SMALL_WRITES, PEER_UNPAIRED,
-            PEND_READY, PEND_WAITING, POLICY_ENABLED, POLICY_TRUST_APPS, PairKey, PeerInfo,
-            PortKey, ROLE_CLIENT, ROLE_SERVER, SCOPE_MESH, STATE_HELD, STATE_REDIRECT, STATE_TCP,
-            STATE_UNDECIDED, SockState, WorkloadPolicy, WorkloadStats, capacity, counter,
-            is_loopback, port_from_be_field, tuning, v4_mapped,
+            Config, DIR_INBOUND, DIR_OUTBOUND, LATE_ADOPTED, LATE_KEPT, LATE_NO, LATE_WAITING,
+            LEAVE_DONE, LEAVE_NO, LEAVE_PENDING, LISTENER_NONBLOCKING, PAIR_NONE, PAIR_UNKNOWN,
+            PAIR_YES, PEER_APP, PEER_DEFERRED, PEER_LEFT, PEER_PAIRED, PEER_SMALL_WRITES,
+            PEER_UNPAIRED, PEND_READY, PEND_WAITING, POLICY_ENABLED, POLICY_TRUST_APPS, PairKey,
+            PeerInfo, PortKey, ROLE_CLIENT, ROLE_SERVER, SCOPE_MESH, STATE_HELD, STATE_REDIRECT,
+            STATE_TCP, STATE_UNDECIDED, SockState, WorkloadPolicy, WorkloadStats, capacity,
+            counter, is_loopback, port_from_be_field, tuning, v4_mapped,
         };
     }
 

@@ -59,7 +59,7 @@ pub(super) fn try_sk_msg(ctx: &SkMsgContext) -> u32 {
         }
         if st.state == STATE_UNDECIDED {
             // An adopted app's socket wrote over TCP first: held until all of that is read.
-            st.state = if st.late == LATE_ADOPTED {
+            st.state = if st.late != LATE_NO {
                 STATE_HELD
             } else {
                 STATE_REDIRECT

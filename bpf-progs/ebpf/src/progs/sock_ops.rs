@@ -245,7 +245,7 @@ pub(super) fn established(ctx: &SockOpsContext, active: bool) -> Result<(), ()> 
         return Ok(());
     }
     if app {
-        return defer(ctx, sk, unsafe { &mut *st }, cfg.keepalive_secs);
+        return defer(ctx, sk, unsafe { &mut *st });
     }
     let mut k = key;
     if let Err(e) = MESHACCEL_SOCKS.update(&mut k, unsafe { &mut *ctx.ops }, BPF_NOEXIST.into()) {
@@ -269,14 +269,13 @@ pub(super) fn established(ctx: &SockOpsContext, active: bool) -> Result<(), ()> 
 
 /// An app's socket stays out of the sockhash until its first write (`LATE_WAITING`): it may
 /// yet turn blocking, and a blocking read that starts while it is in the sockhash cannot be
-/// made TCP's again. It keeps its PEERS entry (its sidecar's socket enters and pairs with it)
-/// and gets the keepalive an accelerated socket gets (given back if it stays on TCP).
+/// made TCP's again. It keeps its PEERS entry (its sidecar's socket enters and pairs with it);
+/// the keepalive of an accelerated socket waits for its adoption (its bytes cross TCP until then).
 #[inline(always)]
 fn defer(
     ctx: &SockOpsContext,
     sk: *mut aya_ebpf::bindings::bpf_sock,
     st: &mut SockState,
-    keepalive_secs: u32,
 ) -> Result<(), ()> {
     let waiting = PEND_WAITING;
     let pend = unsafe {
@@ -293,7 +292,6 @@ fn defer(
         return Err(());
     }
     st.late = LATE_WAITING;
-    st.own_keepalive = keepalive(ctx, keepalive_secs).into();
     let ops = unsafe { &*ctx.ops };
     let _ = ctx.set_cb_flags(
         (ops.bpf_sock_ops_cb_flags
@@ -364,6 +362,12 @@ pub(super) fn segment_received(ctx: &SockOpsContext) -> Result<(), ()> {
     }
     if st.leave == LEAVE_PENDING {
         leave(ctx, st);
+    }
+    // Adopted since its last segment (tc may not set socket options): now it gets the keepalive
+    // an accelerated socket gets (the first segment after adoption is the ACK of its first write).
+    if st.late == LATE_ADOPTED && st.leave == LEAVE_NO {
+        st.own_keepalive = keepalive(ctx, config().keepalive_secs).into();
+        st.late = LATE_KEPT;
     }
     let undecided_app = st.app != 0 && st.state == STATE_UNDECIDED;
     if !undecided_app && st.paired != PAIR_UNKNOWN {
