@@ -329,7 +329,7 @@ impl Metrics {
     }
 }
 
-/// How a kernel counter (`meshaccel_common::counter::NAMES`) is exposed.
+/// How a kernel counter is exposed (from `meshaccel_common::counter::TABLE`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum CounterMetric {
     /// A family of its own, without labels.
@@ -343,99 +343,19 @@ pub enum CounterMetric {
     },
 }
 
-const FALLBACKS_HELP: &str = "Sockets that went to plain TCP for life, by reason (no_peer: the peer was not in the sockhash at the first message; disabled: a workload or the global switch was off; redirect_failed; no_state; not_mesh: not one of Istio's legs; app_receiver: the peer is an app's socket, which nothing is redirected into unless its workload trusts its apps; app_blocking: an app's socket was (or turned) blocking at its first write; no_local_peer: an active socket whose server is not on this node)";
-const SKIPPED_HELP: &str = "Sockets of enabled workloads never inserted into the sockhash, by reason (excluded_port, early_data: TCP Fast Open, not_mesh, small_writes: a service seen streaming small writes; app_blocking: an app's connecting socket was blocking; app_no_epoll: an app's socket non-blocking at its first write but watched by no epoll (a poll loop or a runtime's socket timeout); app_unaccepted: an app's accepted socket whose listener was not non-blocking, or its sidecar's passthrough socket to it; no_local_peer: a passive socket whose client is not on this node; reconnected: a socket connected again after connect(AF_UNSPEC))";
-const INSERT_FAILURES_HELP: &str = "Sockhash inserts refused, by reason (collision: the key existed; failed: e.g. the map is full); those sockets stay on TCP";
-const EVENTS_HELP: &str = "Other kernel counters of meshaccel, by name";
-/// Counter name prefixes whose counters are one family labelled by the rest of the name.
-const REASON_FAMILIES: [(&str, &str, &str); 3] = [
-    ("fallback_", "meshaccel_fallbacks", FALLBACKS_HELP),
-    (
-        "hold_",
-        "meshaccel_holds",
-        "Times a redirecting socket moved to TCP until its reader caught up, by reason (queue: the peer had more than --max-unread-bytes unread)",
-    ),
-    ("skip_", "meshaccel_skipped_sockets", SKIPPED_HELP),
-];
-
-/// Maps a kernel counter name to its metric. Names without a dedicated family (a counter added
-/// later) go to `meshaccel_kernel_events{event=NAME}`, so nothing is lost.
-pub fn counter_metric(name: &'static str) -> CounterMetric {
-    match name {
-        "redirect_msgs" => CounterMetric::Plain(
-            "meshaccel_redirected_messages",
-            "Messages (sendmsg/sendfile calls) redirected into the peer socket, bypassing TCP/IP",
-        ),
-        "redirect_bytes" => CounterMetric::Plain(
-            "meshaccel_redirected_bytes",
-            "Bytes redirected into the peer socket, bypassing TCP/IP",
-        ),
-        "tcp_msgs" => CounterMetric::Plain(
-            "meshaccel_tcp_messages",
-            "Messages that sockets in the sockhash sent over plain TCP",
-        ),
-        "tcp_bytes" => CounterMetric::Plain(
-            "meshaccel_tcp_bytes",
-            "Bytes that sockets in the sockhash sent over plain TCP",
-        ),
-        "inserted" => CounterMetric::Plain(
-            "meshaccel_sockhash_inserts",
-            "Sockets inserted into the sockhash",
-        ),
-        "closed" => CounterMetric::Plain(
-            "meshaccel_sockets_closed",
-            "Sockets of the sockhash that closed",
-        ),
-        "insert_collision" => CounterMetric::Labelled {
-            family: "meshaccel_sockhash_insert_failures",
-            help: INSERT_FAILURES_HELP,
+/// The metric of a kernel counter, by its name; None for a name the table does not have.
+pub fn counter_metric(name: &str) -> Option<CounterMetric> {
+    use meshaccel_common::counter::{Metric, TABLE, family_help};
+    let c = TABLE.iter().find(|c| c.name == name)?;
+    Some(match c.metric {
+        Metric::Own { family, help } => CounterMetric::Plain(family, help),
+        Metric::Reason { family, reason } => CounterMetric::Labelled {
+            family,
+            help: family_help(family),
             label: "reason",
-            value: "collision",
+            value: reason,
         },
-        "insert_failed" => CounterMetric::Labelled {
-            family: "meshaccel_sockhash_insert_failures",
-            help: INSERT_FAILURES_HELP,
-            label: "reason",
-            value: "failed",
-        },
-        "resumed" => CounterMetric::Plain(
-            "meshaccel_resumes",
-            "Times a held socket went back to redirecting (everything it sent over TCP had been read)",
-        ),
-        "left" => CounterMetric::Plain(
-            "meshaccel_sockhash_leaves",
-            "Sockets that left the sockhash before their close(), back on TCP's own paths (an app's socket gone TCP for life or blocking; an active socket whose server is not on this node; a socket at TCP_CLOSE with nothing unread)",
-        ),
-        "deferred_app" => CounterMetric::Plain(
-            "meshaccel_app_sockets_deferred",
-            "App sockets kept out of the sockhash at ESTABLISHED until their first write shows how they read",
-        ),
-        "adopted_app" => CounterMetric::Plain(
-            "meshaccel_app_sockets_adopted",
-            "App sockets inserted into the sockhash at their first write (non-blocking and watched by epoll: an event loop's)",
-        ),
-        "learned_small_writes" => CounterMetric::Plain(
-            "meshaccel_small_write_streams",
-            "Times a redirecting connection streamed small writes faster than its reader read them; its service's next connections stay on TCP for --small-write-secs",
-        ),
-        n => match REASON_FAMILIES
-            .iter()
-            .find_map(|&(prefix, family, help)| Some((n.strip_prefix(prefix)?, family, help)))
-        {
-            Some((reason, family, help)) => CounterMetric::Labelled {
-                family,
-                help,
-                label: "reason",
-                value: reason,
-            },
-            None => CounterMetric::Labelled {
-                family: "meshaccel_kernel_events",
-                help: EVENTS_HELP,
-                label: "event",
-                value: n,
-            },
-        },
-    }
+    })
 }
 
 /// The sockhash's capacity as the kernel created it (the agent can size it), from its pin.
@@ -524,13 +444,14 @@ impl Collector for KernelCollector {
         let mut labelled: BTreeMap<&str, Labelled> = BTreeMap::new();
         for (name, v) in &status.counters {
             match counter_metric(name) {
-                CounterMetric::Plain(family, help) => plain.push((family, help, *v)),
-                CounterMetric::Labelled {
+                None => {}
+                Some(CounterMetric::Plain(family, help)) => plain.push((family, help, *v)),
+                Some(CounterMetric::Labelled {
                     family,
                     help,
                     label,
                     value,
-                } => labelled
+                }) => labelled
                     .entry(family)
                     .or_insert((help, label, Vec::new()))
                     .2
@@ -620,29 +541,20 @@ mod tests {
     use super::*;
 
     #[test]
-    fn every_kernel_counter_has_a_named_metric() {
+    fn every_kernel_counter_has_a_metric() {
         for name in meshaccel_common::counter::NAMES {
-            let m = counter_metric(name);
-            assert!(
-                !matches!(
-                    m,
-                    CounterMetric::Labelled {
-                        family: "meshaccel_kernel_events",
-                        ..
-                    }
-                ),
-                "kernel counter {name} has no metric family of its own: add it to counter_metric"
-            );
+            assert!(counter_metric(name).is_some(), "{name}");
         }
         assert_eq!(
             counter_metric("fallback_no_peer"),
-            CounterMetric::Labelled {
+            Some(CounterMetric::Labelled {
                 family: "meshaccel_fallbacks",
-                help: FALLBACKS_HELP,
+                help: meshaccel_common::counter::family_help("meshaccel_fallbacks"),
                 label: "reason",
                 value: "no_peer"
-            }
+            })
         );
+        assert_eq!(counter_metric("no_such_counter"), None);
     }
 
     #[test]

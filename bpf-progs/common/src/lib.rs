@@ -151,40 +151,157 @@ pub mod counter {
     pub const SKIP_APP_NO_EPOLL: u32 = 30;
     pub const COUNT: u32 = 31;
 
-    /// Names used by `status` and `/metrics`, indexed like the constants above.
-    pub const NAMES: [&str; COUNT as usize] = [
-        "inserted",
-        "insert_collision",
-        "insert_failed",
-        "redirect_msgs",
-        "redirect_bytes",
-        "fallback_no_peer",
-        "fallback_disabled",
-        "fallback_redirect_failed",
-        "tcp_msgs",
-        "tcp_bytes",
-        "skip_excluded_port",
-        "skip_early_data",
-        "fallback_no_state",
-        "closed",
-        "fallback_not_mesh",
-        "skip_not_mesh",
-        "hold_queue",
-        "resumed",
-        "skip_small_writes",
-        "learned_small_writes",
-        "skip_app_blocking",
-        "skip_app_unaccepted",
-        "fallback_app_receiver",
-        "fallback_app_blocking",
-        "left",
-        "skip_no_local_peer",
-        "fallback_no_local_peer",
-        "skip_reconnected",
-        "deferred_app",
-        "adopted_app",
-        "skip_app_no_epoll",
+    /// How operators see a counter: `status` by its name, `/metrics` by its family.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub enum Metric {
+        /// A family of its own.
+        Own {
+            family: &'static str,
+            help: &'static str,
+        },
+        /// One value of the `reason` label of a family several counters share (its help:
+        /// [`family_help`]).
+        Reason {
+            family: &'static str,
+            reason: &'static str,
+        },
+    }
+
+    /// One counter: its name (`status`, and the reason is its name's last part) and metric.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub struct Counter {
+        pub name: &'static str,
+        pub metric: Metric,
+    }
+
+    pub const FALLBACKS: &str = "meshaccel_fallbacks";
+    pub const SKIPPED: &str = "meshaccel_skipped_sockets";
+    pub const INSERT_FAILURES: &str = "meshaccel_sockhash_insert_failures";
+    pub const HOLDS: &str = "meshaccel_holds";
+
+    const fn own(name: &'static str, family: &'static str, help: &'static str) -> Counter {
+        Counter {
+            name,
+            metric: Metric::Own { family, help },
+        }
+    }
+
+    const fn reason(name: &'static str, family: &'static str, reason: &'static str) -> Counter {
+        Counter {
+            name,
+            metric: Metric::Reason { family, reason },
+        }
+    }
+
+    /// Every counter, indexed like the constants above (the one table `status`, `/metrics`
+    /// and the tests read).
+    pub const TABLE: [Counter; COUNT as usize] = [
+        own(
+            "inserted",
+            "meshaccel_sockhash_inserts",
+            "Sockets inserted into the sockhash",
+        ),
+        reason("insert_collision", INSERT_FAILURES, "collision"),
+        reason("insert_failed", INSERT_FAILURES, "failed"),
+        own(
+            "redirect_msgs",
+            "meshaccel_redirected_messages",
+            "Messages (sendmsg/sendfile calls) redirected into the peer socket, bypassing TCP/IP",
+        ),
+        own(
+            "redirect_bytes",
+            "meshaccel_redirected_bytes",
+            "Bytes redirected into the peer socket, bypassing TCP/IP",
+        ),
+        reason("fallback_no_peer", FALLBACKS, "no_peer"),
+        reason("fallback_disabled", FALLBACKS, "disabled"),
+        reason("fallback_redirect_failed", FALLBACKS, "redirect_failed"),
+        own(
+            "tcp_msgs",
+            "meshaccel_tcp_messages",
+            "Messages that sockets in the sockhash sent over plain TCP",
+        ),
+        own(
+            "tcp_bytes",
+            "meshaccel_tcp_bytes",
+            "Bytes that sockets in the sockhash sent over plain TCP",
+        ),
+        reason("skip_excluded_port", SKIPPED, "excluded_port"),
+        reason("skip_early_data", SKIPPED, "early_data"),
+        reason("fallback_no_state", FALLBACKS, "no_state"),
+        own(
+            "closed",
+            "meshaccel_sockets_closed",
+            "Sockets of the sockhash that closed",
+        ),
+        reason("fallback_not_mesh", FALLBACKS, "not_mesh"),
+        reason("skip_not_mesh", SKIPPED, "not_mesh"),
+        reason("hold_queue", HOLDS, "queue"),
+        own(
+            "resumed",
+            "meshaccel_resumes",
+            "Times a held socket went back to redirecting (everything it sent over TCP had been read)",
+        ),
+        reason("skip_small_writes", SKIPPED, "small_writes"),
+        own(
+            "learned_small_writes",
+            "meshaccel_small_write_streams",
+            "Times a redirecting connection streamed small writes faster than its reader read them; its service's next connections stay on TCP for --small-write-secs",
+        ),
+        reason("skip_app_blocking", SKIPPED, "app_blocking"),
+        reason("skip_app_unaccepted", SKIPPED, "app_unaccepted"),
+        reason("fallback_app_receiver", FALLBACKS, "app_receiver"),
+        reason("fallback_app_blocking", FALLBACKS, "app_blocking"),
+        own(
+            "left",
+            "meshaccel_sockhash_leaves",
+            "Sockets that left the sockhash before their close(), back on TCP's own paths (an app's socket gone TCP for life or blocking; an active socket whose server is not on this node; a socket at TCP_CLOSE with nothing unread)",
+        ),
+        reason("skip_no_local_peer", SKIPPED, "no_local_peer"),
+        reason("fallback_no_local_peer", FALLBACKS, "no_local_peer"),
+        reason("skip_reconnected", SKIPPED, "reconnected"),
+        own(
+            "deferred_app",
+            "meshaccel_app_sockets_deferred",
+            "App sockets kept out of the sockhash at ESTABLISHED until their first write shows how they read",
+        ),
+        own(
+            "adopted_app",
+            "meshaccel_app_sockets_adopted",
+            "App sockets inserted into the sockhash at their first write (non-blocking and watched by epoll: an event loop's)",
+        ),
+        reason("skip_app_no_epoll", SKIPPED, "app_no_epoll"),
     ];
+
+    /// The help of a family several counters share: what each of its reasons means.
+    pub const fn family_help(family: &str) -> &'static str {
+        match family.as_bytes() {
+            b"meshaccel_fallbacks" => {
+                "Sockets that went to plain TCP for life, by reason (no_peer: the peer was not in the sockhash at the first message; disabled: a workload or the global switch was off; redirect_failed: the peer had gone; no_state: the state map was full; not_mesh: not one of Istio's legs; app_receiver: the peer is an app's socket, which nothing is redirected into unless its workload trusts its apps; app_blocking: an app's socket was (or turned) blocking at its first write; no_local_peer: an active socket whose server is not on this node)"
+            }
+            b"meshaccel_skipped_sockets" => {
+                "Sockets of enabled workloads never inserted into the sockhash, by reason (excluded_port; early_data: TCP Fast Open; not_mesh; small_writes: a service seen streaming small writes; app_blocking: an app's connecting socket was blocking; app_unaccepted: an app's accepted socket whose listener was not non-blocking, or its sidecar's passthrough socket to it; no_local_peer: a passive socket whose client is not on this node; reconnected: a socket connected again after connect(AF_UNSPEC); app_no_epoll: an app's socket non-blocking at its first write but watched by no epoll, a poll loop or a runtime's socket timeout)"
+            }
+            b"meshaccel_sockhash_insert_failures" => {
+                "Sockhash inserts refused, by reason (collision: the key existed; failed: e.g. the map is full); those sockets stay on TCP"
+            }
+            b"meshaccel_holds" => {
+                "Times a redirecting socket moved to TCP until its reader caught up, by reason (queue: the peer had more than --max-unread-bytes unread)"
+            }
+            _ => "",
+        }
+    }
+
+    /// Names used by `status` and `/metrics`, indexed like the constants above.
+    pub const NAMES: [&str; COUNT as usize] = {
+        let mut names = [""; COUNT as usize];
+        let mut i = 0;
+        while i < names.len() {
+            names[i] = TABLE[i].name;
+            i += 1;
+        }
+        names
+    };
 }
 
 /// Role of a socket in its connection.
@@ -555,9 +672,46 @@ mod tests {
     }
 
     #[test]
-    fn counter_names_cover_every_counter() {
-        assert_eq!(counter::NAMES.len(), counter::COUNT as usize);
-        assert_eq!(counter::NAMES[counter::CLOSED as usize], "closed");
+    fn the_counter_table_is_indexed_like_the_constants() {
+        use counter::*;
+        for (idx, name) in [
+            (INSERTED, "inserted"),
+            (REDIRECT_BYTES, "redirect_bytes"),
+            (CLOSED, "closed"),
+            (HOLD_QUEUE, "hold_queue"),
+            (FALLBACK_APP_BLOCKING, "fallback_app_blocking"),
+            (SKIP_RECONNECTED, "skip_reconnected"),
+            (SKIP_APP_NO_EPOLL, "skip_app_no_epoll"),
+        ] {
+            assert_eq!(NAMES[idx as usize], name);
+        }
+        let mut names = NAMES.to_vec();
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), COUNT as usize, "counter names are unique");
+    }
+
+    /// A shared family's counters are named `<its prefix><reason>`, and its help explains every
+    /// reason: the table cannot drift from what operators read.
+    #[test]
+    fn every_reason_is_named_and_explained() {
+        use counter::*;
+        for c in TABLE {
+            match c.metric {
+                Metric::Reason { family, reason } => {
+                    assert!(c.name.ends_with(reason), "{c:?}");
+                    let help = family_help(family);
+                    assert!(!help.is_empty(), "{family} has no help");
+                    assert!(help.contains(reason), "{family}'s help lacks {reason}");
+                }
+                Metric::Own { family, help } => {
+                    assert!(
+                        family.starts_with("meshaccel_") && !help.is_empty(),
+                        "{c:?}"
+                    );
+                }
+            }
+        }
     }
 }
 
