@@ -245,6 +245,11 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
 
 /// Runs the agent with a caller-made [`Shared`] (other sources and endpoints hold it too).
 pub async fn run_with(cfg: AgentConfig, shared: Arc<Shared>) -> Result<()> {
+    // First: a SIGTERM while the agent installs (a pod deleted as it starts) must end it
+    // cleanly at the loop below, not kill it half-way.
+    let mut hup = signal(SignalKind::hangup()).expect("SIGHUP handler");
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
     let mut dp = Dataplane::install_or_adopt(&cfg.cgroup, &cfg.bpffs, &cfg.install)?;
     if dp.sk_msg_reattached {
         shared.metrics.sk_msg_reattached();
@@ -270,9 +275,6 @@ pub async fn run_with(cfg: AgentConfig, shared: Arc<Shared>) -> Result<()> {
         return Ok(());
     }
     let mut seen = cfg.workloads.as_deref().and_then(stamp);
-    let mut hup = signal(SignalKind::hangup()).expect("SIGHUP handler");
-    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
     let mut poll = tokio::time::interval(cfg.poll);
     let mut resync = tokio::time::interval(cfg.resync);
     resync.tick().await;
