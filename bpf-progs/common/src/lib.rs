@@ -6,6 +6,8 @@
 
 use core::mem::size_of;
 
+pub mod decide;
+
 /// Map names, as the eBPF object declares them and as they are pinned under the bpffs folder.
 /// The kernel keeps 15 characters of a name; these fit.
 pub mod names {

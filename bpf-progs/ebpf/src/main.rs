@@ -31,15 +31,15 @@
 #[cfg(target_arch = "bpf")]
 mod progs {
     mod adopt;
-    mod decide;
     mod kernel;
     mod maps;
     mod sk_msg;
     mod sock_ops;
+    mod verdicts;
 
     /// What every module of the programs uses: the crates' items and each other's.
     mod prelude {
-        pub(super) use super::{decide::*, kernel::*, maps::*};
+        pub(super) use super::{kernel::*, maps::*, verdicts::*};
         pub(super) use aya_ebpf::{
             bindings::{
                 BPF_F_INGRESS, BPF_NOEXIST, BPF_SK_STORAGE_GET_F_CREATE,
@@ -68,7 +68,7 @@ mod progs {
             PEER_UNPAIRED, PEND_READY, PEND_WAITING, POLICY_ENABLED, POLICY_TRUST_APPS, PairKey,
             PeerInfo, PortKey, ROLE_CLIENT, ROLE_SERVER, SCOPE_MESH, STATE_HELD, STATE_REDIRECT,
             STATE_TCP, STATE_UNDECIDED, SockState, WorkloadPolicy, WorkloadStats, capacity,
-            counter, is_loopback, port_from_be_field, tuning, v4_mapped,
+            counter, decide, is_loopback, port_from_be_field, tuning, v4_mapped,
         };
     }
 

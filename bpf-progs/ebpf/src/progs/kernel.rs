@@ -78,19 +78,13 @@ pub(super) fn nonblocking(sk: *mut aya_ebpf::bindings::bpf_sock) -> Option<bool>
     file_of(sk).map(|file| field::<u32>(file, o_flags) & O_NONBLOCK != 0)
 }
 
-/// Whether this socket reads as an event loop does right now: its file is non-blocking and
-/// watched by an epoll instance (Go, Java NIO, nginx, asyncio, libuv, tokio all register their
-/// sockets). A non-blocking file without epoll is a poll loop or a runtime's socket timeout
-/// (CPython's), which may make it blocking again at any moment.
+/// Whether an epoll instance watches this socket's file (`f_ep`); false when unknown. Event
+/// loops (Go, Java NIO, nginx, asyncio, libuv, tokio) register their sockets; a poll loop or a
+/// runtime's socket timeout (CPython's) does not.
 #[inline(always)]
-pub(super) fn event_loop(sk: *mut aya_ebpf::bindings::bpf_sock) -> bool {
-    let (o_flags, o_ep) = (rd(&raw const OFF_FILE_FLAGS), rd(&raw const OFF_FILE_EP));
-    if o_flags == 0 || o_ep == 0 {
-        return false;
-    }
-    file_of(sk).is_some_and(|file| {
-        field::<u32>(file, o_flags) & O_NONBLOCK != 0 && !field::<*const u8>(file, o_ep).is_null()
-    })
+pub(super) fn watched_by_epoll(sk: *mut aya_ebpf::bindings::bpf_sock) -> bool {
+    let o_ep = rd(&raw const OFF_FILE_EP);
+    o_ep != 0 && file_of(sk).is_some_and(|file| !field::<*const u8>(file, o_ep).is_null())
 }
 
 /// The socket of a sock_ops callback.
@@ -104,8 +98,14 @@ pub(super) fn ops_sock(ctx: &SockOpsContext) -> Result<*mut aya_ebpf::bindings::
 /// queue: `sk_rmem_alloc`); None when unknown (no BTF offsets, or the read failed).
 #[inline(always)]
 pub(super) fn unread(st: &SockState) -> Option<u32> {
+    unread_at(st.peer_sk)
+}
+
+/// Bytes the socket at kernel address `peer_sk` has not read (see [`unread`]).
+#[inline(always)]
+pub(super) fn unread_at(peer_sk: u64) -> Option<u32> {
     let off = rd(&raw const OFF_RMEM_ALLOC);
-    if off == 0 || st.peer_sk == 0 {
+    if off == 0 || peer_sk == 0 {
         return None;
     }
     let mut v = 0u32;
@@ -113,7 +113,7 @@ pub(super) fn unread(st: &SockState) -> Option<u32> {
         bpf_probe_read_kernel(
             ptr::from_mut(&mut v).cast(),
             4,
-            (st.peer_sk + off as u64) as *const core::ffi::c_void,
+            (peer_sk + off as u64) as *const core::ffi::c_void,
         )
     };
     (rc == 0).then_some(v)

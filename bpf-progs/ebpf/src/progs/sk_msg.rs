@@ -98,51 +98,31 @@ pub(super) fn try_sk_msg(ctx: &SkMsgContext) -> u32 {
 }
 
 /// Whether a redirecting socket must move to TCP before this message: its peer has more
-/// than the limit unread. Looked at every `CHECK_BYTES` redirected.
+/// than the limit unread. Looked at every `tuning::CHECK_BYTES` redirected.
 #[inline(always)]
 pub(super) fn must_hold(st: &mut SockState, cfg: &Config, size: u64) -> bool {
-    if cfg.queue_limit == 0 {
-        return false;
-    }
-    st.unchecked = st.unchecked.saturating_add(size as u32);
-    if st.unchecked < tuning::CHECK_BYTES {
-        return false;
-    }
-    st.unchecked = 0;
-    unread(st).is_some_and(|n| n > cfg.queue_limit)
+    cfg.queue_limit != 0
+        && decide::look_at_peer(&mut st.unchecked, size)
+        && unread(st).is_some_and(|n| n > cfg.queue_limit)
 }
 
-/// Watches for a small-write stream: `tuning::SMALL_BEHIND` looks in a row, one every
-/// `tuning::SMALL_RUN` small messages in a row, that find the peer with bytes unread (a
-/// request/response exchange finds it with nothing unread). Such a stream moves more bytes
-/// over plain TCP, which coalesces small writes, than redirected one message at a time; and
-/// a socket cannot leave the sockhash safely while its peer may redirect into it. So the
-/// service is remembered and its next connections stay out (`established`); this one goes
-/// on. Remembering again while the stream lasts keeps its service out.
+/// Watches for a small-write stream (`decide::small_write_stream`: the reader falls behind a
+/// stream of small messages; a request/response exchange finds it with nothing unread). Such
+/// a stream moves more bytes over plain TCP, which coalesces small writes, than redirected one
+/// message at a time; and a socket cannot leave the sockhash safely while its peer may redirect
+/// into it. So the service is remembered and its next connections stay out (`established`);
+/// this one goes on. Remembering again while the stream lasts keeps its service out.
 #[inline(always)]
 pub(super) fn small_writes(st: &mut SockState, cfg: &Config, size: u64) {
     if cfg.small_write_secs == 0 || st.service.port == 0 {
         return;
     }
-    if size >= tuning::SMALL_WRITE_BYTES {
-        st.small_run = 0;
-        st.small_behind = 0;
+    let peer_sk = st.peer_sk;
+    if !decide::small_write_stream(&mut st.small_run, &mut st.small_behind, size, || {
+        unread_at(peer_sk)
+    }) {
         return;
     }
-    st.small_run += 1;
-    if st.small_run < tuning::SMALL_RUN {
-        return;
-    }
-    st.small_run = 0;
-    if unread(st).is_none_or(|n| n == 0) {
-        st.small_behind = 0;
-        return;
-    }
-    st.small_behind += 1;
-    if st.small_behind < tuning::SMALL_BEHIND {
-        return;
-    }
-    st.small_behind = 0;
     let now = unsafe { bpf_ktime_get_ns() };
     if MESHACCEL_SMALL.insert(&st.service, &now, 0).is_ok() {
         count(counter::LEARNED_SMALL_WRITES, 1);
@@ -150,11 +130,10 @@ pub(super) fn small_writes(st: &mut SockState, cfg: &Config, size: u64) {
 }
 
 /// A held socket may redirect again once everything it wrote over TCP has been acknowledged
-/// and its peer has read everything (nothing of its TCP stream is left for a redirected
-/// byte to overtake). Checked at every message while held (a few loads).
+/// and its peer has read everything. Checked at every message while held (a few loads).
 #[inline(always)]
 pub(super) fn may_resume(st: &SockState, sk: *mut aya_ebpf::bindings::bpf_sock) -> bool {
-    tcp_all_acked(sk) && unread(st) == Some(0)
+    decide::may_resume(tcp_all_acked(sk), unread(st))
 }
 
 #[inline(always)]

@@ -83,12 +83,13 @@ pub(super) fn established(ctx: &SockOpsContext, active: bool) -> Result<(), ()> 
         (cfg.passthrough_v4_be != 0 && *ip == v4_mapped(cfg.passthrough_v4_be))
             || (cfg.passthrough_v6_be != [0; 4] && *ip == cfg.passthrough_v6_be)
     };
-    let leg = if active {
-        passthrough(&local_ip)
-    } else {
-        (local_port != 0 && (local_port == cfg.outbound_port || local_port == cfg.inbound_port))
-            || passthrough(&remote_ip)
-    };
+    let leg = decide::is_leg(
+        active,
+        local_port,
+        [cfg.outbound_port, cfg.inbound_port],
+        passthrough(&local_ip),
+        passthrough(&remote_ip),
+    );
     // In the mesh scope a passive socket that is no leg never redirects and is never
     // redirected to (its active peer is no leg either): keep it out of the sockhash.
     if cfg.scope == SCOPE_MESH && !active && !leg {
@@ -321,20 +322,20 @@ pub(super) fn first_write(ctx: &SockOpsContext) -> Result<(), ()> {
     if st.late != LATE_WAITING || st.state != STATE_UNDECIDED {
         return Ok(());
     }
-    if event_loop(sk) {
-        if let Some(p) = unsafe {
-            bpf_sk_storage_get(pend_map(), sk.cast(), ptr::null_mut(), 0)
-                .cast::<u32>()
-                .as_mut()
-        } {
-            *p = PEND_READY;
-            return Ok(());
+    let reason = match decide::first_write(nonblocking(sk), watched_by_epoll(sk)) {
+        decide::FirstWrite::Ready => {
+            if let Some(p) = unsafe {
+                bpf_sk_storage_get(pend_map(), sk.cast(), ptr::null_mut(), 0)
+                    .cast::<u32>()
+                    .as_mut()
+            } {
+                *p = PEND_READY;
+                return Ok(());
+            }
+            counter::INSERT_FAILED
         }
-    }
-    let reason = if nonblocking(sk) == Some(true) {
-        counter::SKIP_APP_NO_EPOLL
-    } else {
-        counter::FALLBACK_APP_BLOCKING
+        decide::FirstWrite::NoEpoll => counter::SKIP_APP_NO_EPOLL,
+        decide::FirstWrite::Blocking => counter::FALLBACK_APP_BLOCKING,
     };
     go_tcp(st, reason);
     leave(ctx, st);

@@ -1,5 +1,5 @@
-//! Decisions both programs take about a socket: whether a server of this node paired with it,
-//! and TCP for life.
+//! Verdicts both programs give a socket: whether a server of this node paired with it, and TCP
+//! for life.
 
 use super::prelude::*;
 
