@@ -700,3 +700,76 @@ impl Drop for IdleSpinner {
         }
     }
 }
+
+/// The hop's floor (`meshaccel-e2e-tool unix-rr`): the same ping-pong over a UNIX stream pair
+/// in one process, on `cpus`; its JSON line.
+pub fn unix_floor(cpus: &Cpus, size: u64, ms: u64) -> anyhow::Result<Value> {
+    let out = command(
+        cpus,
+        &workspace_bin("meshaccel-e2e-tool"),
+        &[
+            "unix-rr".into(),
+            "--size".into(),
+            size.to_string(),
+            "--ms".into(),
+            ms.to_string(),
+        ],
+    )
+    .output()
+    .context("running unix-rr")?;
+    ensure!(out.status.success(), "unix-rr failed: {}", out.status);
+    serde_json::from_slice(&out.stdout).context("unix-rr's JSON line")
+}
+
+/// Run time of BPF programs while it lives (`BPF_ENABLE_STATS`, type `BPF_STATS_RUN_TIME`): the
+/// kernel counts each program's runs and nanoseconds only while some such fd is open.
+pub struct BpfRunStats {
+    _fd: std::os::fd::OwnedFd,
+}
+
+impl BpfRunStats {
+    pub fn enable() -> std::io::Result<Self> {
+        use std::os::fd::FromRawFd as _;
+        const BPF_ENABLE_STATS: libc::c_long = 32;
+        // `union bpf_attr`'s enable_stats member: { __u32 type } (BPF_STATS_RUN_TIME = 0).
+        let attr: [u32; 2] = [0, 0];
+        // SAFETY: bpf(2) with a correctly laid out attr.
+        let fd = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_ENABLE_STATS,
+                attr.as_ptr(),
+                std::mem::size_of_val(&attr) as u32,
+            )
+        };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: a new fd that nothing else owns.
+        Ok(Self {
+            _fd: unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) },
+        })
+    }
+}
+
+/// (runs, ns, translated instructions) of the program with this id, from `bpftool`.
+pub fn prog_run_stats(id: u64) -> anyhow::Result<(u64, u64, u64)> {
+    let out = Command::new("bpftool")
+        .args(["-j", "prog", "show", "id", &id.to_string()])
+        .output()
+        .context("bpftool prog show")?;
+    ensure!(out.status.success(), "bpftool prog show id {id} failed");
+    let v: Value = serde_json::from_slice(&out.stdout).context("bpftool's JSON")?;
+    let n = |k: &str| v[k].as_u64().unwrap_or(0);
+    Ok((n("run_cnt"), n("run_time_ns"), n("bytes_xlated") / 8))
+}
+
+/// A loaded program's name, from `bpftool`.
+pub fn prog_name(id: u64) -> Option<String> {
+    let out = Command::new("bpftool")
+        .args(["-j", "prog", "show", "id", &id.to_string()])
+        .output()
+        .ok()?;
+    let v: Value = serde_json::from_slice(&out.stdout).ok()?;
+    v["name"].as_str().map(String::from)
+}

@@ -282,7 +282,7 @@ pub fn set_linger_zero(stream: &TcpStream) -> io::Result<()> {
 /// with EAGAIN (kernel hazard 4). EINTR is retried, as an event loop does. (Poll first: a
 /// request/response reader usually arrives before the data, and then this costs two calls.)
 pub fn read_ready(
-    stream: &TcpStream,
+    stream: &impl AsRawFd,
     buf: &mut [u8],
     deadline: Option<std::time::Instant>,
 ) -> io::Result<usize> {

@@ -5,7 +5,9 @@
 //!
 //! Prints p50, p90, p99, p99.9, max and round trips per second for both, the ratios
 //! accelerated/baseline with their spread over the rounds, writes `hop.json` and `hop.png`, and
-//! with `--check` exits 1 on a clear inversion: accelerated p50 not lower than baseline.
+//! with `--check` exits 1 on a clear inversion: accelerated p50 not lower than baseline. Also
+//! measures the floor (the same ping-pong over a UNIX stream pair on the same CPU) and the sk_msg
+//! program's run time per message (kernel BPF stats, one extra round).
 use std::process::ExitCode;
 
 use clap::{Parser, ValueEnum};
@@ -55,6 +57,9 @@ const TARGETS: [Target; 2] = [
     Target::at_most(Metric::P50, 0.55),
     Target::at_most(Metric::P99, 0.60),
 ];
+
+/// The accelerated hop's p50 at most this many times a UNIX stream pair's (issue: the floor).
+const FLOOR_TARGET: f64 = 1.3;
 
 fn run(a: &Args) -> anyhow::Result<bool> {
     require_root();
@@ -131,6 +136,51 @@ fn run(a: &Args) -> anyhow::Result<bool> {
         );
         c.rounds.push(r);
     }
+    // The floor: the same ping-pong over a UNIX stream pair on the app's CPU (no TCP/IP, no
+    // sockmap), and what meshaccel's sk_msg program costs per message (kernel run-time stats,
+    // on only for one extra round that is not in the table).
+    eprintln!("[hop] floor: UNIX stream ping-pong on the same CPU");
+    let floor = driver::unix_floor(&app_cpus, a.size, if a.common.short { 1000 } else { 3000 })?;
+    let bpf = {
+        let status = accel.status()?;
+        let msg_id = status["prog_ids"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|v| v.as_u64())
+            .find(|id| driver::prog_name(*id).as_deref() == Some("meshaccel_msg"));
+        match (msg_id, driver::BpfRunStats::enable()) {
+            (Some(id), Ok(stats)) => {
+                let before = driver::prog_run_stats(id)?;
+                let mut setup = AbSetup {
+                    accel: &mut accel,
+                    workloads: &wl,
+                    pod: &app,
+                    cpus: &app_cpus,
+                    dir: tmp.path(),
+                };
+                let mut stat_args = base.clone();
+                stat_args.extend(driver::block_args(4, a.block_ms, 400));
+                driver::run_ab(&mut mesh, &mut setup, &stat_args)?;
+                let after = driver::prog_run_stats(id)?;
+                drop(stats);
+                let runs = after.0.saturating_sub(before.0);
+                json!({
+                    "program": "meshaccel_msg",
+                    "messages": runs,
+                    "ns_per_message": if runs > 0 { (after.1 - before.1) as f64 / runs as f64 } else { 0.0 },
+                    "xlated_instructions": after.2,
+                })
+            }
+            (id, stats) => {
+                eprintln!(
+                    "[hop] no BPF run-time stats (program {id:?}, stats {:?})",
+                    stats.err()
+                );
+                json!(null)
+            }
+        }
+    };
     if let Some(dir) = &a.common.perf {
         eprintln!("[hop] profiling with perf into {}", dir.display());
         let mut setup = AbSetup {
@@ -166,6 +216,29 @@ fn run(a: &Args) -> anyhow::Result<bool> {
         "{}",
         meshaccel_benches::stats::table(&c, &METRICS, &TARGETS)
     );
+    let floor_p50 = floor["p50_us"].as_f64().unwrap_or(0.0);
+    let hop_p50 = c.pooled(true).metric(Metric::P50);
+    let over_floor = if floor_p50 > 0.0 {
+        hop_p50 / floor_p50
+    } else {
+        0.0
+    };
+    println!(
+        "floor (UNIX stream pair, same CPU, same reads): p50 {floor_p50:.1} µs; accelerated hop p50 {hop_p50:.1} µs = {over_floor:.2}× the floor (target ≤ {FLOOR_TARGET:.2}: {})",
+        if over_floor <= FLOOR_TARGET {
+            "met"
+        } else {
+            "**missed**"
+        }
+    );
+    if !bpf.is_null() {
+        println!(
+            "meshaccel_msg (sk_msg): {:.0} ns per message over {} messages, {} translated instructions",
+            bpf["ns_per_message"].as_f64().unwrap_or(0.0),
+            bpf["messages"],
+            bpf["xlated_instructions"]
+        );
+    }
     report_tail::print_noise(c.noise(Metric::P50));
     report_tail::warn_if_not_engaged(&c, "hop");
     if inverted {
@@ -187,6 +260,12 @@ fn run(a: &Args) -> anyhow::Result<bool> {
         "machine": machine,
         "targets": report_tail::targets_json(&c, &TARGETS),
         "inversion": inverted,
+        "floor": {
+            "unix": floor,
+            "accelerated_p50_over_unix_p50": over_floor,
+            "target": FLOOR_TARGET,
+        },
+        "bpf": bpf,
         "result": c.to_json(&METRICS, true),
     });
     let (pa, pb) = (c.pooled(false), c.pooled(true));

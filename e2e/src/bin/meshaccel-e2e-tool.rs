@@ -7,7 +7,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use meshaccel_e2e::tool::{
-    self, ab, echo, http_load, http_server, obj_get, relay, relay_ds, sink, soak,
+    self, ab, echo, http_load, http_server, obj_get, relay, relay_ds, sink, soak, unix_rr,
 };
 
 /// Test programs for meshaccel's local mesh.
@@ -70,6 +70,9 @@ enum Cmd {
     /// the reply stream; some connections stall their reader, some end with a RST. One JSON line;
     /// exit 0 only if every connection ended within the deadline with every byte exact.
     Soak(soak::SoakArgs),
+    /// The hop's floor: the same ping-pong over a UNIX stream socket pair in one process (no
+    /// TCP/IP, no sockmap); one JSON line of latency percentiles.
+    UnixRr(unix_rr::UnixRrArgs),
 }
 
 fn main() -> ExitCode {
@@ -88,6 +91,7 @@ fn main() -> ExitCode {
         Cmd::AbHttp(args) => tool::ab_exit(ab::ab_http(&args)),
         Cmd::RelayDs(args) => tool::exit(relay_ds::run(&args)),
         Cmd::SoakServer(args) => tool::exit(soak::server(&args)),
+        Cmd::UnixRr(args) => tool::exit(unix_rr::run(&args)),
         Cmd::Soak(args) => soak::run(&args),
     }
 }

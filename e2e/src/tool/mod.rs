@@ -14,6 +14,7 @@ pub mod relay;
 pub mod relay_ds;
 pub mod sink;
 pub mod soak;
+pub mod unix_rr;
 
 use std::{
     io::{self, Read, Write},
