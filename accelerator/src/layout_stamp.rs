@@ -134,7 +134,7 @@ fn stamp(bpffs: &Path) -> Result<()> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(bpffs_err(format!("removing the stale layout stamp: {e}"))),
     }
-    let fd = crate::bpf_sys::create_array(layout::META, size_of::<Meta>() as u32, 1)
+    let fd = crate::dataplane::sys::create_array(layout::META, size_of::<Meta>() as u32, 1)
         .map_err(|e| bpffs_err(format!("creating the layout stamp map: {e}")))?;
     let md = MapData::from_fd(fd).map_err(|source| Error::Map {
         name: layout::META,

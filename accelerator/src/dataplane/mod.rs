@@ -23,6 +23,9 @@ use meshaccel_common::{
 
 use crate::error::{Error, Result};
 
+pub mod btf;
+pub mod sys;
+
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 use crate::objects::{EBPF_OBJECT, SOCK_OPS_LINK, pin_path};
 
@@ -323,9 +326,9 @@ fn check_pinned_maps(bpffs: &Path) -> Result<()> {
 fn sk_msg_attached(bpffs: &Path) -> Result<Vec<u32>> {
     let md = MapData::from_pin(pin_path(bpffs, names::SOCKS))
         .map_err(map_err(names::SOCKS, "open pin"))?;
-    crate::bpf_sys::prog_query(
+    sys::prog_query(
         std::os::fd::AsFd::as_fd(md.fd()),
-        crate::bpf_sys::BPF_SK_MSG_VERDICT,
+        sys::BPF_SK_MSG_VERDICT,
         0,
     )
     .map(|(_, ids)| ids)
@@ -499,7 +502,7 @@ impl Dataplane {
         }
         // This kernel's struct offsets for the peer-queue check (0 = unknown:
         // the verifier drops those checks).
-        let offsets = crate::kernel_btf::running_kernel().unwrap_or_else(|e| {
+        let offsets = btf::running_kernel().unwrap_or_else(|e| {
             tracing::warn!(error = %e, "no kernel BTF offsets: peer queues are not bounded");
             Default::default()
         });
