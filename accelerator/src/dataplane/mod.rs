@@ -362,74 +362,6 @@ fn attach_sk_msg(ebpf: &mut aya::Ebpf) -> Result<()> {
     Ok(())
 }
 
-/// BPF_OBJ_GET: a new fd on a pinned object.
-fn obj_get(path: &Path) -> std::io::Result<std::os::fd::OwnedFd> {
-    use std::os::fd::FromRawFd as _;
-    #[repr(C)]
-    struct ObjGetAttr {
-        pathname: u64,
-        bpf_fd: u32,
-        file_flags: u32,
-    }
-    const BPF_OBJ_GET: libc::c_long = 7;
-    let c = CString::new(path.as_os_str().as_bytes())?;
-    let attr = ObjGetAttr {
-        pathname: c.as_ptr() as u64,
-        bpf_fd: 0,
-        file_flags: 0,
-    };
-    // SAFETY: bpf(2) with a correctly sized, initialised attr for BPF_OBJ_GET.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_OBJ_GET,
-            &attr as *const ObjGetAttr,
-            std::mem::size_of::<ObjGetAttr>(),
-        )
-    };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: the kernel returned a new fd that nothing else owns.
-    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) })
-}
-
-/// BPF_LINK_UPDATE: atomically swap the program behind a link.
-fn link_update(
-    link: std::os::fd::BorrowedFd<'_>,
-    prog: std::os::fd::BorrowedFd<'_>,
-) -> std::io::Result<()> {
-    use std::os::fd::AsRawFd as _;
-    #[repr(C)]
-    struct LinkUpdateAttr {
-        link_fd: u32,
-        new_prog_fd: u32,
-        flags: u32,
-        old_prog_fd: u32,
-    }
-    const BPF_LINK_UPDATE: libc::c_long = 29;
-    let attr = LinkUpdateAttr {
-        link_fd: link.as_raw_fd() as u32,
-        new_prog_fd: prog.as_raw_fd() as u32,
-        flags: 0,
-        old_prog_fd: 0,
-    };
-    // SAFETY: bpf(2) with a correctly sized, initialised attr for BPF_LINK_UPDATE.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_LINK_UPDATE,
-            &attr as *const LinkUpdateAttr,
-            std::mem::size_of::<LinkUpdateAttr>(),
-        )
-    };
-    if rc < 0 {
-        Err(std::io::Error::last_os_error())
-    } else {
-        Ok(())
-    }
-}
-
 impl Dataplane {
     /// Whether an agent has installed meshaccel under `bpffs`.
     pub fn is_installed(bpffs: &Path) -> bool {
@@ -594,11 +526,11 @@ impl Dataplane {
             // make ours the sockhash's sk_msg program. Sockets already in the sockhash keep the
             // sk_msg program they were inserted with; both versions share the pinned state.
             let ops_fd = ops.fd().map_err(|e| load(format!("{e}")))?;
-            let link_fd = obj_get(&link_path).map_err(|e| Error::Bpffs {
+            let link_fd = sys::obj_get(&link_path).map_err(|e| Error::Bpffs {
                 path: link_path.clone(),
                 message: format!("opening the pinned link: {e}"),
             })?;
-            link_update(
+            sys::link_update(
                 std::os::fd::AsFd::as_fd(&link_fd),
                 std::os::fd::AsFd::as_fd(ops_fd),
             )

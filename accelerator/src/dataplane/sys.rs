@@ -1,17 +1,25 @@
-//! bpf(2) commands aya 0.14 does not expose: which programs are attached to a cgroup or a
-//! sockhash (`BPF_PROG_QUERY`), creating a named array map outside an object (the layout
-//! stamp, [`crate::layout_stamp`]), and a tcx link made and pinned from a thread inside another
-//! network namespace (aya's attach needs the program's owner, by name). Attr structs follow
-//! `union bpf_attr` in linux/bpf.h.
+//! Every raw bpf(2) call of meshaccel, for commands aya 0.14 does not expose: which programs
+//! are attached to a cgroup or a sockhash (`BPF_PROG_QUERY`), creating a named array map
+//! outside an object (the layout stamp, [`crate::layout_stamp`]), a tcx link made and pinned
+//! from a thread inside another network namespace (aya's attach needs the program's owner, by
+//! name), and swapping the program behind a pinned link in place (aya keeps `BPF_LINK_UPDATE`
+//! to itself). Attr structs follow `union bpf_attr` in linux/bpf.h.
 use std::{
+    ffi::CString,
     io,
-    os::fd::{AsRawFd as _, BorrowedFd, FromRawFd as _, OwnedFd},
+    os::{
+        fd::{AsRawFd as _, BorrowedFd, FromRawFd as _, OwnedFd},
+        unix::ffi::OsStrExt as _,
+    },
+    path::Path,
 };
 
 const BPF_MAP_CREATE: libc::c_long = 0;
 const BPF_OBJ_PIN: libc::c_long = 6;
+const BPF_OBJ_GET: libc::c_long = 7;
 const BPF_PROG_QUERY: libc::c_long = 16;
 const BPF_LINK_CREATE: libc::c_long = 28;
+const BPF_LINK_UPDATE: libc::c_long = 29;
 
 /// Attach types (`enum bpf_attach_type`).
 pub const BPF_CGROUP_SOCK_OPS: u32 = 3;
@@ -74,6 +82,23 @@ struct TcxLinkAttr {
     expected_revision: u64,
 }
 
+/// `union bpf_attr`'s member for `BPF_OBJ_PIN` and `BPF_OBJ_GET`.
+#[repr(C)]
+struct ObjAttr {
+    pathname: u64,
+    bpf_fd: u32,
+    file_flags: u32,
+}
+
+/// `union bpf_attr`'s `link_update` member.
+#[repr(C)]
+struct LinkUpdateAttr {
+    link_fd: u32,
+    new_prog_fd: u32,
+    flags: u32,
+    old_prog_fd: u32,
+}
+
 /// A tcx link of `prog` on interface `ifindex` of the calling thread's network namespace, at
 /// the end of its chain (`attach_type`: [`BPF_TCX_EGRESS`]).
 pub fn tcx_link_create(
@@ -104,16 +129,9 @@ pub fn tcx_link_create(
 }
 
 /// Pins a bpf object (here a link) at `path` on a bpffs.
-pub fn obj_pin(fd: BorrowedFd<'_>, path: &std::path::Path) -> io::Result<()> {
-    use std::os::unix::ffi::OsStrExt as _;
-    #[repr(C)]
-    struct PinAttr {
-        pathname: u64,
-        bpf_fd: u32,
-        file_flags: u32,
-    }
-    let c = std::ffi::CString::new(path.as_os_str().as_bytes())?;
-    let attr = PinAttr {
+pub fn obj_pin(fd: BorrowedFd<'_>, path: &Path) -> io::Result<()> {
+    let c = CString::new(path.as_os_str().as_bytes())?;
+    let attr = ObjAttr {
         pathname: c.as_ptr() as u64,
         bpf_fd: fd.as_raw_fd() as u32,
         file_flags: 0,
@@ -124,10 +142,57 @@ pub fn obj_pin(fd: BorrowedFd<'_>, path: &std::path::Path) -> io::Result<()> {
             libc::SYS_bpf,
             BPF_OBJ_PIN,
             &raw const attr,
-            std::mem::size_of::<PinAttr>() as u32,
+            std::mem::size_of::<ObjAttr>() as u32,
         )
     };
     if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// A new fd on the object pinned at `path` (aya keeps a pinned link's fd to itself).
+pub fn obj_get(path: &Path) -> io::Result<OwnedFd> {
+    let c = CString::new(path.as_os_str().as_bytes())?;
+    let attr = ObjAttr {
+        pathname: c.as_ptr() as u64,
+        bpf_fd: 0,
+        file_flags: 0,
+    };
+    // SAFETY: bpf(2) with a correctly laid out attr; pathname points at `c`, which outlives it.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_GET,
+            &raw const attr,
+            std::mem::size_of::<ObjAttr>() as u32,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the kernel returned a new fd that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// Swaps the program behind `link` for `prog`, atomically: every socket sees one or the other.
+pub fn link_update(link: BorrowedFd<'_>, prog: BorrowedFd<'_>) -> io::Result<()> {
+    let attr = LinkUpdateAttr {
+        link_fd: link.as_raw_fd() as u32,
+        new_prog_fd: prog.as_raw_fd() as u32,
+        flags: 0,
+        old_prog_fd: 0,
+    };
+    // SAFETY: bpf(2) with a correctly laid out, initialised attr for BPF_LINK_UPDATE.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_LINK_UPDATE,
+            &raw const attr,
+            std::mem::size_of::<LinkUpdateAttr>() as u32,
+        )
+    };
+    if rc < 0 {
         return Err(io::Error::last_os_error());
     }
     Ok(())
@@ -218,6 +283,13 @@ mod tests {
         // link_create.tcx.relative_fd at 16, .expected_revision at 24.
         assert_eq!(std::mem::offset_of!(TcxLinkAttr, relative_fd), 16);
         assert_eq!(std::mem::offset_of!(TcxLinkAttr, expected_revision), 24);
+        // The obj (pin/get) member: bpf_fd at 8, file_flags at 12.
+        assert_eq!(std::mem::offset_of!(ObjAttr, bpf_fd), 8);
+        assert_eq!(std::mem::offset_of!(ObjAttr, file_flags), 12);
+        // link_update: new_prog_fd at 4, flags at 8, old_prog_fd at 12.
+        assert_eq!(std::mem::offset_of!(LinkUpdateAttr, new_prog_fd), 4);
+        assert_eq!(std::mem::offset_of!(LinkUpdateAttr, flags), 8);
+        assert_eq!(std::mem::offset_of!(LinkUpdateAttr, old_prog_fd), 12);
     }
 
     #[test]
