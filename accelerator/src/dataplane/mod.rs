@@ -5,14 +5,19 @@
 //!
 //! Layout under the bpffs folder: `maps/<MAP NAME>` and `links/sock_ops`. The sk_msg program is
 //! attached to the sockhash (the map holds it), so pinning the map keeps it.
-use std::path::{Path, PathBuf};
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+};
 
 use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray, PerCpuHashMap, SockHash};
 use meshaccel_common::{Config, PairKey, PeerInfo, PortKey, WorkloadPolicy, WorkloadStats, names};
 
 use crate::{
+    desired::DesiredState,
     error::{Error, Result},
     objects::{SOCK_OPS_LINK, pin_path},
+    reconcile::{self, ActualState, Plan},
 };
 
 mod bpffs;
@@ -42,14 +47,16 @@ pub struct Dataplane {
     /// The program that adopts app sockets after their first write, loaded by the process that
     /// installed or adopted the pins (the agent links it into each workload's netns).
     pub adopter: Option<crate::adopter::Adopter>,
-    pub socks: SockHash<MapData, PairKey>,
-    pub peers: HashMap<MapData, PairKey, PeerInfo>,
-    pub workloads: HashMap<MapData, u64, WorkloadPolicy>,
-    pub ports: HashMap<MapData, PortKey, u32>,
-    pub config: Array<MapData, Config>,
-    pub stats: PerCpuArray<MapData, u64>,
-    pub wl_stats: PerCpuHashMap<MapData, u64, WorkloadStats>,
-    pub small_writes: HashMap<MapData, PortKey, u64>,
+    // The maps are written only through `apply` and `set_config`, which order their writes
+    // for the programs that read them meanwhile; readers get copies.
+    socks: SockHash<MapData, PairKey>,
+    peers: HashMap<MapData, PairKey, PeerInfo>,
+    workloads: HashMap<MapData, u64, WorkloadPolicy>,
+    ports: HashMap<MapData, PortKey, u32>,
+    config: Array<MapData, Config>,
+    stats: PerCpuArray<MapData, u64>,
+    wl_stats: PerCpuHashMap<MapData, u64, WorkloadStats>,
+    small_writes: HashMap<MapData, PortKey, u64>,
 }
 
 fn open_map(bpffs: &Path, name: &'static str, wrap: fn(MapData) -> Map) -> Result<Map> {
@@ -134,5 +141,101 @@ impl Dataplane {
             })?;
         }
         write(cfg)
+    }
+
+    /// The policy the maps hold for the workload in netns `netns_cookie`, if any.
+    pub fn workload(&self, netns_cookie: u64) -> Option<WorkloadPolicy> {
+        self.workloads.get(&netns_cookie, 0).ok()
+    }
+
+    /// Every workload's policy in the maps, by netns cookie (skipping entries that fail to
+    /// read).
+    pub fn workloads(&self) -> BTreeMap<u64, WorkloadPolicy> {
+        self.workloads.iter().filter_map(|kv| kv.ok()).collect()
+    }
+
+    pub fn actual(&self) -> Result<ActualState> {
+        let mut a = ActualState {
+            config: self.config()?,
+            ..Default::default()
+        };
+        for kv in self.workloads.iter() {
+            let (k, v) = kv.map_err(map_err(names::WORKLOADS, "iterate"))?;
+            a.workloads.insert(k, v);
+        }
+        for k in self.ports.keys() {
+            a.excluded_ports
+                .insert(k.map_err(map_err(names::PORTS, "iterate"))?);
+        }
+        for k in self.wl_stats.keys() {
+            a.stats
+                .insert(k.map_err(map_err(names::WL_STATS, "iterate"))?);
+        }
+        Ok(a)
+    }
+
+    /// Applies a plan: additions first, then removals, then the config (with the epoch) last, so
+    /// a sender that re-checks on the new epoch already sees the new policy.
+    pub fn apply(&mut self, plan: &Plan) -> Result<()> {
+        for k in &plan.add_stats {
+            let zero = aya::maps::PerCpuValues::try_from(vec![
+                WorkloadStats::default();
+                aya::util::nr_cpus().map_err(
+                    |(_, e)| Error::Map {
+                        name: names::WL_STATS,
+                        op: "count cpus",
+                        source: aya::maps::MapError::IoError(e),
+                    }
+                )?
+            ])
+            .map_err(|e| Error::Map {
+                name: names::WL_STATS,
+                op: "values",
+                source: aya::maps::MapError::IoError(e),
+            })?;
+            self.wl_stats
+                .insert(k, zero, 0)
+                .map_err(map_err(names::WL_STATS, "insert"))?;
+        }
+        for (k, v) in &plan.upsert_workloads {
+            self.workloads
+                .insert(k, v, 0)
+                .map_err(map_err(names::WORKLOADS, "insert"))?;
+        }
+        for k in &plan.add_ports {
+            self.ports
+                .insert(k, 1, 0)
+                .map_err(map_err(names::PORTS, "insert"))?;
+        }
+        for k in &plan.remove_workloads {
+            ignore_missing(self.workloads.remove(k))
+                .map_err(map_err(names::WORKLOADS, "remove"))?;
+        }
+        for k in &plan.remove_ports {
+            ignore_missing(self.ports.remove(k)).map_err(map_err(names::PORTS, "remove"))?;
+        }
+        if let Some(cfg) = plan.config {
+            self.set_config(cfg)?;
+        }
+        for k in &plan.remove_stats {
+            ignore_missing(self.wl_stats.remove(k)).map_err(map_err(names::WL_STATS, "remove"))?;
+        }
+        Ok(())
+    }
+
+    /// Reads the maps, plans, applies; returns what it did.
+    pub fn reconcile(&mut self, desired: &DesiredState) -> Result<Plan> {
+        let plan = reconcile::plan(desired, &self.actual()?);
+        if !plan.is_empty() {
+            self.apply(&plan)?;
+        }
+        Ok(plan)
+    }
+}
+
+fn ignore_missing(r: Result<(), aya::maps::MapError>) -> Result<(), aya::maps::MapError> {
+    match r {
+        Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+        other => other,
     }
 }
