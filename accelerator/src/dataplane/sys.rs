@@ -99,6 +99,38 @@ struct LinkUpdateAttr {
     old_prog_fd: u32,
 }
 
+/// bpf(2) `cmd` on `attr`, which the kernel may write back into (`BPF_PROG_QUERY` does).
+///
+/// # Safety
+/// `attr` is laid out as `cmd`'s member of `union bpf_attr`, and every pointer in it stays
+/// valid for the call.
+unsafe fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<libc::c_long> {
+    // SAFETY: the caller's promise; the size is the attr's own.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            std::ptr::from_mut(attr),
+            std::mem::size_of::<T>() as u32,
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(rc)
+}
+
+/// [`bpf`] for a command that returns a new fd.
+///
+/// # Safety
+/// As for [`bpf`], and `cmd` returns a new fd on success.
+unsafe fn bpf_new_fd<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<OwnedFd> {
+    // SAFETY: the caller's promise.
+    let fd = unsafe { bpf(cmd, attr) }?;
+    // SAFETY: the kernel returned a new fd that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
 /// A tcx link of `prog` on interface `ifindex` of the calling thread's network namespace, at
 /// the end of its chain (`attach_type`: [`BPF_TCX_EGRESS`]).
 pub fn tcx_link_create(
@@ -106,95 +138,51 @@ pub fn tcx_link_create(
     ifindex: u32,
     attach_type: u32,
 ) -> io::Result<OwnedFd> {
-    let attr = TcxLinkAttr {
+    let mut attr = TcxLinkAttr {
         prog_fd: prog.as_raw_fd() as u32,
         target_ifindex: ifindex,
         attach_type,
         ..Default::default()
     };
     // SAFETY: bpf(2) with a correctly laid out, initialised attr for BPF_LINK_CREATE.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_LINK_CREATE,
-            &raw const attr,
-            std::mem::size_of::<TcxLinkAttr>() as u32,
-        )
-    };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: the kernel returned a new fd that nothing else owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+    unsafe { bpf_new_fd(BPF_LINK_CREATE, &mut attr) }
 }
 
 /// Pins a bpf object (here a link) at `path` on a bpffs.
 pub fn obj_pin(fd: BorrowedFd<'_>, path: &Path) -> io::Result<()> {
     let c = CString::new(path.as_os_str().as_bytes())?;
-    let attr = ObjAttr {
+    let mut attr = ObjAttr {
         pathname: c.as_ptr() as u64,
         bpf_fd: fd.as_raw_fd() as u32,
         file_flags: 0,
     };
     // SAFETY: bpf(2) with a correctly laid out attr; pathname points at `c`, which outlives it.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_OBJ_PIN,
-            &raw const attr,
-            std::mem::size_of::<ObjAttr>() as u32,
-        )
-    };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
+    unsafe { bpf(BPF_OBJ_PIN, &mut attr) }?;
     Ok(())
 }
 
 /// A new fd on the object pinned at `path` (aya keeps a pinned link's fd to itself).
 pub fn obj_get(path: &Path) -> io::Result<OwnedFd> {
     let c = CString::new(path.as_os_str().as_bytes())?;
-    let attr = ObjAttr {
+    let mut attr = ObjAttr {
         pathname: c.as_ptr() as u64,
         bpf_fd: 0,
         file_flags: 0,
     };
     // SAFETY: bpf(2) with a correctly laid out attr; pathname points at `c`, which outlives it.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_OBJ_GET,
-            &raw const attr,
-            std::mem::size_of::<ObjAttr>() as u32,
-        )
-    };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: the kernel returned a new fd that nothing else owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+    unsafe { bpf_new_fd(BPF_OBJ_GET, &mut attr) }
 }
 
 /// Swaps the program behind `link` for `prog`, atomically: every socket sees one or the other.
 pub fn link_update(link: BorrowedFd<'_>, prog: BorrowedFd<'_>) -> io::Result<()> {
-    let attr = LinkUpdateAttr {
+    let mut attr = LinkUpdateAttr {
         link_fd: link.as_raw_fd() as u32,
         new_prog_fd: prog.as_raw_fd() as u32,
         flags: 0,
         old_prog_fd: 0,
     };
     // SAFETY: bpf(2) with a correctly laid out, initialised attr for BPF_LINK_UPDATE.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_LINK_UPDATE,
-            &raw const attr,
-            std::mem::size_of::<LinkUpdateAttr>() as u32,
-        )
-    };
-    if rc < 0 {
-        return Err(io::Error::last_os_error());
-    }
+    unsafe { bpf(BPF_LINK_UPDATE, &mut attr) }?;
     Ok(())
 }
 
@@ -217,17 +205,7 @@ pub fn prog_query(
     };
     // SAFETY: bpf(2) with a correctly laid out attr; prog_ids points at `ids` (prog_cnt slots),
     // which outlives the call.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_PROG_QUERY,
-            &raw mut attr,
-            std::mem::size_of::<QueryAttr>() as u32,
-        )
-    };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
+    unsafe { bpf(BPF_PROG_QUERY, &mut attr) }?;
     ids.truncate(attr.prog_cnt as usize);
     Ok((attr.attach_flags, ids))
 }
@@ -242,7 +220,7 @@ pub fn create_array(name: &str, value_size: u32, max_entries: u32) -> io::Result
         ));
     }
     map_name[..name.len()].copy_from_slice(name.as_bytes());
-    let attr = MapCreateAttr {
+    let mut attr = MapCreateAttr {
         map_type: BPF_MAP_TYPE_ARRAY,
         key_size: 4,
         value_size,
@@ -251,19 +229,7 @@ pub fn create_array(name: &str, value_size: u32, max_entries: u32) -> io::Result
         ..Default::default()
     };
     // SAFETY: bpf(2) with a correctly laid out, initialised attr for BPF_MAP_CREATE.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_MAP_CREATE,
-            &raw const attr,
-            std::mem::size_of::<MapCreateAttr>() as u32,
-        )
-    };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: the kernel returned a new fd that nothing else owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+    unsafe { bpf_new_fd(BPF_MAP_CREATE, &mut attr) }
 }
 
 #[cfg(test)]
