@@ -135,7 +135,7 @@ impl Adopter {
                 .join()
                 .map_err(|_| std::io::Error::other("netns thread panicked"))?
         })?;
-        crate::bpf_sys::obj_pin(link.as_fd(), &self.pin(cookie))
+        crate::dataplane::sys::obj_pin(link.as_fd(), &self.pin(cookie))
     }
 
     fn pin(&self, cookie: u64) -> PathBuf {
@@ -161,7 +161,7 @@ fn enter_and_link(
             "the file is the network namespace of cookie {here} now, not {cookie}"
         )));
     }
-    crate::bpf_sys::tcx_link_create(prog, 1, crate::bpf_sys::BPF_TCX_EGRESS)
+    crate::dataplane::sys::tcx_link_create(prog, 1, crate::dataplane::sys::BPF_TCX_EGRESS)
 }
 
 #[cfg(test)]

@@ -4,7 +4,6 @@
 //! the desired state computed from its inputs (the static workloads file for now).
 pub mod adopter;
 pub mod agent;
-pub mod bpf_sys;
 pub mod cgroup;
 pub mod dataplane;
 pub mod desired;
@@ -12,7 +11,6 @@ pub mod doctor;
 pub mod error;
 pub mod http;
 pub mod install_gate;
-pub mod kernel_btf;
 pub mod kube;
 pub mod layout_stamp;
 pub mod metrics;

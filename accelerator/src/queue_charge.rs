@@ -134,7 +134,7 @@ pub fn probe(cgroup: &Path) -> Result<Probed, String> {
 }
 
 fn probe_inner(cgroup: &Path, ids: &mut Vec<u32>) -> Result<Probed, String> {
-    let offsets = crate::kernel_btf::running_kernel()
+    let offsets = crate::dataplane::btf::running_kernel()
         .map_err(|e| format!("no kernel BTF offsets, so no queue bound at all ({e})"))?;
     let mut loader = aya::EbpfLoader::new();
     offsets.set_globals(&mut loader);

@@ -1,15 +1,10 @@
-//! Diffs the desired map contents against what the kernel maps hold and applies the difference.
+//! Diffs the desired map contents against what the kernel maps hold: the plan that
+//! `Dataplane::reconcile` applies, computed without touching the kernel.
 use std::collections::{BTreeMap, BTreeSet};
 
-use meshaccel_common::{
-    Config, POLICY_ENABLED, PortKey, SCOPE_ALL, WorkloadPolicy, WorkloadStats, names,
-};
+use meshaccel_common::{Config, POLICY_ENABLED, PortKey, SCOPE_ALL, WorkloadPolicy};
 
-use crate::{
-    dataplane::Dataplane,
-    desired::DesiredState,
-    error::{Error, Result},
-};
+use crate::desired::DesiredState;
 
 /// What the maps hold now (the part the reconciler owns).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -119,97 +114,6 @@ pub fn plan(desired: &DesiredState, actual: &ActualState) -> Plan {
         .copied()
         .collect();
     p
-}
-
-fn map_err(name: &'static str, op: &'static str) -> impl FnOnce(aya::maps::MapError) -> Error {
-    move |source| Error::Map { name, op, source }
-}
-
-impl Dataplane {
-    pub fn actual(&self) -> Result<ActualState> {
-        let mut a = ActualState {
-            config: self.config()?,
-            ..Default::default()
-        };
-        for kv in self.workloads.iter() {
-            let (k, v) = kv.map_err(map_err(names::WORKLOADS, "iterate"))?;
-            a.workloads.insert(k, v);
-        }
-        for k in self.ports.keys() {
-            a.excluded_ports
-                .insert(k.map_err(map_err(names::PORTS, "iterate"))?);
-        }
-        for k in self.wl_stats.keys() {
-            a.stats
-                .insert(k.map_err(map_err(names::WL_STATS, "iterate"))?);
-        }
-        Ok(a)
-    }
-
-    /// Applies a plan: additions first, then removals, then the config (with the epoch) last, so
-    /// a sender that re-checks on the new epoch already sees the new policy.
-    pub fn apply(&mut self, plan: &Plan) -> Result<()> {
-        for k in &plan.add_stats {
-            let zero = aya::maps::PerCpuValues::try_from(vec![
-                WorkloadStats::default();
-                aya::util::nr_cpus().map_err(
-                    |(_, e)| Error::Map {
-                        name: names::WL_STATS,
-                        op: "count cpus",
-                        source: aya::maps::MapError::IoError(e),
-                    }
-                )?
-            ])
-            .map_err(|e| Error::Map {
-                name: names::WL_STATS,
-                op: "values",
-                source: aya::maps::MapError::IoError(e),
-            })?;
-            self.wl_stats
-                .insert(k, zero, 0)
-                .map_err(map_err(names::WL_STATS, "insert"))?;
-        }
-        for (k, v) in &plan.upsert_workloads {
-            self.workloads
-                .insert(k, v, 0)
-                .map_err(map_err(names::WORKLOADS, "insert"))?;
-        }
-        for k in &plan.add_ports {
-            self.ports
-                .insert(k, 1, 0)
-                .map_err(map_err(names::PORTS, "insert"))?;
-        }
-        for k in &plan.remove_workloads {
-            ignore_missing(self.workloads.remove(k))
-                .map_err(map_err(names::WORKLOADS, "remove"))?;
-        }
-        for k in &plan.remove_ports {
-            ignore_missing(self.ports.remove(k)).map_err(map_err(names::PORTS, "remove"))?;
-        }
-        if let Some(cfg) = plan.config {
-            self.set_config(cfg)?;
-        }
-        for k in &plan.remove_stats {
-            ignore_missing(self.wl_stats.remove(k)).map_err(map_err(names::WL_STATS, "remove"))?;
-        }
-        Ok(())
-    }
-
-    /// Reads the maps, plans, applies; returns what it did.
-    pub fn reconcile(&mut self, desired: &DesiredState) -> Result<Plan> {
-        let plan = plan(desired, &self.actual()?);
-        if !plan.is_empty() {
-            self.apply(&plan)?;
-        }
-        Ok(plan)
-    }
-}
-
-fn ignore_missing(r: Result<(), aya::maps::MapError>) -> Result<(), aya::maps::MapError> {
-    match r {
-        Err(aya::maps::MapError::KeyNotFound) => Ok(()),
-        other => other,
-    }
 }
 
 #[cfg(test)]

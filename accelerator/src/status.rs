@@ -62,9 +62,8 @@ pub fn collect(bpffs: &Path, state_dir: &Path, sockets: bool) -> Result<StatusRe
     let dp = Dataplane::open(bpffs)?;
     let kernel = dp.status()?;
     let enabled: BTreeMap<u64, u32> = dp
-        .workloads
-        .iter()
-        .filter_map(|r| r.ok())
+        .workloads()
+        .into_iter()
         .map(|(k, p)| (k, p.flags))
         .collect();
     let agent = match statefile::read(state_dir, bpffs) {

@@ -94,7 +94,7 @@ pub(super) fn istio_capture(ns: &Path, bpffs: &Path) -> Vec<Check> {
     }
     // Is the pod's workload enabled in meshaccel's maps?
     if let (Ok(cookie), Ok(dp)) = (crate::netns::cookie_of_path(ns), Dataplane::open(bpffs)) {
-        let on = dp.workloads.get(&cookie, 0).is_ok();
+        let on = dp.workload(cookie).is_some();
         out.push(Check::new(
             format!("workload {}", ns.display()),
             Level::Info,

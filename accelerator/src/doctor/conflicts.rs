@@ -6,18 +6,18 @@ use aya::programs::ProgramType;
 use meshaccel_common::names;
 
 use super::{Check, Level};
-use crate::bpf_sys::{BPF_CGROUP_SOCK_OPS, BPF_F_ALLOW_MULTI, BPF_F_ALLOW_OVERRIDE};
+use crate::dataplane::sys::{BPF_CGROUP_SOCK_OPS, BPF_F_ALLOW_MULTI, BPF_F_ALLOW_OVERRIDE};
 
 /// Programs of `attach_type` on the cgroup at `cgroup`: (the cgroup's own attach flags, ids).
 /// With `effective`, the programs that run for its sockets (inherited ones included).
 fn prog_query(cgroup: &Path, attach_type: u32, effective: bool) -> io::Result<(u32, Vec<u32>)> {
     let f = File::open(cgroup)?;
     let flags = if effective {
-        crate::bpf_sys::BPF_F_QUERY_EFFECTIVE
+        crate::dataplane::sys::BPF_F_QUERY_EFFECTIVE
     } else {
         0
     };
-    crate::bpf_sys::prog_query(std::os::fd::AsFd::as_fd(&f), attach_type, flags)
+    crate::dataplane::sys::prog_query(std::os::fd::AsFd::as_fd(&f), attach_type, flags)
 }
 
 fn prog_label(id: u32) -> String {

@@ -26,7 +26,7 @@ pub(super) fn btf() -> Check {
     }) {
         Ok(m) if u16::from_le_bytes(m) == 0xeb9f || u16::from_be_bytes(m) == 0xeb9f => {
             // The queue bound needs three socket field offsets from it (hazard 5).
-            match crate::kernel_btf::running_kernel() {
+            match crate::dataplane::btf::running_kernel() {
                 Ok(o) => Check::new(
                     "btf",
                     Level::Ok,

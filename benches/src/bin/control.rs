@@ -150,7 +150,7 @@ impl Drop for Netns {
 }
 
 fn enabled(dp: &Dataplane) -> BTreeSet<u64> {
-    dp.workloads.keys().filter_map(|k| k.ok()).collect()
+    dp.workloads().into_keys().collect()
 }
 
 fn pct(sorted: &[f64], p: f64) -> f64 {
@@ -325,7 +325,7 @@ fn main() -> anyhow::Result<()> {
             &netns.ips[i].to_string(),
         ))?;
         let deadline = t0 + Duration::from_secs(30);
-        while dp.workloads.get(&cookie, 0).is_err() {
+        while dp.workload(cookie).is_none() {
             if Instant::now() > deadline {
                 bail!("pod p{i}: no entry 30 s after its IP was set");
             }
