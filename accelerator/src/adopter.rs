@@ -14,7 +14,13 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use aya::{Ebpf, programs::SchedClassifier};
+use aya::{
+    Ebpf,
+    programs::{
+        SchedClassifier,
+        links::{FdLink, PinnedLink},
+    },
+};
 use meshaccel_common::names;
 use tracing::{info, warn};
 
@@ -43,7 +49,8 @@ pub fn plan(want: &BTreeSet<u64>, have: &BTreeSet<u64>) -> Changes {
 
 impl Adopter {
     /// Loads the program from the object being installed (its maps are the pinned ones).
-    pub(crate) fn load(ebpf: &mut Ebpf, bpffs: &Path) -> Result<Self> {
+    /// `replace`: give pinned links this program even if theirs looks the same (an upgrade).
+    pub(crate) fn load(ebpf: &mut Ebpf, bpffs: &Path, replace: bool) -> Result<Self> {
         let load = |message: String| Error::Load { message };
         let prog: &mut SchedClassifier = ebpf
             .program_mut(names::PROG_ADOPT)
@@ -52,6 +59,7 @@ impl Adopter {
             .map_err(|e| load(format!("{e}")))?;
         prog.load()
             .map_err(|e| load(format!("{}: {e:#}", names::PROG_ADOPT)))?;
+        let tag = prog.info().map_err(|e| load(format!("{e}")))?.tag();
         let prog = prog
             .fd()
             .map_err(|e| load(format!("{e}")))?
@@ -67,10 +75,42 @@ impl Adopter {
                 path: dir.clone(),
                 message: e.to_string(),
             })?;
-        Ok(Self {
+        let adopter = Self {
             prog,
             bpffs: bpffs.to_path_buf(),
-        })
+        };
+        adopter.take_over_links(tag, replace);
+        Ok(adopter)
+    }
+
+    /// Links pinned by an agent of another version run that version's program: this one's
+    /// takes its place under the same link (BPF_LINK_UPDATE, atomic), as sock_ops' does at an
+    /// upgrade. A link that cannot be read or updated is left as it is (its program adopts as
+    /// its version did) and said so.
+    fn take_over_links(&self, our_tag: u64, replace: bool) {
+        for pin in crate::objects::adopt_link_pins(&self.bpffs) {
+            let tag = PinnedLink::from_pin(&pin).ok().and_then(|l| {
+                let prog_id = FdLink::from(l).info().ok()?.program_id();
+                aya::programs::loaded_programs()
+                    .filter_map(|p| p.ok())
+                    .find(|p| p.id() == prog_id)
+                    .map(|p| p.tag())
+            });
+            if tag == Some(our_tag) && !replace {
+                continue;
+            }
+            let swapped = crate::dataplane::sys::obj_get(&pin).and_then(|link| {
+                crate::dataplane::sys::link_update(link.as_fd(), self.prog.as_fd())
+            });
+            match swapped {
+                Ok(()) => {
+                    info!(link = %pin.display(), "the app-socket adopter's link now runs this version's program")
+                }
+                Err(e) => {
+                    warn!(link = %pin.display(), error = %e, "cannot give the app-socket adopter's link this version's program")
+                }
+            }
+        }
     }
 
     /// Workloads (netns cookies) that have a link now.

@@ -1073,7 +1073,7 @@ fn counters_are_updated_with_atomic_adds() {
 
 /// An app-sockets-auto workload gets the adopting tc program on its `lo` (a tcx egress link
 /// pinned under links/adopt/<netns cookie>); declaring its apps trusted removes it, declaring
-/// them auto again brings it back, and uninstall removes it with the rest.
+/// them auto again brings it back, an upgrade swaps its program, and uninstall removes it.
 #[test]
 fn the_app_socket_adopter_follows_its_workload() {
     require_root();
@@ -1110,6 +1110,35 @@ fn the_app_socket_adopter_follows_its_workload() {
         .set_workloads(true, &[Workload::auto(&a)])
         .expect("apps auto again");
     wait_until("the link comes back", || pin.exists());
+
+    // A restart keeps the link and its program; an upgrade gives the same link the new
+    // agent's program.
+    let prog_of_link = || {
+        let out = std::process::Command::new("bpftool")
+            .args(["-j", "link", "show", "pinned"])
+            .arg(&pin)
+            .output()
+            .expect("bpftool");
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("bpftool json");
+        (
+            v["id"].as_u64().expect("link id"),
+            v["prog_id"].as_u64().expect("prog id"),
+        )
+    };
+    let (link_id, prog_id) = prog_of_link();
+    accel.kill_agent();
+    accel.start_agent().expect("restart");
+    assert_eq!(
+        prog_of_link(),
+        (link_id, prog_id),
+        "a restart changes nothing"
+    );
+    accel.kill_agent();
+    accel.set_agent_env("MESHACCEL_REPLACE_PROGRAMS", "true");
+    accel.start_agent().expect("upgrade");
+    let (link_after, prog_after) = prog_of_link();
+    assert_eq!(link_after, link_id, "the same link");
+    assert_ne!(prog_after, prog_id, "runs the new agent's program");
 
     accel.kill_agent();
     let report = accel.uninstall().expect("uninstall");

@@ -279,7 +279,7 @@ impl Dataplane {
                 .map_err(map_err(names::CONFIG, "init"))?;
             }
         }
-        let adopter = crate::adopter::Adopter::load(&mut ebpf, bpffs)?;
+        let adopter = crate::adopter::Adopter::load(&mut ebpf, bpffs, opts.replace_programs)?;
         let msg: &mut SkMsg = ebpf
             .program_mut(names::PROG_SK_MSG)
             .ok_or_else(|| load(format!("no program {}", names::PROG_SK_MSG)))?
