@@ -21,7 +21,7 @@ mod objects;
 pub mod pin_mode;
 pub mod queue_charge;
 pub mod reconcile;
-pub mod statefile;
+pub mod state_files;
 pub mod status;
 pub mod workloads;
 pub mod xds;

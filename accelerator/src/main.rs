@@ -3,7 +3,7 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
-use meshaccel::{agent, cgroup, dataplane, doctor, http, metrics, statefile, status};
+use meshaccel::{agent, cgroup, dataplane, doctor, http, metrics, state_files, status};
 
 /// meshaccel: sidecar-bypass acceleration for Istio on one node (sock_ops + sk_msg).
 #[derive(Parser)]
@@ -89,7 +89,7 @@ enum Command {
         #[arg(long, env = "MESHACCEL_METRICS_ADDR")]
         metrics_addr: Option<SocketAddr>,
         /// Run folder for the agent's state file (workload names for `status`; not a bpffs).
-        #[arg(long, env = "MESHACCEL_STATE_DIR", default_value = statefile::DEFAULT_DIR)]
+        #[arg(long, env = "MESHACCEL_STATE_DIR", default_value = state_files::DEFAULT_DIR)]
         state_dir: PathBuf,
         /// This node's name: accelerate the mesh pods Kubernetes schedules here (pods watched with
         /// `spec.nodeName=NAME`; namespaces opt in with the label `meshaccel.io/enabled=true`).
@@ -113,7 +113,7 @@ enum Command {
         #[arg(long, short, env = "MESHACCEL_OUTPUT", value_enum, default_value_t = Output::Text)]
         output: Output,
         /// The agent's run folder (its state file names the workloads).
-        #[arg(long, env = "MESHACCEL_STATE_DIR", default_value = statefile::DEFAULT_DIR)]
+        #[arg(long, env = "MESHACCEL_STATE_DIR", default_value = state_files::DEFAULT_DIR)]
         state_dir: PathBuf,
         /// Also list every socket meshaccel holds (client endpoint, role, workload netns, leg).
         #[arg(long)]
@@ -145,7 +145,7 @@ enum Command {
         #[arg(long, short, env = "MESHACCEL_OUTPUT", value_enum, default_value_t = Output::Text)]
         output: Output,
         /// The agent's run folder (its state file is removed too).
-        #[arg(long, env = "MESHACCEL_STATE_DIR", default_value = statefile::DEFAULT_DIR)]
+        #[arg(long, env = "MESHACCEL_STATE_DIR", default_value = state_files::DEFAULT_DIR)]
         state_dir: PathBuf,
         /// How long to wait for live accelerated connections to close (the kernel frees
         /// meshaccel's programs and maps after the last one); 0 reports at once.
@@ -206,9 +206,10 @@ fn main() -> anyhow::Result<()> {
                     small_write_secs,
                 }
             });
-            shared
-                .metrics
-                .configure(&bpffs, Some(statefile::StateFile::new(&state_dir, &bpffs)));
+            shared.metrics.configure(
+                &bpffs,
+                Some(state_files::StateFile::new(&state_dir, &bpffs)),
+            );
             if workloads.is_some() {
                 shared.metrics.require_source(metrics::Source::StaticFile);
             }
@@ -222,7 +223,7 @@ fn main() -> anyhow::Result<()> {
             }
             if let Some(cfg) = istiod.config() {
                 shared.metrics.require_source(metrics::Source::Xds);
-                let status = meshaccel::xds::status_path(&state_dir, &bpffs);
+                let status = state_files::xds_status_path(&state_dir, &bpffs);
                 rt.spawn(meshaccel::xds::run(cfg, shared.clone(), status));
             }
             rt.block_on(async {
@@ -286,8 +287,8 @@ fn main() -> anyhow::Result<()> {
             wait_secs,
         } => {
             let r = dataplane::uninstall(&bpffs, Duration::from_secs(wait_secs))?;
-            statefile::remove(&state_dir, &bpffs)?;
-            meshaccel::xds::remove_status(&state_dir, &bpffs);
+            state_files::remove(&state_dir, &bpffs)?;
+            state_files::remove_xds_status(&state_dir, &bpffs);
             match output {
                 Output::Json => println!("{}", serde_json::to_string(&r)?),
                 Output::Text => {

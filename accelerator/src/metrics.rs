@@ -34,7 +34,7 @@ use prometheus_client::{
     registry::Registry,
 };
 
-use crate::{dataplane::Dataplane, desired::DesiredState, statefile};
+use crate::{dataplane::Dataplane, desired::DesiredState, state_files};
 
 /// A source of the desired state, as a metric label and in readiness reports.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -100,7 +100,7 @@ pub struct Metrics {
     sources: Mutex<BTreeMap<Source, SourceHealth>>,
     kernel: Arc<KernelCollector>,
     /// The state file the agent keeps for `meshaccel status` (workload names), if any.
-    state_file: Mutex<Option<statefile::StateFile>>,
+    state_file: Mutex<Option<state_files::StateFile>>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -176,7 +176,7 @@ impl Metrics {
     }
 
     /// Where the kernel metrics are read from (the agent's `--bpffs`), and the state file to keep.
-    pub fn configure(&self, bpffs: &Path, state_file: Option<statefile::StateFile>) {
+    pub fn configure(&self, bpffs: &Path, state_file: Option<state_files::StateFile>) {
         *self.kernel.bpffs.lock().expect("metrics lock") = Some(bpffs.to_path_buf());
         *self.state_file.lock().expect("metrics lock") = state_file;
     }

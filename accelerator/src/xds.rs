@@ -3,22 +3,19 @@
 //! ([`crate::agent::SourceState::xds`]), merged into the capture configuration by
 //! [`Capture::apply_xds`](crate::workloads::Capture::apply_xds):
 //! Istio's ports and passthrough addresses come from xDS once istiod answered, and from the
-//! workloads file (or Istio's defaults) until then.
-//!
-//! The source also writes what it knows to a small JSON file next to the agent's state file
-//! (`<state dir>/xds-<hash of the bpffs path>.json`), which `meshaccel status` shows.
+//! workloads file (or Istio's defaults) until then. What it knows goes to its status file
+//! ([`crate::state_files::XdsStatus`]), which `meshaccel status` shows.
 use crate::metrics::Source;
 use std::{
     net::{IpAddr, Ipv4Addr, ToSocketAddrs as _, UdpSocket},
-    path::{Path, PathBuf},
+    path::PathBuf,
     sync::Arc,
     time::Duration,
 };
 
-use istio_integration::xds::{AdsConfig, AdsEvent, NodeIdentity, XdsSnapshot, client};
-use tracing::warn;
+use istio_integration::xds::{AdsConfig, AdsEvent, NodeIdentity, client};
 
-use crate::{agent::Shared, statefile};
+use crate::{agent::Shared, state_files::XdsStatus};
 
 /// The `--istiod*` flags of `meshaccel agent`.
 #[derive(clap::Args, Clone, Debug, Default)]
@@ -141,95 +138,6 @@ impl IstiodArgs {
     }
 }
 
-/// What the xDS source writes for `status`.
-#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct XdsStatus {
-    pub istiod: String,
-    pub node_id: String,
-    pub connected: bool,
-    /// The last good snapshot (kept while istiod is away).
-    pub snapshot: Option<XdsSnapshot>,
-    /// Responses rejected (NACKed) so far, and the last reason.
-    pub rejected: u64,
-    pub last_rejection: Option<String>,
-    /// Streams that ended, and why the last one did.
-    pub disconnects: u64,
-    pub last_error: Option<String>,
-    pub updated_unix: u64,
-}
-
-impl XdsStatus {
-    pub fn render_text(&self) -> String {
-        let mut o = format!(
-            "istiod:           {} ({}), node {}\n",
-            self.istiod,
-            if self.connected {
-                "connected"
-            } else {
-                "not connected"
-            },
-            self.node_id
-        );
-        match &self.snapshot {
-            Some(s) => {
-                let port = |p: Option<u16>| p.map_or("-".to_string(), |p| p.to_string());
-                o.push_str(&format!(
-                    "xDS capture:      outbound {} inbound {} passthrough {:?} mesh endpoints {} (versions lds {} cds {} eds {})\n",
-                    port(s.outbound_port),
-                    port(s.inbound_port),
-                    s.inbound_passthrough_binds,
-                    s.mesh_endpoints.len(),
-                    s.versions.listeners,
-                    s.versions.clusters,
-                    s.versions.endpoints
-                ));
-            }
-            None => o.push_str("xDS capture:      nothing accepted yet (Istio's defaults apply)\n"),
-        }
-        if let Some(r) = &self.last_rejection {
-            o.push_str(&format!(
-                "xDS rejected:     {} (last: {r})\n",
-                self.rejected
-            ));
-        }
-        o
-    }
-}
-
-/// `<state_dir>/xds-<hash>.json`, beside the agent's state file for the same bpffs.
-pub fn status_path(state_dir: &Path, bpffs: &Path) -> PathBuf {
-    let p = statefile::path_for(state_dir, bpffs);
-    let name = p
-        .file_name()
-        .and_then(|n| n.to_str())
-        .unwrap_or("bpffs.json")
-        .replacen("bpffs-", "xds-", 1);
-    p.with_file_name(name)
-}
-
-/// The xDS status of the agent of `bpffs`, if it runs (or ran) with `--istiod`.
-pub fn read_status(state_dir: &Path, bpffs: &Path) -> Option<XdsStatus> {
-    let text = std::fs::read_to_string(status_path(state_dir, bpffs)).ok()?;
-    serde_json::from_str(&text).ok()
-}
-
-/// Removes the xDS status file (uninstall).
-pub fn remove_status(state_dir: &Path, bpffs: &Path) {
-    let _ = std::fs::remove_file(status_path(state_dir, bpffs));
-}
-
-fn write_status(path: &Path, st: &XdsStatus) {
-    let tmp = path.with_extension("tmp");
-    let res = path
-        .parent()
-        .map_or(Ok(()), std::fs::create_dir_all)
-        .and_then(|()| std::fs::write(&tmp, serde_json::to_vec_pretty(st).unwrap_or_default()))
-        .and_then(|()| std::fs::rename(&tmp, path));
-    if let Err(e) = res {
-        warn!(path = %path.display(), error = %e, "cannot write the xDS status file");
-    }
-}
-
 /// Runs the xDS source forever: every accepted snapshot becomes this source's contribution
 /// (which wakes the reconciler); the status file follows every event.
 pub async fn run(cfg: AdsConfig, shared: Arc<Shared>, status_file: PathBuf) {
@@ -238,7 +146,7 @@ pub async fn run(cfg: AdsConfig, shared: Arc<Shared>, status_file: PathBuf) {
         node_id: cfg.node.node_id(),
         ..Default::default()
     };
-    write_status(&status_file, &st);
+    st.write(&status_file);
     client::run(cfg, move |e| {
         match e {
             AdsEvent::Connected => {
@@ -266,7 +174,7 @@ pub async fn run(cfg: AdsConfig, shared: Arc<Shared>, status_file: PathBuf) {
         st.updated_unix = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
-        write_status(&status_file, &st);
+        st.write(&status_file);
     })
     .await;
 }
@@ -276,16 +184,13 @@ mod tests {
     use super::*;
 
     #[test]
-    fn host_and_status_path() {
+    fn istiods_host_and_the_local_ip_towards_it() {
         assert_eq!(
             host_of("istiod.istio-system.svc:15012"),
             "istiod.istio-system.svc"
         );
         assert_eq!(host_of("https://istiod:15012"), "istiod");
         assert_eq!(host_of("[::1]:15010"), "::1");
-        let p = status_path(Path::new("/run/x"), Path::new("/sys/fs/bpf/m"));
-        assert!(p.starts_with("/run/x"));
-        assert!(p.file_name().unwrap().to_str().unwrap().starts_with("xds-"));
         assert_eq!(
             local_ip_towards("127.0.0.1:15010"),
             Some(IpAddr::V4(Ipv4Addr::LOCALHOST))
