@@ -13,7 +13,6 @@ pub mod error;
 pub mod http;
 pub mod install_gate;
 pub mod kernel_btf;
-pub mod kube;
 pub mod layout_stamp;
 pub mod metrics;
 pub mod netns;
@@ -21,9 +20,9 @@ mod objects;
 pub mod pin_mode;
 pub mod queue_charge;
 pub mod reconcile;
+pub mod sources;
 pub mod state_files;
 pub mod status;
 pub mod workloads;
-pub mod xds;
 
 pub use error::{Error, Result};

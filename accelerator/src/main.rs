@@ -100,10 +100,10 @@ enum Command {
         #[arg(long, env = "MESHACCEL_KUBECONFIG", requires = "node_name")]
         kubeconfig: Option<PathBuf>,
         /// The label key namespaces (and pods, to override) opt in with: `<key>=true`.
-        #[arg(long, env = "MESHACCEL_OPT_IN_LABEL", default_value = meshaccel::kube::ENABLED_LABEL, value_parser = meshaccel::kube::OptInLabel::parse)]
-        opt_in_label: meshaccel::kube::OptInLabel,
+        #[arg(long, env = "MESHACCEL_OPT_IN_LABEL", default_value = meshaccel::sources::kube::ENABLED_LABEL, value_parser = meshaccel::sources::kube::OptInLabel::parse)]
+        opt_in_label: meshaccel::sources::kube::OptInLabel,
         #[command(flatten)]
-        istiod: meshaccel::xds::IstiodArgs,
+        istiod: meshaccel::sources::xds::IstiodArgs,
     },
     /// Per workload: accelerated sockets and bytes; the global counters and the sockhash fill.
     /// Reads the pinned maps (no agent needed) and the agent's state file for workload names.
@@ -215,16 +215,16 @@ fn main() -> anyhow::Result<()> {
             }
             if let Some(node) = node_name {
                 shared.metrics.require_source(metrics::Source::Kubernetes);
-                let opts = meshaccel::kube::KubeOptions {
+                let opts = meshaccel::sources::kube::KubeOptions {
                     opt_in_label,
-                    ..meshaccel::kube::KubeOptions::new(node, kubeconfig)
+                    ..meshaccel::sources::kube::KubeOptions::new(node, kubeconfig)
                 };
-                rt.block_on(meshaccel::kube::spawn(opts, shared.clone()))?;
+                rt.block_on(meshaccel::sources::kube::spawn(opts, shared.clone()))?;
             }
             if let Some(cfg) = istiod.config() {
                 shared.metrics.require_source(metrics::Source::Xds);
                 let status = state_files::xds_status_path(&state_dir, &bpffs);
-                rt.spawn(meshaccel::xds::run(cfg, shared.clone(), status));
+                rt.spawn(meshaccel::sources::xds::run(cfg, shared.clone(), status));
             }
             rt.block_on(async {
                 if let Some(addr) = metrics_addr {
