@@ -3,7 +3,7 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
-use meshaccel::{agent, cgroup, dataplane, doctor, http, metrics, state_files, status};
+use meshaccel::{agent, cgroup, dataplane, doctor, http, sources::Source, state_files, status};
 
 /// meshaccel: sidecar-bypass acceleration for Istio on one node (sock_ops + sk_msg).
 #[derive(Parser)]
@@ -198,31 +198,35 @@ fn main() -> anyhow::Result<()> {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
-            let shared = std::sync::Arc::new(agent::Shared::default());
-            shared.update(|s| {
-                s.tuning = meshaccel::desired::Tuning {
+            let ads = istiod.config();
+            let mut required = Vec::new();
+            if workloads.is_some() {
+                required.push(Source::StaticFile);
+            }
+            if node_name.is_some() {
+                required.push(Source::Kubernetes);
+            }
+            if ads.is_some() {
+                required.push(Source::Xds);
+            }
+            let shared = std::sync::Arc::new(agent::Shared::new(
+                &bpffs,
+                state_files::StateFile::new(&state_dir, &bpffs),
+                meshaccel::desired::Tuning {
                     max_unread_bytes,
                     keepalive_secs,
                     small_write_secs,
-                }
-            });
-            shared.metrics.configure(
-                &bpffs,
-                Some(state_files::StateFile::new(&state_dir, &bpffs)),
-            );
-            if workloads.is_some() {
-                shared.metrics.require_source(metrics::Source::StaticFile);
-            }
+                },
+                &required,
+            ));
             if let Some(node) = node_name {
-                shared.metrics.require_source(metrics::Source::Kubernetes);
                 let opts = meshaccel::sources::kube::KubeOptions {
                     opt_in_label,
                     ..meshaccel::sources::kube::KubeOptions::new(node, kubeconfig)
                 };
                 rt.block_on(meshaccel::sources::kube::spawn(opts, shared.clone()))?;
             }
-            if let Some(cfg) = istiod.config() {
-                shared.metrics.require_source(metrics::Source::Xds);
+            if let Some(cfg) = ads {
                 let status = state_files::xds_status_path(&state_dir, &bpffs);
                 rt.spawn(meshaccel::sources::xds::run(cfg, shared.clone(), status));
             }

@@ -5,7 +5,6 @@
 //! Istio's ports and passthrough addresses come from xDS once istiod answered, and from the
 //! workloads file (or Istio's defaults) until then. What it knows goes to its status file
 //! ([`crate::state_files::XdsStatus`]), which `meshaccel status` shows.
-use crate::metrics::Source;
 use std::{
     net::{IpAddr, Ipv4Addr, ToSocketAddrs as _, UdpSocket},
     path::PathBuf,
@@ -15,7 +14,7 @@ use std::{
 
 use istio_integration::xds::{AdsConfig, AdsEvent, NodeIdentity, client};
 
-use crate::{agent::Shared, state_files::XdsStatus};
+use crate::{agent::Shared, sources::Source, state_files::XdsStatus};
 
 /// The `--istiod*` flags of `meshaccel agent`.
 #[derive(clap::Args, Clone, Debug, Default)]
@@ -155,17 +154,17 @@ pub async fn run(cfg: AdsConfig, shared: Arc<Shared>, status_file: PathBuf) {
             AdsEvent::Snapshot(s) => {
                 st.snapshot = Some(s.clone());
                 shared.update(|src| src.xds = Some(s));
-                shared.metrics.source_synced(Source::Xds, true);
+                shared.source_synced(Source::Xds, true);
             }
             AdsEvent::Rejected { error, .. } => {
                 st.rejected += 1;
                 st.last_rejection = Some(error);
-                shared.metrics.source_error(Source::Xds);
+                shared.source_error(Source::Xds);
             }
             AdsEvent::Disconnected { error, .. } => {
                 // The last good state stays in force; readiness says istiod is away.
-                shared.metrics.source_error(Source::Xds);
-                shared.metrics.source_synced(Source::Xds, false);
+                shared.source_error(Source::Xds);
+                shared.source_synced(Source::Xds, false);
                 st.connected = false;
                 st.disconnects += 1;
                 st.last_error = Some(error);
