@@ -1,11 +1,12 @@
 //! meshaccel: accelerate Istio sidecar traffic on one node with sockmap redirects.
 //!
 //! The agent loads the eBPF programs (bpf-progs/), pins them, and keeps the kernel maps equal to
-//! the desired state computed from its inputs (the static workloads file for now).
+//! the desired state computed from its sources (a static workloads file, Kubernetes, istiod).
 pub mod adopter;
 pub mod agent;
 pub mod bpf_sys;
 pub mod cgroup;
+pub mod config;
 pub mod dataplane;
 pub mod desired;
 pub mod doctor;

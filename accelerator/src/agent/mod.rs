@@ -5,32 +5,19 @@ mod shared;
 
 pub use shared::{Shared, SourceState};
 
-use std::{path::PathBuf, sync::Arc, time::Duration};
+use std::sync::Arc;
 
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::{error, info, info_span, warn};
 
 use crate::{
+    config::AgentConfig,
     dataplane::Dataplane,
     desired::{self, DesiredState},
-    error::Result,
-    netns,
-    sources::static_file,
+    http, netns,
+    sources::{kube, static_file, xds},
+    state_files::{self, StateFile},
 };
-
-pub struct AgentConfig {
-    pub cgroup: PathBuf,
-    pub bpffs: PathBuf,
-    /// The static workloads file, if any.
-    pub workloads: Option<PathBuf>,
-    /// How often the file is checked for changes.
-    pub poll: Duration,
-    /// Options for a fresh install (ignored when pinned maps are adopted).
-    pub install: crate::dataplane::InstallOptions,
-    /// How often everything is re-resolved and re-applied (netns paths can be recreated with a
-    /// new namespace behind them; someone may have edited the maps).
-    pub resync: Duration,
-}
 
 /// Computes the desired state from all sources and applies it.
 fn reconcile(dp: &mut Dataplane, shared: &Shared, why: &str) -> Option<DesiredState> {
@@ -100,8 +87,27 @@ fn gated_reconcile(
     true
 }
 
-/// Runs the agent with a caller-made [`Shared`] (other sources and endpoints hold it too).
-pub async fn run_with(cfg: AgentConfig, shared: Arc<Shared>) -> Result<()> {
+/// Runs the agent: starts the configured sources and the HTTP endpoints, installs or adopts the
+/// dataplane, then keeps the maps equal to the merged sources until SIGTERM, SIGINT, or an
+/// uninstall of this agent's installation.
+pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
+    let shared = Arc::new(Shared::new(
+        &cfg.bpffs,
+        StateFile::new(&cfg.state_dir, &cfg.bpffs),
+        cfg.tuning,
+        &cfg.sources(),
+    ));
+    if let Some(opts) = cfg.kube.clone() {
+        kube::spawn(opts, shared.clone()).await?;
+    }
+    if let Some(ads) = cfg.xds.clone() {
+        let status = state_files::xds_status_path(&cfg.state_dir, &cfg.bpffs);
+        tokio::spawn(xds::run(ads, shared.clone(), status));
+    }
+    if let Some(addr) = cfg.metrics_addr {
+        let (_, serve) = http::bind(addr, shared.clone()).await?;
+        tokio::spawn(serve);
+    }
     let mut dp = Dataplane::install_or_adopt(&cfg.cgroup, &cfg.bpffs, &cfg.install)?;
     if dp.sk_msg_reattached {
         shared.metrics.sk_msg_reattached();
