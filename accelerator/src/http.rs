@@ -22,7 +22,7 @@ use tokio::net::TcpListener;
 use tracing::{debug, info, warn};
 
 use crate::{
-    agent::Shared,
+    agent::shared::Shared,
     error::{Error, Result},
 };
 

@@ -7,7 +7,7 @@
 //!   acceleration an earlier agent left in place;
 //! - **agent** metrics kept in [`Metrics`]: reconcile duration and results, and the sync state and
 //!   errors of each source (static file, Kubernetes, xDS), which the sources report through
-//!   [`crate::agent::Shared`] (it also keeps the agent's readiness).
+//!   [`crate::agent::shared::Shared`] (it also keeps the agent's readiness).
 //!
 //! Names: `meshaccel_*`; counters end in `_total` in the exposition (the encoder adds it).
 use std::{
@@ -51,7 +51,7 @@ struct ResultLabels {
     result: &'static str,
 }
 
-/// The agent's metrics registry. One lives in [`crate::agent::Shared`].
+/// The agent's metrics registry. One lives in [`crate::agent::shared::Shared`].
 pub struct Metrics {
     registry: Registry,
     reconcile_seconds: Histogram,

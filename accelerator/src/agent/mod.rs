@@ -1,9 +1,7 @@
 //! The agent: its sources (the static workloads file, Kubernetes, xDS) each keep their last good
 //! contribution in [`Shared`]; one loop merges them, computes the desired state and makes the
 //! maps equal to it.
-mod shared;
-
-pub use shared::{Shared, SourceState};
+pub mod shared;
 
 use std::sync::Arc;
 
@@ -11,6 +9,7 @@ use tokio::signal::unix::{SignalKind, signal};
 use tracing::{error, info, info_span, warn};
 
 use crate::{
+    agent::shared::Shared,
     config::AgentConfig,
     dataplane::Dataplane,
     desired::{self, DesiredState},

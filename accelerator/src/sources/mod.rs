@@ -1,5 +1,5 @@
 //! The sources of the desired state. Each keeps its last good contribution in
-//! [`crate::agent::Shared`], which merges them, and reports its sync state there.
+//! [`crate::agent::shared::Shared`], which merges them, and reports its sync state there.
 //!
 //! - [`static_file`]: the workloads file (`--workloads`), read by the agent's loop.
 //! - [`kube`]: the node's mesh pods, watched through the Kubernetes API (`--node-name`).

@@ -6,7 +6,7 @@ use std::{path::Path, time::SystemTime};
 use tracing::{error, info};
 
 use crate::{
-    agent::Shared,
+    agent::shared::Shared,
     desired::{self, Inputs, NetnsRef},
     error::Result,
     netns,

@@ -1,6 +1,6 @@
 //! The agent's xDS source: an ADS stream to istiod (`--istiod`, see
 //! [`istio_integration::xds::client`]) whose last good snapshot is this source's contribution
-//! ([`crate::agent::SourceState::xds`]), merged into the capture configuration by
+//! ([`crate::agent::shared::SourceState::xds`]), merged into the capture configuration by
 //! [`Capture::apply_xds`](crate::workloads::Capture::apply_xds):
 //! Istio's ports and passthrough addresses come from xDS once istiod answered, and from the
 //! workloads file (or Istio's defaults) until then. What it knows goes to its status file
@@ -9,7 +9,7 @@ use std::{path::PathBuf, sync::Arc};
 
 use istio_integration::xds::{AdsConfig, AdsEvent, client};
 
-use crate::{agent::Shared, sources::Source, state_files::XdsStatus};
+use crate::{agent::shared::Shared, sources::Source, state_files::XdsStatus};
 
 /// Runs the xDS source forever: every accepted snapshot becomes this source's contribution
 /// (which wakes the reconciler); the status file follows every event.

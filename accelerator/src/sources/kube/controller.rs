@@ -33,7 +33,7 @@ use super::{
     podnetns::{Lookup, NetnsIndex},
     policy::{self, Outcome},
 };
-use crate::{agent::Shared, sources::Source};
+use crate::{agent::shared::Shared, sources::Source};
 
 /// Builds the client: the kubeconfig file if given, else the in-cluster service account.
 pub async fn client(opts: &KubeOptions) -> Result<Client, Error> {
