@@ -131,7 +131,7 @@ impl Adopter {
             let path = paths.get(&cookie).cloned().or_else(|| {
                 scanned
                     .get_or_insert_with(|| {
-                        crate::kube::podnetns::paths_by_cookie(&Default::default())
+                        crate::sources::kube::podnetns::paths_by_cookie(&Default::default())
                     })
                     .get(&cookie)
                     .cloned()

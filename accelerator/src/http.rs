@@ -22,34 +22,12 @@ use tokio::net::TcpListener;
 use tracing::{debug, info, warn};
 
 use crate::{
-    agent::Shared,
-    dataplane::Dataplane,
+    agent::shared::Shared,
     error::{Error, Result},
 };
 
 const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
 const OPENMETRICS_TEXT: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
-
-/// Why the agent is not ready, one reason per entry; empty when it is.
-pub fn not_ready_reasons(shared: &Shared) -> Vec<String> {
-    let mut why = Vec::new();
-    match shared.metrics.bpffs() {
-        None => why.push("the agent has not started its dataplane yet".to_string()),
-        Some(bpffs) if !Dataplane::is_installed(&bpffs) => why.push(format!(
-            "programs not attached: no pinned sock_ops link under {}",
-            bpffs.display()
-        )),
-        Some(_) => {}
-    }
-    if !shared.synced() {
-        why.push("the first sync of the kernel maps is not done".to_string());
-    }
-    let waiting = shared.metrics.sources_ready().err().unwrap_or_default();
-    for s in &waiting {
-        why.push(format!("source {s} has not synced"));
-    }
-    why
-}
 
 fn reply(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
     let mut r = Response::new(Full::new(body.into()));
@@ -105,7 +83,7 @@ async fn handle(
         }
         "/healthz" => reply(StatusCode::OK, TEXT, "ok\n"),
         "/readyz" => {
-            let why = not_ready_reasons(&shared);
+            let why = shared.not_ready_reasons();
             if why.is_empty() {
                 reply(StatusCode::OK, TEXT, "ready\n")
             } else {
@@ -138,7 +116,7 @@ pub async fn bind(
     let local = listener
         .local_addr()
         .map_err(|source| Error::Http { addr, source })?;
-    shared.metrics.set_http_addr(local);
+    shared.set_http_addr(local);
     info!(addr = %local, "serving /metrics, /healthz and /readyz");
     let serve = async move {
         loop {

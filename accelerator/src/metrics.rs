@@ -1,4 +1,4 @@
-//! Prometheus metrics and readiness of the agent.
+//! Prometheus metrics of the agent.
 //!
 //! Two kinds of metrics:
 //! - **kernel** metrics, read from the pinned maps at every scrape by [`KernelCollector`]
@@ -6,13 +6,12 @@
 //!   accelerated pods, per-workload sockets and bytes): the maps are the truth, also for
 //!   acceleration an earlier agent left in place;
 //! - **agent** metrics kept in [`Metrics`]: reconcile duration and results, and the sync state and
-//!   errors of each source (static file, Kubernetes, xDS). Sources report through the setters
-//!   [`Metrics::require_source`], [`Metrics::source_synced`] and [`Metrics::source_error`]; the
-//!   agent is ready only when every required source has synced (see [`Metrics::sources_ready`]).
+//!   errors of each source (static file, Kubernetes, xDS), which the sources report through
+//!   [`crate::agent::shared::Shared`] (it also keeps the agent's readiness).
 //!
 //! Names: `meshaccel_*`; counters end in `_total` in the exposition (the encoder adds it).
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::BTreeMap,
     fmt::Write as _,
     path::{Path, PathBuf},
     sync::{Arc, Mutex, atomic::AtomicU64},
@@ -34,36 +33,7 @@ use prometheus_client::{
     registry::Registry,
 };
 
-use crate::{dataplane::Dataplane, desired::DesiredState, statefile};
-
-/// A source of the desired state, as a metric label and in readiness reports.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Source {
-    /// The static workloads file (`--workloads`).
-    StaticFile,
-    /// The Kubernetes watcher (pods and namespaces of this node).
-    Kubernetes,
-    /// Istio's xDS (istiod).
-    Xds,
-}
-
-impl Source {
-    pub const ALL: [Source; 3] = [Source::StaticFile, Source::Kubernetes, Source::Xds];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Source::StaticFile => "static_file",
-            Source::Kubernetes => "kubernetes",
-            Source::Xds => "xds",
-        }
-    }
-}
-
-impl std::fmt::Display for Source {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
+use crate::{dataplane::Dataplane, desired::DesiredState, sources::Source};
 
 impl EncodeLabelValue for Source {
     fn encode(&self, encoder: &mut LabelValueEncoder) -> std::fmt::Result {
@@ -81,14 +51,7 @@ struct ResultLabels {
     result: &'static str,
 }
 
-/// Per source: whether readiness waits for it, and whether it has synced.
-#[derive(Clone, Copy, Debug, Default)]
-struct SourceHealth {
-    required: bool,
-    synced: bool,
-}
-
-/// The agent's metrics registry and readiness state. One lives in [`crate::agent::Shared`].
+/// The agent's metrics registry. One lives in [`crate::agent::shared::Shared`].
 pub struct Metrics {
     registry: Registry,
     reconcile_seconds: Histogram,
@@ -97,10 +60,7 @@ pub struct Metrics {
     source_errors: Family<SourceLabels, Counter>,
     source_last_sync: Family<SourceLabels, Gauge<f64, AtomicU64>>,
     sk_msg_reattached: Counter,
-    sources: Mutex<BTreeMap<Source, SourceHealth>>,
     kernel: Arc<KernelCollector>,
-    /// The state file the agent keeps for `meshaccel status` (workload names), if any.
-    state_file: Mutex<Option<statefile::StateFile>>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -109,14 +69,9 @@ impl std::fmt::Debug for Metrics {
     }
 }
 
-impl Default for Metrics {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
 impl Metrics {
-    pub fn new() -> Self {
+    /// `bpffs`: the pinned maps the kernel metrics are read from (the agent's `--bpffs`).
+    pub fn new(bpffs: &Path) -> Self {
         let mut registry = Registry::default();
         let reconcile_seconds = Histogram::new(exponential_buckets(0.0001, 4.0, 10));
         registry.register(
@@ -159,7 +114,10 @@ impl Metrics {
             .get_or_create(&vec![("version", env!("CARGO_PKG_VERSION"))])
             .set(1);
         registry.register("meshaccel_build_info", "meshaccel's version", build_info);
-        let kernel = Arc::new(KernelCollector::default());
+        let kernel = Arc::new(KernelCollector {
+            bpffs: bpffs.to_path_buf(),
+            names: Mutex::default(),
+        });
         registry.register_collector(Box::new(kernel.clone()));
         Self {
             registry,
@@ -169,53 +127,19 @@ impl Metrics {
             source_errors,
             source_last_sync,
             sk_msg_reattached,
-            sources: Mutex::default(),
             kernel,
-            state_file: Mutex::default(),
         }
     }
 
-    /// Where the kernel metrics are read from (the agent's `--bpffs`), and the state file to keep.
-    pub fn configure(&self, bpffs: &Path, state_file: Option<statefile::StateFile>) {
-        *self.kernel.bpffs.lock().expect("metrics lock") = Some(bpffs.to_path_buf());
-        *self.state_file.lock().expect("metrics lock") = state_file;
-    }
-
-    /// The bpffs folder the kernel metrics come from, once configured.
-    pub fn bpffs(&self) -> Option<PathBuf> {
-        self.kernel.bpffs.lock().expect("metrics lock").clone()
-    }
-
-    /// Records the address the HTTP endpoints listen on (written to the state file).
-    pub fn set_http_addr(&self, addr: std::net::SocketAddr) {
-        if let Some(sf) = self.state_file.lock().expect("metrics lock").as_mut() {
-            sf.set_metrics_addr(addr);
-        }
-    }
-
-    /// Readiness waits for `source` to report [`Metrics::source_synced`]`(source, true)`. A
-    /// source calls this when it is configured (the static file when `--workloads` is given,
-    /// Kubernetes when a node name / kubeconfig is, xDS when istiod's address is).
-    pub fn require_source(&self, source: Source) {
-        self.sources
-            .lock()
-            .expect("metrics lock")
-            .entry(source)
-            .or_default()
-            .required = true;
-        // Present (0) from now on, so a dashboard sees a required source that never synced.
+    /// A source the agent runs with: its sync gauge is present (0) from now on, so a dashboard
+    /// sees a source that never synced.
+    pub fn register_source(&self, source: Source) {
         let _ = self.source_synced.get_or_create(&SourceLabels { source });
     }
 
     /// A source has synced (`true`: its contribution is current) or lost sync (`false`: e.g. a
     /// watch restarting, istiod unreachable; the last good contribution stays in use).
     pub fn source_synced(&self, source: Source, synced: bool) {
-        self.sources
-            .lock()
-            .expect("metrics lock")
-            .entry(source)
-            .or_default()
-            .synced = synced;
         self.source_synced
             .get_or_create(&SourceLabels { source })
             .set(i64::from(synced));
@@ -242,45 +166,8 @@ impl Metrics {
         self.sk_msg_reattached.inc();
     }
 
-    /// `Ok` when every required source has synced, else the ones that have not.
-    pub fn sources_ready(&self) -> Result<(), Vec<Source>> {
-        let waiting: Vec<Source> = self
-            .sources
-            .lock()
-            .expect("metrics lock")
-            .iter()
-            .filter(|(_, h)| h.required && !h.synced)
-            .map(|(s, _)| *s)
-            .collect();
-        if waiting.is_empty() {
-            Ok(())
-        } else {
-            Err(waiting)
-        }
-    }
-
-    /// Whether `source` does not hold readiness back: synced, or not required.
-    pub fn source_ready(&self, source: Source) -> bool {
-        self.sources
-            .lock()
-            .expect("metrics lock")
-            .get(&source)
-            .is_none_or(|h| h.synced || !h.required)
-    }
-
-    /// The sources readiness waits for.
-    pub fn required_sources(&self) -> BTreeSet<Source> {
-        self.sources
-            .lock()
-            .expect("metrics lock")
-            .iter()
-            .filter(|(_, h)| h.required)
-            .map(|(s, _)| *s)
-            .collect()
-    }
-
     /// One reconcile finished: its duration, and the desired state it applied (`None`: failed).
-    /// Keeps the workload names for the per-workload metrics and the state file.
+    /// Keeps the workload names for the per-workload metrics.
     pub fn reconciled(&self, took: Duration, applied: Option<&DesiredState>) {
         self.reconcile_seconds.observe(took.as_secs_f64());
         self.reconciles
@@ -288,22 +175,12 @@ impl Metrics {
                 result: if applied.is_some() { "ok" } else { "error" },
             })
             .inc();
-        let Some(desired) = applied else { return };
-        let changed = {
-            let mut names = self.kernel.names.lock().expect("metrics lock");
-            let changed = *names != desired.names;
-            if changed {
-                names.clone_from(&desired.names);
-            }
-            changed
-        };
-        if let Some(sf) = self.state_file.lock().expect("metrics lock").as_mut()
-            && (changed || !sf.written())
-        {
-            sf.set_names(&desired.names);
-            if let Err(e) = sf.write() {
-                tracing::warn!(error = %e, "cannot write the state file (status shows netns cookies only)");
-            }
+        if let Some(desired) = applied {
+            self.kernel
+                .names
+                .lock()
+                .expect("metrics lock")
+                .clone_from(&desired.names);
         }
     }
 
@@ -317,15 +194,6 @@ impl Metrics {
             prometheus_client::encoding::prometheus_text::encode(&mut out, &self.registry)?;
         }
         Ok(out)
-    }
-
-    /// The state file the agent keeps, if any.
-    pub fn state_file_path(&self) -> Option<PathBuf> {
-        self.state_file
-            .lock()
-            .expect("metrics lock")
-            .as_ref()
-            .map(|s| s.path().to_path_buf())
     }
 }
 
@@ -369,9 +237,9 @@ pub fn sockhash_capacity(bpffs: &Path) -> Option<u32> {
 }
 
 /// Reads the pinned maps at every scrape.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct KernelCollector {
-    bpffs: Mutex<Option<PathBuf>>,
+    bpffs: PathBuf,
     /// netns cookie -> `namespace/name`, from the last applied desired state.
     names: Mutex<BTreeMap<u64, String>>,
 }
@@ -388,10 +256,8 @@ fn gauge(
 
 impl Collector for KernelCollector {
     fn encode(&self, mut enc: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let Some(bpffs) = self.bpffs.lock().expect("metrics lock").clone() else {
-            return Ok(());
-        };
-        let dp = Dataplane::open(&bpffs);
+        let bpffs = &self.bpffs;
+        let dp = Dataplane::open(bpffs);
         gauge(
             &mut enc,
             "meshaccel_dataplane_installed",
@@ -422,7 +288,7 @@ impl Collector for KernelCollector {
             &mut enc,
             "meshaccel_sockhash_capacity",
             "Capacity of the sockhash (sockets)",
-            i64::from(sockhash_capacity(&bpffs).unwrap_or(meshaccel_common::capacity::SOCKS)),
+            i64::from(sockhash_capacity(bpffs).unwrap_or(meshaccel_common::capacity::SOCKS)),
         )?;
         gauge(
             &mut enc,
@@ -558,32 +424,9 @@ mod tests {
     }
 
     #[test]
-    fn readiness_waits_for_required_sources_only() {
-        let m = Metrics::new();
-        assert_eq!(m.sources_ready(), Ok(()));
-        m.source_error(Source::Xds); // not required: no effect on readiness
-        m.require_source(Source::Kubernetes);
-        m.require_source(Source::StaticFile);
-        assert_eq!(
-            m.sources_ready(),
-            Err(vec![Source::StaticFile, Source::Kubernetes])
-        );
-        m.source_synced(Source::StaticFile, true);
-        assert_eq!(m.sources_ready(), Err(vec![Source::Kubernetes]));
-        m.source_synced(Source::Kubernetes, true);
-        assert_eq!(m.sources_ready(), Ok(()));
-        m.source_synced(Source::Kubernetes, false);
-        assert_eq!(m.sources_ready(), Err(vec![Source::Kubernetes]));
-        assert_eq!(
-            m.required_sources().into_iter().collect::<Vec<_>>(),
-            [Source::StaticFile, Source::Kubernetes]
-        );
-    }
-
-    #[test]
     fn agent_metrics_encode_in_both_formats() {
-        let m = Metrics::new();
-        m.require_source(Source::Kubernetes);
+        let m = Metrics::new(Path::new("/nonexistent"));
+        m.register_source(Source::Kubernetes);
         m.source_synced(Source::StaticFile, true);
         m.source_error(Source::Xds);
         m.source_error(Source::Xds);

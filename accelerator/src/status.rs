@@ -1,5 +1,5 @@
 //! `meshaccel status`: the kernel state (pinned maps) per workload, with the names the agent
-//! wrote to its state file ([`crate::statefile`]). Works without a running agent: without a
+//! wrote to its state file ([`crate::state_files`]). Works without a running agent: without a
 //! state file, workloads are shown by netns cookie.
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -10,7 +10,7 @@ use std::{
 use crate::{
     dataplane::{Dataplane, KernelStatus, WorkloadTraffic},
     error::Result,
-    statefile::{self, AgentState},
+    state_files::{self, AgentState},
 };
 
 /// One workload (a pod: one netns).
@@ -48,7 +48,7 @@ pub struct StatusReport {
     /// Sockets the sockhash can hold (from the pinned map).
     pub sockhash_capacity: Option<u32>,
     /// What the agent learned from istiod, when it runs with `--istiod`.
-    pub xds: Option<crate::xds::XdsStatus>,
+    pub xds: Option<crate::state_files::XdsStatus>,
     /// The layout stamp of the pinned maps (`MESHACCEL_META`): format and layout hash, which
     /// `open` has already found equal to this build's.
     pub layout: Option<LayoutStamp>,
@@ -66,7 +66,7 @@ pub fn collect(bpffs: &Path, state_dir: &Path, sockets: bool) -> Result<StatusRe
         .into_iter()
         .map(|(k, p)| (k, p.flags))
         .collect();
-    let agent = match statefile::read(state_dir, bpffs) {
+    let agent = match state_files::read(state_dir, bpffs) {
         Ok(a) => a,
         Err(e) => {
             tracing::warn!(error = %e, "ignoring the agent's state file");
@@ -74,7 +74,7 @@ pub fn collect(bpffs: &Path, state_dir: &Path, sockets: bool) -> Result<StatusRe
         }
     };
     let mut report = build(kernel, &enabled, agent);
-    report.xds = crate::xds::read_status(state_dir, bpffs);
+    report.xds = crate::state_files::read_xds_status(state_dir, bpffs);
     report.sockhash_capacity = crate::metrics::sockhash_capacity(bpffs);
     report.sockets = sockets.then(|| dp.sockets());
     if let crate::layout_stamp::Found::Stamp(m) = crate::layout_stamp::read(bpffs) {

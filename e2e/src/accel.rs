@@ -498,7 +498,7 @@ impl Accel {
 
     /// Where the running agent serves /metrics, /healthz and /readyz (from its state file).
     pub fn metrics_addr(&self) -> anyhow::Result<std::net::SocketAddr> {
-        let st = meshaccel::statefile::read(&self.dir, &self.bpffs)?
+        let st = meshaccel::state_files::read(&self.dir, &self.bpffs)?
             .context("the agent wrote no state file")?;
         st.metrics_addr
             .context("the agent's state file has no metrics address")?

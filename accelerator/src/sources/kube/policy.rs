@@ -12,7 +12,7 @@ use k8s_openapi::api::core::v1::Pod;
 
 use crate::{
     desired::{Inputs, NetnsRef, WorkloadSpec},
-    kube::podnetns::Lookup,
+    sources::kube::podnetns::Lookup,
     workloads::{AppSockets, Capture},
 };
 

@@ -1,16 +1,21 @@
-//! The agent's state file: what `meshaccel status` needs but cannot read from the kernel maps.
+//! The files the agent writes for `meshaccel status`: what it needs but cannot read from the
+//! kernel maps. Both live in a run folder (`--state-dir`, default [`DEFAULT_DIR`]; never on the
+//! bpffs, which holds only BPF objects), named after the bpffs folder so that agents with
+//! different `--bpffs` do not collide; `status` shows what it finds, `uninstall` removes them.
+//! Each is written atomically (temporary file + rename).
 //!
-//! The kernel knows workloads by netns cookie only; the agent knows their names
-//! (`namespace/name`, [`crate::desired::DesiredState::names`]). The agent writes them, with its
-//! pid and the address of its HTTP endpoints, to a small JSON file in a run folder (`--state-dir`,
-//! default [`DEFAULT_DIR`]; never on the bpffs, which holds only BPF objects), named after the
-//! bpffs folder so that agents with different `--bpffs` do not collide. `status` reads it when it
-//! is there and shows cookies otherwise; `uninstall` removes it. It is written atomically
-//! (temporary file + rename) after each reconcile that changed the names.
+//! - The state file ([`AgentState`]): the kernel knows workloads by netns cookie only; the agent
+//!   knows their names (`namespace/name`, [`crate::desired::DesiredState::names`]). It writes
+//!   them, with its pid and the address of its HTTP endpoints, after each reconcile that changed
+//!   the names. Without it `status` shows cookies.
+//! - The xDS status file ([`XdsStatus`]): what the xDS source knows of istiod, after every event
+//!   of its stream.
 use std::{
     collections::BTreeMap,
     path::{Path, PathBuf},
 };
+
+use istio_integration::xds::XdsSnapshot;
 
 use crate::error::{Error, Result};
 
@@ -111,11 +116,15 @@ impl StateFile {
         self.written
     }
 
-    pub fn set_names(&mut self, names: &BTreeMap<u64, String>) {
-        self.state.workloads = names
+    /// Sets the workload names; returns whether they changed.
+    pub fn set_names(&mut self, names: &BTreeMap<u64, String>) -> bool {
+        let names: BTreeMap<String, String> = names
             .iter()
             .map(|(c, n)| (c.to_string(), n.clone()))
             .collect();
+        let changed = self.state.workloads != names;
+        self.state.workloads = names;
+        changed
     }
 
     pub fn set_metrics_addr(&mut self, addr: std::net::SocketAddr) {
@@ -152,6 +161,98 @@ impl StateFile {
         self.written = true;
         Ok(())
     }
+}
+
+/// What the xDS source writes for `status`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct XdsStatus {
+    pub istiod: String,
+    pub node_id: String,
+    pub connected: bool,
+    /// The last good snapshot (kept while istiod is away).
+    pub snapshot: Option<XdsSnapshot>,
+    /// Responses rejected (NACKed) so far, and the last reason.
+    pub rejected: u64,
+    pub last_rejection: Option<String>,
+    /// Streams that ended, and why the last one did.
+    pub disconnects: u64,
+    pub last_error: Option<String>,
+    pub updated_unix: u64,
+}
+
+impl XdsStatus {
+    pub fn render_text(&self) -> String {
+        let mut o = format!(
+            "istiod:           {} ({}), node {}\n",
+            self.istiod,
+            if self.connected {
+                "connected"
+            } else {
+                "not connected"
+            },
+            self.node_id
+        );
+        match &self.snapshot {
+            Some(s) => {
+                let port = |p: Option<u16>| p.map_or("-".to_string(), |p| p.to_string());
+                o.push_str(&format!(
+                    "xDS capture:      outbound {} inbound {} passthrough {:?} mesh endpoints {} (versions lds {} cds {} eds {})\n",
+                    port(s.outbound_port),
+                    port(s.inbound_port),
+                    s.inbound_passthrough_binds,
+                    s.mesh_endpoints.len(),
+                    s.versions.listeners,
+                    s.versions.clusters,
+                    s.versions.endpoints
+                ));
+            }
+            None => o.push_str("xDS capture:      nothing accepted yet (Istio's defaults apply)\n"),
+        }
+        if let Some(r) = &self.last_rejection {
+            o.push_str(&format!(
+                "xDS rejected:     {} (last: {r})\n",
+                self.rejected
+            ));
+        }
+        o
+    }
+
+    /// Writes the file at `path`; a failure is logged (the source goes on without it).
+    pub fn write(&self, path: &Path) {
+        let tmp = path.with_extension("tmp");
+        let res = path
+            .parent()
+            .map_or(Ok(()), std::fs::create_dir_all)
+            .and_then(|()| {
+                std::fs::write(&tmp, serde_json::to_vec_pretty(self).unwrap_or_default())
+            })
+            .and_then(|()| std::fs::rename(&tmp, path));
+        if let Err(e) = res {
+            tracing::warn!(path = %path.display(), error = %e, "cannot write the xDS status file");
+        }
+    }
+}
+
+/// `<state_dir>/xds-<hash>.json`, beside the agent's state file for the same bpffs.
+pub fn xds_status_path(state_dir: &Path, bpffs: &Path) -> PathBuf {
+    let p = path_for(state_dir, bpffs);
+    let name = p
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or("bpffs.json")
+        .replacen("bpffs-", "xds-", 1);
+    p.with_file_name(name)
+}
+
+/// The xDS status of the agent of `bpffs`, if it runs (or ran) with `--istiod`.
+pub fn read_xds_status(state_dir: &Path, bpffs: &Path) -> Option<XdsStatus> {
+    let text = std::fs::read_to_string(xds_status_path(state_dir, bpffs)).ok()?;
+    serde_json::from_str(&text).ok()
+}
+
+/// Removes the xDS status file (uninstall).
+pub fn remove_xds_status(state_dir: &Path, bpffs: &Path) {
+    let _ = std::fs::remove_file(xds_status_path(state_dir, bpffs));
 }
 
 #[cfg(test)]
@@ -207,5 +308,12 @@ mod tests {
             path_for(d, Path::new("/sys/fs/bpf/other"))
         );
         assert!(path_for(d, Path::new("/x")).starts_with(d));
+    }
+
+    #[test]
+    fn the_xds_status_file_sits_beside_the_state_file() {
+        let p = xds_status_path(Path::new("/run/x"), Path::new("/sys/fs/bpf/m"));
+        assert!(p.starts_with("/run/x"));
+        assert!(p.file_name().unwrap().to_str().unwrap().starts_with("xds-"));
     }
 }

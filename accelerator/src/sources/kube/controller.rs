@@ -33,7 +33,7 @@ use super::{
     podnetns::{Lookup, NetnsIndex},
     policy::{self, Outcome},
 };
-use crate::agent::Shared;
+use crate::{agent::shared::Shared, sources::Source};
 
 /// Builds the client: the kubeconfig file if given, else the in-cluster service account.
 pub async fn client(opts: &KubeOptions) -> Result<Client, Error> {
@@ -347,14 +347,14 @@ pub async fn spawn(
     opts: KubeOptions,
     shared: Arc<Shared>,
 ) -> Result<tokio::task::JoinHandle<()>, Error> {
-    shared.set_kube_ready(false);
+    shared.source_synced(Source::Kubernetes, false);
     let client = client(&opts).await?;
     Ok(tokio::spawn(run(opts, client, shared)))
 }
 
 /// Runs the Kubernetes source until the process ends.
 pub async fn run(opts: KubeOptions, client: Client, shared: Arc<Shared>) {
-    shared.set_kube_ready(false);
+    shared.source_synced(Source::Kubernetes, false);
     info!(node = %opts.node_name, kubeconfig = ?opts.kubeconfig, "watching node-local pods");
     let mut ctl = Controller {
         retry: Backoff::new(Duration::from_millis(100), Duration::from_secs(5)),
@@ -376,10 +376,8 @@ pub async fn run(opts: KubeOptions, client: Client, shared: Arc<Shared>) {
     resync.tick().await;
     loop {
         let error = session(&mut ctl, &mut resync, &mut backoff).await;
-        ctl.shared.set_kube_ready(false);
-        ctl.shared
-            .metrics
-            .source_error(crate::metrics::Source::Kubernetes);
+        ctl.shared.source_synced(Source::Kubernetes, false);
+        ctl.shared.source_error(Source::Kubernetes);
         let wait = backoff.take();
         warn!(error = %error, retry_in_ms = wait.as_millis() as u64, kept_last_good = ctl.shared.snapshot().kube.is_some(),
             "Kubernetes API unreachable or watch failed; keeping the last good state");
@@ -433,14 +431,14 @@ async fn session(
         // Every wake-up may change the outcome (an event, a retry, a resync).
         if ctl.synced() {
             ctl.recompute(force_scan);
-            if !ctl.shared.kube_ready() {
+            if !ctl.shared.source_ready(Source::Kubernetes) {
                 info!(
                     pods = ctl.pods.live.len(),
                     namespaces = ctl.namespaces.live.len(),
                     "Kubernetes source in sync"
                 );
             }
-            ctl.shared.set_kube_ready(true);
+            ctl.shared.source_synced(Source::Kubernetes, true);
             backoff.reset();
         }
     }

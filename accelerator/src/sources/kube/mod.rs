@@ -6,7 +6,7 @@
 //!   [`crate::desired::Inputs`], with the opt-in rules and Istio's traffic annotations.
 //! - [`podnetns`]: how a pod IP is mapped to its network namespace on the node.
 //! - [`controller`]: the watch loop: keeps the last good state while the API server is away,
-//!   reports readiness through [`crate::agent::Shared::kube_ready`], resyncs without map churn,
+//!   reports its sync state through [`crate::agent::shared::Shared::source_synced`], resyncs without map churn,
 //!   and posts a Kubernetes Event on pods whose configuration cannot be honoured.
 //!
 //! RBAC: `get`, `list`, `watch` on `pods` and `namespaces`, `create` on `events` (core group);
