@@ -160,6 +160,7 @@ impl AgentArgs {
             None => crate::cgroup::cgroup2_root()
                 .context("no cgroup v2 mount in /proc/mounts: mount one, or pass --cgroup")?,
         };
+        let node_name = self.node_name;
         Ok(AgentConfig {
             cgroup,
             bpffs: self.bpffs.bpffs,
@@ -178,11 +179,11 @@ impl AgentArgs {
                 small_write_secs: self.small_write_secs,
             },
             metrics_addr: self.metrics_addr,
-            kube: self.node_name.map(|node| KubeOptions {
+            kube: node_name.clone().map(|node| KubeOptions {
                 opt_in_label: self.opt_in_label,
                 ..KubeOptions::new(node, self.kubeconfig)
             }),
-            xds: self.istiod.config(),
+            xds: self.istiod.config(node_name.as_deref()),
         })
     }
 }
@@ -245,10 +246,11 @@ pub struct IstiodArgs {
 }
 
 impl IstiodArgs {
-    /// The client configuration, or `None` without `--istiod`.
-    fn config(&self) -> Option<AdsConfig> {
+    /// The client configuration, or `None` without `--istiod`. `node_name`: `--node-name`
+    /// (the chart passes the pod's node), else this host's name.
+    fn config(&self, node_name: Option<&str>) -> Option<AdsConfig> {
         let addr = self.istiod.clone()?;
-        let node_name = std::env::var("MESHACCEL_NODE_NAME").unwrap_or_else(|_| hostname());
+        let node_name = node_name.map_or_else(hostname, String::from);
         let node = NodeIdentity {
             ip: self
                 .istiod_node_ip
@@ -324,5 +326,32 @@ mod tests {
             local_ip_towards("127.0.0.1:15010"),
             Some(IpAddr::V4(Ipv4Addr::LOCALHOST))
         );
+    }
+
+    /// The node istiod is told about is `--node-name` (the chart passes the pod's node), not
+    /// this host's name, which in a pod is the pod's.
+    #[test]
+    fn istiod_hears_the_node_name_flag() {
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            agent: AgentArgs,
+        }
+        use clap::Parser as _;
+        let cfg = |args: &[&str]| {
+            Cli::try_parse_from([&["agent", "--cgroup", "/sys/fs/cgroup/unified"], args].concat())
+                .expect("flags")
+                .agent
+                .config()
+                .expect("config")
+        };
+        let with = cfg(&["--node-name", "node-7", "--istiod", "127.0.0.1:15010"]);
+        let ads = with.xds.expect("xds on");
+        assert_eq!(ads.node.node_name, "node-7");
+        assert_eq!(ads.node.name, "meshaccel-node-7");
+        assert_eq!(with.kube.expect("kube on").node_name, "node-7");
+        let without = cfg(&["--istiod", "127.0.0.1:15010"]);
+        assert_eq!(without.xds.expect("xds on").node.node_name, hostname());
+        assert!(without.kube.is_none());
     }
 }
