@@ -11,6 +11,8 @@
 //!   test, as there is no Job controller) removes them.
 //!
 //! helm: `$MESHACCEL_HELM`, else scripts/install-helm.sh's cache (scripts/test.sh installs it).
+mod support;
+
 use std::{
     collections::{BTreeMap, BTreeSet},
     path::{Path, PathBuf},
@@ -529,15 +531,8 @@ fn dockerfile_builds_the_binary_the_chart_runs() {
 }
 
 /// Waits for `f` to return `Some` (30 s).
-fn wait_for<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(200));
-    }
+fn wait_for<T>(what: &str, f: impl FnMut() -> Option<T>) -> T {
+    support::wait_for_secs(what, 30, f)
 }
 
 /// Every field of `want` is in `got` with the same value (the API server adds defaults, and

@@ -6,6 +6,8 @@
 //! Needs the Envoy binary: `scripts/install-envoy.sh`. The pod test needs root.
 //! Run: `cargo test -p meshaccel-e2e --test envoy_config`.
 
+mod support;
+
 use std::{
     collections::HashMap,
     fs::{self, File},
@@ -19,7 +21,7 @@ use std::{
 use meshaccel_e2e::{
     APP_UID, Mesh, Pod, fixtures_dir, require_root,
     sidecar::{ADMIN_PORT, PodSpec, SidecarMesh},
-    wait_output_timeout, wait_ready, workspace_bin,
+    wait_output_timeout, wait_ready,
 };
 use serde_json::Value;
 
@@ -659,7 +661,7 @@ fn sockets(pod: &Pod) -> Vec<(String, String)> {
 }
 
 fn spawn_tool(mesh: &mut Mesh, pod: &Pod, args: &[&str], log: &Path) -> Child {
-    let mut cmd = Command::new(workspace_bin("meshaccel-e2e-tool"));
+    let mut cmd = Command::new(support::tool());
     cmd.args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())

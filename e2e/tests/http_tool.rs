@@ -2,6 +2,8 @@
 //!
 //! Run: `cargo test -p meshaccel-e2e --test http_tool`.
 
+mod support;
+
 use std::{
     fs,
     io::{Read, Write},
@@ -11,7 +13,7 @@ use std::{
     time::Duration,
 };
 
-use meshaccel_e2e::{http, wait_output_timeout, wait_ready, workspace_bin};
+use meshaccel_e2e::{http, wait_output_timeout, wait_ready};
 use serde_json::Value;
 
 /// An `http-server` child, SIGKILLed when dropped.
@@ -19,7 +21,7 @@ struct Server(Child);
 
 impl Server {
     fn start(port: u16) -> Server {
-        let mut child = Command::new(workspace_bin("meshaccel-e2e-tool"))
+        let mut child = Command::new(support::tool())
             .args(["http-server", "--listen", &format!("127.0.0.1:{port}")])
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -46,7 +48,7 @@ fn free_port() -> u16 {
 }
 
 fn spawn_load(port: u16, args: &[&str]) -> Child {
-    Command::new(workspace_bin("meshaccel-e2e-tool"))
+    Command::new(support::tool())
         .args(["http-load", "--connect", &format!("127.0.0.1:{port}")])
         .args(args)
         .stdin(Stdio::null())

@@ -141,8 +141,16 @@ pub fn wait_until(what: &str, f: impl FnMut() -> bool) {
 
 /// [`wait_until`] with a deadline of `secs`.
 pub fn wait_until_secs(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
+    wait_for_secs(what, secs, || f().then_some(()));
+}
+
+/// Polls `f` until it gives a value; panics after `secs`.
+pub fn wait_for_secs<T>(what: &str, secs: u64, mut f: impl FnMut() -> Option<T>) -> T {
     let deadline = Instant::now() + Duration::from_secs(secs);
-    while !f() {
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
         assert!(Instant::now() < deadline, "timed out waiting until {what}");
         std::thread::sleep(Duration::from_millis(20));
     }
