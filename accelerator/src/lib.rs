@@ -2,7 +2,6 @@
 //!
 //! The agent loads the eBPF programs (bpf-progs/), pins them, and keeps the kernel maps equal to
 //! the desired state computed from its sources (a static workloads file, Kubernetes, istiod).
-pub mod adopter;
 pub mod agent;
 pub mod cgroup;
 pub mod config;

@@ -208,7 +208,7 @@ impl Dataplane {
         cgroup_path: &Path,
         bpffs: &Path,
         opts: &InstallOptions,
-    ) -> Result<(Outcome, crate::adopter::Adopter)> {
+    ) -> Result<(Outcome, super::adopter::Adopter)> {
         let load = |message: String| Error::Load { message };
         let installed = Self::is_installed(bpffs);
         check_pinned_maps(bpffs)?;
@@ -279,7 +279,7 @@ impl Dataplane {
                 .map_err(map_err(names::CONFIG, "init"))?;
             }
         }
-        let adopter = crate::adopter::Adopter::load(&mut ebpf, bpffs, opts.replace_programs)?;
+        let adopter = super::adopter::Adopter::load(&mut ebpf, bpffs, opts.replace_programs)?;
         let msg: &mut SkMsg = ebpf
             .program_mut(names::PROG_SK_MSG)
             .ok_or_else(|| load(format!("no program {}", names::PROG_SK_MSG)))?

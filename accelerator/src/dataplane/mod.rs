@@ -20,6 +20,7 @@ use crate::{
     reconcile::{self, ActualState, Plan},
 };
 
+pub mod adopter;
 mod bpffs;
 pub mod btf;
 mod inspect;
@@ -46,7 +47,7 @@ pub struct Dataplane {
     pub sk_msg_reattached: bool,
     /// The program that adopts app sockets after their first write, loaded by the process that
     /// installed or adopted the pins (the agent links it into each workload's netns).
-    pub adopter: Option<crate::adopter::Adopter>,
+    pub adopter: Option<adopter::Adopter>,
     // The maps are written only through `apply` and `set_config`, which order their writes
     // for the programs that read them meanwhile; readers get copies.
     socks: SockHash<MapData, PairKey>,

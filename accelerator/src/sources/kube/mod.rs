@@ -28,7 +28,7 @@ pub struct KubeOptions {
     /// A kubeconfig file; `None` = the in-cluster service account.
     pub kubeconfig: Option<PathBuf>,
     /// Where pod network namespaces are looked for.
-    pub scan: podnetns::ScanConfig,
+    pub scan: crate::netns::ScanConfig,
     /// How often pod netns are re-resolved (IPs can move between namespaces).
     pub resync: Duration,
     /// The longest wait between two attempts to reach the API server.
@@ -42,7 +42,7 @@ impl KubeOptions {
         Self {
             node_name: node_name.into(),
             kubeconfig,
-            scan: podnetns::ScanConfig::default(),
+            scan: crate::netns::ScanConfig::default(),
             resync: Duration::from_secs(30),
             max_backoff: Duration::from_secs(5),
             opt_in_label: OptInLabel::default(),

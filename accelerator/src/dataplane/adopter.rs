@@ -99,9 +99,8 @@ impl Adopter {
             if tag == Some(our_tag) && !replace {
                 continue;
             }
-            let swapped = crate::dataplane::sys::obj_get(&pin).and_then(|link| {
-                crate::dataplane::sys::link_update(link.as_fd(), self.prog.as_fd())
-            });
+            let swapped = super::sys::obj_get(&pin)
+                .and_then(|link| super::sys::link_update(link.as_fd(), self.prog.as_fd()));
             match swapped {
                 Ok(()) => {
                     info!(link = %pin.display(), "the app-socket adopter's link now runs this version's program")
@@ -130,9 +129,7 @@ impl Adopter {
         for &cookie in &changes.attach {
             let path = paths.get(&cookie).cloned().or_else(|| {
                 scanned
-                    .get_or_insert_with(|| {
-                        crate::sources::kube::podnetns::paths_by_cookie(&Default::default())
-                    })
+                    .get_or_insert_with(|| crate::netns::paths_by_cookie(&Default::default()))
                     .get(&cookie)
                     .cloned()
             });
@@ -175,7 +172,7 @@ impl Adopter {
                 .join()
                 .map_err(|_| std::io::Error::other("netns thread panicked"))?
         })?;
-        crate::dataplane::sys::obj_pin(link.as_fd(), &self.pin(cookie))
+        super::sys::obj_pin(link.as_fd(), &self.pin(cookie))
     }
 
     fn pin(&self, cookie: u64) -> PathBuf {
@@ -201,7 +198,7 @@ fn enter_and_link(
             "the file is the network namespace of cookie {here} now, not {cookie}"
         )));
     }
-    crate::dataplane::sys::tcx_link_create(prog, 1, crate::dataplane::sys::BPF_TCX_EGRESS)
+    super::sys::tcx_link_create(prog, 1, super::sys::BPF_TCX_EGRESS)
 }
 
 #[cfg(test)]
