@@ -197,7 +197,7 @@ fn run(a: &Args) -> anyhow::Result<()> {
         "on (default): the sidecar ↔ sidecar leg, and an app's bytes into its sidecar where the app"
     );
     println!(
-        "reads non-blocking (these apps block: not theirs); on (apps trusted): all three legs."
+        "is an event loop (these apps block: not theirs); on (apps trusted): all three legs."
     );
     println!();
     println!(
