@@ -113,15 +113,22 @@ fn run(a: &Args) -> anyhow::Result<bool> {
     .to_vec();
     let mut args = base.clone();
     args.extend(driver::block_args(blocks, a.block_ms, 400));
+    // The sk_msg program, whose run time per message is measured after the rounds.
+    let msg_id = accel.status()?["prog_ids"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|v| v.as_u64())
+        .find(|id| driver::prog_name(*id).as_deref() == Some("meshaccel_msg"));
+    let mut setup = AbSetup {
+        accel: &mut accel,
+        workloads: &wl,
+        pod: &app,
+        cpus: &app_cpus,
+        dir: tmp.path(),
+    };
     let mut c = Compare::default();
     for round in 1..=rounds {
-        let mut setup = AbSetup {
-            accel: &mut accel,
-            workloads: &wl,
-            pod: &app,
-            cpus: &app_cpus,
-            dir: tmp.path(),
-        };
         let r = driver::run_ab(&mut mesh, &mut setup, &args)?;
         let (x, y) = (r.side(false), r.side(true));
         eprintln!(
@@ -141,55 +148,32 @@ fn run(a: &Args) -> anyhow::Result<bool> {
     // on only for one extra round that is not in the table).
     eprintln!("[hop] floor: UNIX stream ping-pong on the same CPU");
     let floor = driver::unix_floor(&app_cpus, a.size, if a.common.short { 1000 } else { 3000 })?;
-    let bpf = {
-        let status = accel.status()?;
-        let msg_id = status["prog_ids"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|v| v.as_u64())
-            .find(|id| driver::prog_name(*id).as_deref() == Some("meshaccel_msg"));
-        match (msg_id, driver::BpfRunStats::enable()) {
-            (Some(id), Ok(stats)) => {
-                let before = driver::prog_run_stats(id)?;
-                let mut setup = AbSetup {
-                    accel: &mut accel,
-                    workloads: &wl,
-                    pod: &app,
-                    cpus: &app_cpus,
-                    dir: tmp.path(),
-                };
-                let mut stat_args = base.clone();
-                stat_args.extend(driver::block_args(4, a.block_ms, 400));
-                driver::run_ab(&mut mesh, &mut setup, &stat_args)?;
-                let after = driver::prog_run_stats(id)?;
-                drop(stats);
-                let runs = after.0.saturating_sub(before.0);
-                json!({
-                    "program": "meshaccel_msg",
-                    "messages": runs,
-                    "ns_per_message": if runs > 0 { (after.1 - before.1) as f64 / runs as f64 } else { 0.0 },
-                    "xlated_instructions": after.2,
-                })
-            }
-            (id, stats) => {
-                eprintln!(
-                    "[hop] no BPF run-time stats (program {id:?}, stats {:?})",
-                    stats.err()
-                );
-                json!(null)
-            }
+    let bpf = match (msg_id, driver::BpfRunStats::enable()) {
+        (Some(id), Ok(stats)) => {
+            let before = driver::prog_run_stats(id)?;
+            let mut stat_args = base.clone();
+            stat_args.extend(driver::block_args(4, a.block_ms, 400));
+            driver::run_ab(&mut mesh, &mut setup, &stat_args)?;
+            let after = driver::prog_run_stats(id)?;
+            drop(stats);
+            let runs = after.0.saturating_sub(before.0);
+            json!({
+                "program": "meshaccel_msg",
+                "messages": runs,
+                "ns_per_message": if runs > 0 { (after.1 - before.1) as f64 / runs as f64 } else { 0.0 },
+                "xlated_instructions": after.2,
+            })
+        }
+        (id, stats) => {
+            eprintln!(
+                "[hop] no BPF run-time stats (program {id:?}, stats {:?})",
+                stats.err()
+            );
+            json!(null)
         }
     };
     if let Some(dir) = &a.common.perf {
         eprintln!("[hop] profiling with perf into {}", dir.display());
-        let mut setup = AbSetup {
-            accel: &mut accel,
-            workloads: &wl,
-            pod: &app,
-            cpus: &app_cpus,
-            dir: tmp.path(),
-        };
         let r = driver::run_ab_profiled(&mut mesh, &mut setup, &base, dir, a.common.perf_block_ms)?;
         driver::write_json(
             dir,

@@ -196,9 +196,7 @@ fn run(a: &Args) -> anyhow::Result<()> {
     println!(
         "on (default): the sidecar ↔ sidecar leg, and an app's bytes into its sidecar where the app"
     );
-    println!(
-        "is an event loop (these apps block: not theirs); on (apps trusted): all three legs."
-    );
+    println!("is an event loop (these apps block: not theirs); on (apps trusted): all three legs.");
     println!();
     println!(
         "kernel counters: {} messages and {} bytes redirected, {} sockets paired, {} fell back to TCP",
