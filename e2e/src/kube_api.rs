@@ -14,7 +14,7 @@
 //! ```
 //!
 //! - Binaries: `$MESHACCEL_KUBE_APISERVER`, else `scripts/install-kube.sh`'s cache path
-//!   (`$MESHACCEL_CACHE` or /var/cache/meshaccel, `kube-apiserver-v1.20.2/kube-apiserver`);
+//!   (`$MESHACCEL_CACHE` or /var/cache/meshaccel, `kubernetes-v1.20.2/kube-apiserver`);
 //!   `$MESHACCEL_ETCD`, else `etcd` on PATH (Debian's `etcd-server`). Missing ones are a clear
 //!   error naming the install script.
 //! - Everything is run-unique: free loopback ports picked at start, a temp folder
@@ -113,7 +113,7 @@ pub fn apiserver_binary() -> anyhow::Result<PathBuf> {
             let cache = std::env::var_os("MESHACCEL_CACHE")
                 .map(PathBuf::from)
                 .unwrap_or_else(|| PathBuf::from("/var/cache/meshaccel"));
-            cache.join(format!("kube-apiserver-{KUBE_VERSION}/kube-apiserver"))
+            cache.join(format!("kubernetes-{KUBE_VERSION}/kube-apiserver"))
         }
     };
     if !p.is_file() {
