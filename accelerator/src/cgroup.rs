@@ -21,6 +21,23 @@ fn parse_cgroup2_root(mounts: &str) -> Option<PathBuf> {
     })
 }
 
+/// The cgroup v2 folder an operator's `--cgroup` means: the path itself, or on a hybrid host
+/// (cgroup v1 controllers under a tmpfs, v2 at `<path>/unified`) its `unified` mount, so the
+/// chart's default `/sys/fs/cgroup` works on both layouts. Anything else stays as given and is
+/// refused later with the path in the error.
+pub fn resolve(path: &Path) -> PathBuf {
+    resolve_with(path, is_cgroup2)
+}
+
+fn resolve_with(path: &Path, is_v2: impl Fn(&Path) -> bool) -> PathBuf {
+    let unified = path.join("unified");
+    if !is_v2(path) && is_v2(&unified) {
+        unified
+    } else {
+        path.to_path_buf()
+    }
+}
+
 /// Whether `path` is a folder of a cgroup v2 hierarchy.
 pub fn is_cgroup2(path: &Path) -> bool {
     let Ok(c) = CString::new(path.as_os_str().as_bytes()) else {
@@ -36,6 +53,22 @@ pub fn is_cgroup2(path: &Path) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_hybrid_hosts_cgroup_root_means_its_unified_mount() {
+        let v2 = |p: &Path| p == Path::new("/sys/fs/cgroup/unified");
+        assert_eq!(
+            resolve_with(Path::new("/sys/fs/cgroup"), v2),
+            Path::new("/sys/fs/cgroup/unified")
+        );
+        let v2 = |p: &Path| p == Path::new("/sys/fs/cgroup");
+        assert_eq!(
+            resolve_with(Path::new("/sys/fs/cgroup"), v2),
+            Path::new("/sys/fs/cgroup")
+        );
+        // Neither: left for the attach to refuse with the operator's path.
+        assert_eq!(resolve_with(Path::new("/x"), |_| false), Path::new("/x"));
+    }
 
     #[test]
     fn finds_cgroup2_among_v1_mounts() {

@@ -156,7 +156,7 @@ impl AgentConfig {
 impl AgentArgs {
     pub fn config(self) -> anyhow::Result<AgentConfig> {
         let cgroup = match self.cgroup.cgroup {
-            Some(c) => c,
+            Some(c) => crate::cgroup::resolve(&c),
             None => crate::cgroup::cgroup2_root()
                 .context("no cgroup v2 mount in /proc/mounts: mount one, or pass --cgroup")?,
         };

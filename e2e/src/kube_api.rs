@@ -71,8 +71,41 @@ pub const AGENT_CLUSTER_ROLE_RULES: &str = r#"- apiGroups: [""]
 /// How many plain users the token file provides for [`KubeApi::kubeconfig_for_cluster_role`].
 const USER_POOL: usize = 16;
 
+/// Where and how the API server runs. [`Default`]: on 127.0.0.1, no service-account admission
+/// (nothing creates accounts or tokens), as the controller tests want it.
+#[derive(Clone, Debug)]
+pub struct ApiOptions {
+    /// Bind and advertise address (also in the serving certificate). A cluster with pods needs
+    /// one the pods can reach (the `kubernetes` Service's endpoint).
+    pub address: Ipv4Addr,
+    /// `--service-cluster-ip-range`; its first address (the `kubernetes` Service) is in the
+    /// serving certificate too, for in-cluster clients.
+    pub service_cidr: (Ipv4Addr, u8),
+    /// The ServiceAccount admission plugin on: pods get their account's token mounted (needs a
+    /// controller-manager with the run's signing key, see [`KubeApi::sa_key_path`]).
+    pub service_accounts: bool,
+}
+
+impl Default for ApiOptions {
+    fn default() -> Self {
+        ApiOptions {
+            address: Ipv4Addr::LOCALHOST,
+            service_cidr: (Ipv4Addr::new(10, 0, 0, 0), 24),
+            service_accounts: false,
+        }
+    }
+}
+
+impl ApiOptions {
+    /// The `kubernetes` Service's cluster IP: the range's first address.
+    pub fn kubernetes_service_ip(&self) -> Ipv4Addr {
+        Ipv4Addr::from(u32::from(self.service_cidr.0) + 1)
+    }
+}
+
 /// A running etcd + kube-apiserver of one test run. See the module docs.
 pub struct KubeApi {
+    options: ApiOptions,
     dir: tempfile::TempDir,
     apiserver_bin: PathBuf,
     etcd: Option<Child>,
@@ -88,9 +121,9 @@ pub struct KubeApi {
     run_id: String,
 }
 
-fn free_port() -> anyhow::Result<u16> {
-    Ok(TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-        .context("binding a loopback port")?
+fn free_port(address: Ipv4Addr) -> anyhow::Result<u16> {
+    Ok(TcpListener::bind((address, 0))
+        .with_context(|| format!("binding a port on {address}"))?
         .local_addr()?
         .port())
 }
@@ -205,6 +238,11 @@ impl KubeApi {
     /// Starts etcd and kube-apiserver and waits until the API server is ready (RBAC bootstrap
     /// roles included). Takes 5-15 s.
     pub fn start() -> anyhow::Result<KubeApi> {
+        Self::start_with(ApiOptions::default())
+    }
+
+    /// [`KubeApi::start`] with the API server where and as `options` say.
+    pub fn start_with(options: ApiOptions) -> anyhow::Result<KubeApi> {
         let apiserver_bin = apiserver_binary()?;
         let etcd_bin = etcd_binary()?;
         let dir = tempfile::Builder::new()
@@ -234,7 +272,10 @@ impl KubeApi {
             .push(DnType::CommonName, "kube-apiserver");
         srv.subject_alt_names = vec![
             SanType::IpAddress(Ipv4Addr::LOCALHOST.into()),
+            SanType::IpAddress(options.address.into()),
+            SanType::IpAddress(options.kubernetes_service_ip().into()),
             SanType::DnsName("localhost".try_into()?),
+            SanType::DnsName("kubernetes.default.svc".try_into()?),
         ];
         srv.key_usages = vec![
             KeyUsagePurpose::DigitalSignature,
@@ -264,6 +305,7 @@ impl KubeApi {
         fs::write(d.join("tokens.csv"), tokens)?;
 
         let mut api = KubeApi {
+            options,
             apiserver_bin,
             etcd: None,
             apiserver: None,
@@ -281,7 +323,10 @@ impl KubeApi {
         // etcd on two free ports; retried if a port was taken in between.
         let mut last = String::new();
         for _ in 0..3 {
-            let (client, peer) = (free_port()?, free_port()?);
+            let (client, peer) = (
+                free_port(Ipv4Addr::LOCALHOST)?,
+                free_port(Ipv4Addr::LOCALHOST)?,
+            );
             let data = api.dir.path().join(format!("etcd-{client}"));
             let mut cmd = Command::new(&etcd_bin);
             let c = format!("http://127.0.0.1:{client}");
@@ -324,7 +369,7 @@ impl KubeApi {
         }
 
         for attempt in 0..3 {
-            api.port = free_port()?;
+            api.port = free_port(api.options.address)?;
             match api.start_apiserver() {
                 Ok(()) => break,
                 Err(e) if attempt < 2 => {
@@ -344,9 +389,23 @@ impl KubeApi {
         Ok(api)
     }
 
-    /// `https://127.0.0.1:<port>`.
+    /// `https://<address>:<port>`.
     pub fn url(&self) -> String {
-        format!("https://127.0.0.1:{}", self.port)
+        format!("https://{}:{}", self.options.address, self.port)
+    }
+
+    pub fn options(&self) -> &ApiOptions {
+        &self.options
+    }
+
+    /// The secure port (also the `kubernetes` Service's endpoint port).
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The service-account signing key (PEM), for a controller-manager's token controller.
+    pub fn sa_key_path(&self) -> PathBuf {
+        self.dir.path().join("sa.key")
     }
 
     /// A kubeconfig for the admin (`system:masters`).
@@ -407,7 +466,8 @@ impl KubeApi {
             "--etcd-servers=http://127.0.0.1:{}",
             self.etcd_port
         ))
-        .args(["--bind-address=127.0.0.1", "--advertise-address=127.0.0.1"])
+        .arg(format!("--bind-address={}", self.options.address))
+        .arg(format!("--advertise-address={}", self.options.address))
         .arg(format!("--secure-port={}", self.port))
         .arg("--insecure-port=0")
         .arg(format!("--cert-dir={}", d.join("certs").display()))
@@ -424,7 +484,11 @@ impl KubeApi {
             d.join("tokens.csv").display()
         ))
         .arg("--authorization-mode=RBAC")
-        .arg("--disable-admission-plugins=ServiceAccount")
+        .arg(if self.options.service_accounts {
+            "--enable-admission-plugins=ServiceAccount"
+        } else {
+            "--disable-admission-plugins=ServiceAccount"
+        })
         .arg(format!(
             "--service-account-key-file={}",
             d.join("sa.pub").display()
@@ -434,7 +498,10 @@ impl KubeApi {
             d.join("sa.key").display()
         ))
         .arg("--service-account-issuer=https://kubernetes.default.svc")
-        .arg("--service-cluster-ip-range=10.0.0.0/24")
+        .arg(format!(
+            "--service-cluster-ip-range={}/{}",
+            self.options.service_cidr.0, self.options.service_cidr.1
+        ))
         .arg("--allow-privileged=true")
         .arg("--profiling=false")
         .arg("--v=1");

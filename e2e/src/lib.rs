@@ -103,4 +103,5 @@ pub mod ads;
 pub mod envoy;
 pub mod http;
 pub mod kube_api;
+pub mod cluster;
 pub mod sidecar;

@@ -9,7 +9,7 @@ pub(super) fn cgroup_check(given: Option<&Path>, checks: &mut Vec<Check>) -> Opt
             .any(|l| l.split_whitespace().nth(2) == Some("cgroup"))
     });
     let path = match given {
-        Some(p) => p.to_path_buf(),
+        Some(p) => crate::cgroup::resolve(p),
         None => match crate::cgroup::cgroup2_root() {
             Some(p) => p,
             None => {
