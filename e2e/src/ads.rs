@@ -157,6 +157,9 @@ pub struct AdsOptions {
     pub tls: Option<(String, String)>,
     /// Require `authorization: Bearer <token>`.
     pub token: Option<String>,
+    /// Listen on this address instead of 127.0.0.1 (pods of the cluster tests reach the server
+    /// on their bridge's gateway).
+    pub bind: Option<std::net::IpAddr>,
 }
 
 /// The running (or killed) test ADS server.
@@ -332,10 +335,13 @@ impl AdsServer {
             changed,
             token: opts.token.clone(),
         });
+        let ip = opts
+            .bind
+            .unwrap_or(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST));
         let mut s = AdsServer {
             shared,
             opts,
-            tcp: "127.0.0.1:0".parse().unwrap(),
+            tcp: SocketAddr::new(ip, 0),
             rt: None,
         };
         s.spawn()?;

@@ -234,6 +234,28 @@ impl Pki {
         Ok(paths)
     }
 
+    /// A server certificate for the DNS name `dns` (e.g. istiod's `istiod.istio-system.svc`),
+    /// signed by the mesh CA: (certificate PEM, key PEM).
+    pub fn issue_server(&self, dns: &str) -> anyhow::Result<(String, String)> {
+        let mut params = CertificateParams::default();
+        params.distinguished_name = DistinguishedName::new();
+        params.distinguished_name.push(DnType::CommonName, dns);
+        params.subject_alt_names = vec![SanType::DnsName(
+            dns.try_into().with_context(|| format!("DNS name {dns}"))?,
+        )];
+        params.key_usages = vec![
+            KeyUsagePurpose::DigitalSignature,
+            KeyUsagePurpose::KeyEncipherment,
+        ];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        params.use_authority_key_identifier_extension = true;
+        let key = KeyPair::generate().context("generating a server key")?;
+        let cert = params
+            .signed_by(&key, &self.ca)
+            .with_context(|| format!("signing {dns}"))?;
+        Ok((cert.pem(), key.serialize_pem()))
+    }
+
     /// The CA's directory.
     pub fn dir(&self) -> &Path {
         &self.dir

@@ -102,6 +102,7 @@ pub fn workspace_bin(name: &str) -> PathBuf {
 pub mod ads;
 pub mod envoy;
 pub mod http;
+pub mod injected;
 pub mod kube_api;
 pub mod cluster;
 pub mod sidecar;

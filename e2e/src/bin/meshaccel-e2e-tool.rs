@@ -7,7 +7,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use meshaccel_e2e::tool::{
-    self, ab, echo, http_load, http_server, obj_get, relay, relay_ds, sink, soak, unix_rr,
+    self, ab, echo, http_load, http_server, istio_iptables, obj_get, relay, relay_ds, sink, soak, unix_rr,
 };
 
 /// Test programs for meshaccel's local mesh.
@@ -73,6 +73,9 @@ enum Cmd {
     /// The hop's floor: the same ping-pong over a UNIX stream socket pair in one process (no
     /// TCP/IP, no sockmap); one JSON line of latency percentiles.
     UnixRr(unix_rr::UnixRrArgs),
+    /// Istio's init container command, for the cluster tests' pods: istio-iptables' arguments
+    /// in, the pod's capture rules applied with iptables-restore.
+    IstioIptables(istio_iptables::IstioIptablesArgs),
 }
 
 fn main() -> ExitCode {
@@ -93,5 +96,6 @@ fn main() -> ExitCode {
         Cmd::SoakServer(args) => tool::exit(soak::server(&args)),
         Cmd::UnixRr(args) => tool::exit(unix_rr::run(&args)),
         Cmd::Soak(args) => soak::run(&args),
+        Cmd::IstioIptables(args) => tool::exit(istio_iptables::run(&args)),
     }
 }

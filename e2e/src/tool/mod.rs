@@ -9,6 +9,7 @@ pub mod ab;
 pub mod echo;
 pub mod http_load;
 pub mod http_server;
+pub mod istio_iptables;
 pub mod obj_get;
 pub mod relay;
 pub mod relay_ds;
