@@ -302,6 +302,12 @@ impl Cluster {
     }
 
     fn bring_up(&mut self) -> anyhow::Result<()> {
+        // The node's BPF filesystem (the chart's hostPaths.bpffs): one of the run, so the
+        // agent's pins are the run's.
+        let bpffs = self.bpffs();
+        fs::create_dir_all(&bpffs)?;
+        run(Command::new("mount").args(["-t", "bpf", "bpf"]).arg(&bpffs))
+            .context("mounting the run's bpffs")?;
         self.make_network()?;
         self.make_cgroups()?;
         let options = ApiOptions {
@@ -611,6 +617,11 @@ state = "{state}"
             }
             std::thread::sleep(Duration::from_millis(500));
         }
+    }
+
+    /// The node's bpffs (mounted for the run; what the chart's `hostPaths.bpffs` should be).
+    pub fn bpffs(&self) -> PathBuf {
+        self.dir.join("bpffs")
     }
 
     /// The control plane (admin kubeconfig, CA, tokens).

@@ -61,8 +61,10 @@ pub const ISTIO_INIT_ARGS: [&str; 17] = [
 pub struct Workload {
     pub name: String,
     pub namespace: String,
-    /// The image with Envoy, iptables and the tool (init, proxy and app containers use it).
+    /// The proxy image: Envoy, iptables and the tool (the init and proxy containers).
     pub image: String,
+    /// The app container's image (default: `image`).
+    pub app_image: Option<String>,
     /// The app: `meshaccel-e2e-tool <app...>`.
     pub app: Vec<String>,
     /// Ports the app listens on.
@@ -80,6 +82,7 @@ impl Workload {
             name: name.into(),
             namespace: namespace.into(),
             image: image.into(),
+            app_image: None,
             app: Vec::new(),
             ports: Vec::new(),
             upstreams: Vec::new(),
@@ -152,7 +155,7 @@ impl Workload {
             "containers": [
                 {
                     "name": "app",
-                    "image": self.image,
+                    "image": self.app_image.as_ref().unwrap_or(&self.image),
                     "imagePullPolicy": "Never",
                     "command": [TOOL],
                     "args": self.app,
