@@ -100,7 +100,9 @@ pub fn workspace_bin(name: &str) -> PathBuf {
     bin
 }
 pub mod ads;
+pub mod containerd;
 pub mod envoy;
 pub mod http;
+pub mod image;
 pub mod kube_api;
 pub mod sidecar;
