@@ -76,7 +76,14 @@ exec containerd --config "$1"
 "#;
 
 fn require_tools() -> anyhow::Result<()> {
-    for tool in ["containerd", "ctr", "runc", "containerd-shim-runc-v2", "unshare", "nsenter"] {
+    for tool in [
+        "containerd",
+        "ctr",
+        "runc",
+        "containerd-shim-runc-v2",
+        "unshare",
+        "nsenter",
+    ] {
         let found = std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())
             .chain(["/usr/sbin".into(), "/sbin".into()])
             .any(|d| d.join(tool).is_file());
@@ -235,8 +242,10 @@ impl Containerd {
         let mut ours: Vec<i32> = procs
             .iter()
             .filter(|p| {
-                p.cmdline.first().is_some_and(|a| a.contains("containerd-shim"))
-                    && p.cmdline.iter().any(|a| *a == sock)
+                p.cmdline
+                    .first()
+                    .is_some_and(|a| a.contains("containerd-shim"))
+                    && p.cmdline.contains(&sock)
             })
             .map(|p| p.pid)
             .collect();

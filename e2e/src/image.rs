@@ -208,7 +208,11 @@ pub fn substitute(s: &str, vars: &BTreeMap<String, String>, what: &str) -> anyho
     Ok(out)
 }
 
-fn expand_braced(body: &str, vars: &BTreeMap<String, String>, what: &str) -> anyhow::Result<String> {
+fn expand_braced(
+    body: &str,
+    vars: &BTreeMap<String, String>,
+    what: &str,
+) -> anyhow::Result<String> {
     let (name, op) = match body.find(':') {
         Some(i) => (&body[..i], Some(&body[i..])),
         None => (body, None),
@@ -432,7 +436,9 @@ pub fn plan(
             }
             "LABEL" => {
                 for (k, v) in key_values(&ins.args.text(), &what)? {
-                    config.labels.insert(k, substitute(&v, &vars(&args, &env), &what)?);
+                    config
+                        .labels
+                        .insert(k, substitute(&v, &vars(&args, &env), &what)?);
                 }
             }
             "WORKDIR" => {
@@ -481,7 +487,13 @@ pub fn plan(
                     workdir: workdir.clone(),
                 });
             }
-            "COPY" => steps.push(copy_step(ins, &vars(&args, &env), &workdir, sources, &what)?),
+            "COPY" => steps.push(copy_step(
+                ins,
+                &vars(&args, &env),
+                &workdir,
+                sources,
+                &what,
+            )?),
             other => bail!(
                 "{what}: instruction {other} is not supported by this interpreter (it knows ARG, \
                  ENV, LABEL, WORKDIR, USER, ENTRYPOINT, CMD, RUN, COPY; see e2e/src/image.rs)"
@@ -909,9 +921,8 @@ pub fn build(req: &BuildRequest, out: &Path) -> anyhow::Result<BuiltImage> {
         match step {
             Step::Run { line, .. } => {
                 key = chain_key(&key, &step_key_part(step, &[]));
-                root = run_step(step, &root, &overlay, &key, &cache).with_context(|| {
-                    format!("{}:{line}: RUN", req.dockerfile.display())
-                })?;
+                root = run_step(step, &root, &overlay, &key, &cache)
+                    .with_context(|| format!("{}:{line}: RUN", req.dockerfile.display()))?;
                 overlay.clear();
             }
             Step::Copy {
@@ -1030,7 +1041,9 @@ fn publish(tmp: &Path, target: &Path) -> anyhow::Result<()> {
         Err(_) if target.is_dir() => {
             fs::remove_dir_all(tmp).with_context(|| format!("removing {}", tmp.display()))
         }
-        Err(e) => Err(e).with_context(|| format!("renaming {} to {}", tmp.display(), target.display())),
+        Err(e) => {
+            Err(e).with_context(|| format!("renaming {} to {}", tmp.display(), target.display()))
+        }
     }
 }
 
@@ -1115,7 +1128,11 @@ fn finish_base(root: &Path, release: &str) -> anyhow::Result<()> {
     fs::create_dir_all(root.join("etc/dpkg/dpkg.cfg.d"))?;
     fs::write(root.join("etc/dpkg/dpkg.cfg.d/docker"), DPKG_EXCLUDES)
         .context("writing the image's dpkg excludes")?;
-    for dir in ["var/cache/apt/archives", "var/lib/apt/lists", "var/cache/apt"] {
+    for dir in [
+        "var/cache/apt/archives",
+        "var/lib/apt/lists",
+        "var/cache/apt",
+    ] {
         clear_files(&root.join(dir))?;
     }
     // What the excludes keep out of later packages, out of the base's too (as in the slim image).
@@ -1360,8 +1377,14 @@ fn write_tarball(
     };
     add("oci-layout", br#"{"imageLayoutVersion":"1.0.0"}"#)?;
     add("index.json", &index_bytes)?;
-    add(&format!("blobs/sha256/{}", manifest_desc.digest), &manifest_bytes)?;
-    add(&format!("blobs/sha256/{}", config_desc.digest), &config_bytes)?;
+    add(
+        &format!("blobs/sha256/{}", manifest_desc.digest),
+        &manifest_bytes,
+    )?;
+    add(
+        &format!("blobs/sha256/{}", config_desc.digest),
+        &config_bytes,
+    )?;
     let mut h = tar::Header::new_ustar();
     h.set_size(layer.size);
     h.set_mode(0o644);
@@ -1456,7 +1479,8 @@ fn add_tree<W: Write>(
         }
         tar.append_path_with_name(&abs, &rel_child)
             .with_context(|| format!("adding {} to the layer", abs.display()))?;
-        if meta.is_dir() && !(rel.as_os_str().is_empty() && RUNTIME_DIRS.contains(&rel_str.as_ref()))
+        if meta.is_dir()
+            && !(rel.as_os_str().is_empty() && RUNTIME_DIRS.contains(&rel_str.as_ref()))
         {
             add_tree(tar, root, &rel_child, shadowed)?;
         }
@@ -1466,7 +1490,11 @@ fn add_tree<W: Write>(
 
 use std::os::unix::fs::FileTypeExt as _;
 
-fn add_overlay<W: Write>(tar: &mut tar::Builder<W>, root: &Path, o: &Overlay) -> anyhow::Result<()> {
+fn add_overlay<W: Write>(
+    tar: &mut tar::Builder<W>,
+    root: &Path,
+    o: &Overlay,
+) -> anyhow::Result<()> {
     let rel = o.dst().trim_start_matches('/');
     // Parents the base does not have get directory entries first.
     let mut parent = PathBuf::new();
@@ -1569,7 +1597,10 @@ mod tests {
         let vars: BTreeMap<String, String> =
             [("A".to_string(), "x".to_string())].into_iter().collect();
         let s = |t: &str| substitute(t, &vars, "t").unwrap();
-        assert_eq!(s("$A-${A}-${B:-d}-${A:-d}-${A:+y}-${B:+y}-\\$A"), "x-x-d-x-y--$A");
+        assert_eq!(
+            s("$A-${A}-${B:-d}-${A:-d}-${A:+y}-${B:+y}-\\$A"),
+            "x-x-d-x-y--$A"
+        );
         assert_eq!(s("${B}end"), "end");
         assert!(substitute("${A", &vars, "t").is_err());
         assert!(substitute("${A/x/y}", &vars, "t").is_err());
@@ -1591,7 +1622,10 @@ mod tests {
             panic!("first step is not RUN: {:?}", plan.steps[0]);
         };
         assert_eq!(argv[..2], ["/bin/sh".to_string(), "-c".to_string()]);
-        assert!(argv[2].contains("install -y --no-install-recommends iptables"), "{argv:?}");
+        assert!(
+            argv[2].contains("install -y --no-install-recommends iptables"),
+            "{argv:?}"
+        );
         assert_eq!(env.get("PATH").map(String::as_str), Some(DEFAULT_PATH));
         let Step::Copy { sources, dests, .. } = &plan.steps[1] else {
             panic!("second step is not COPY");
@@ -1629,7 +1663,10 @@ mod tests {
             plan.config.entrypoint,
             Some(vec!["/bin/sh".into(), "-c".into(), "run me".into()])
         );
-        assert_eq!(plan.config.cmd, None, "ENTRYPOINT resets the base image's CMD");
+        assert_eq!(
+            plan.config.cmd, None,
+            "ENTRYPOINT resets the base image's CMD"
+        );
         let Step::Run { env, workdir, .. } = &plan.steps[1] else {
             panic!("{:?}", plan.steps);
         };
@@ -1646,15 +1683,27 @@ mod tests {
                 .to_string()
         };
         let e = err("FROM alpine:3\n");
-        assert!(e.contains("Dockerfile:1") && e.contains("debian:<release>-slim"), "{e}");
+        assert!(
+            e.contains("Dockerfile:1") && e.contains("debian:<release>-slim"),
+            "{e}"
+        );
         let e = err("FROM debian:bookworm-slim\nHEALTHCHECK NONE\n");
-        assert!(e.contains("Dockerfile:2") && e.contains("HEALTHCHECK"), "{e}");
+        assert!(
+            e.contains("Dockerfile:2") && e.contains("HEALTHCHECK"),
+            "{e}"
+        );
         let e = err("FROM debian:bookworm-slim\nFROBNICATE x\n");
         assert!(e.contains("Dockerfile:2"), "{e}");
         let e = err("FROM x AS b\nFROBNICATE x\nFROM debian:bookworm-slim\n");
-        assert!(e.contains("Dockerfile:2") && e.contains("unknown instruction"), "{e}");
+        assert!(
+            e.contains("Dockerfile:2") && e.contains("unknown instruction"),
+            "{e}"
+        );
         let e = err("FROM debian:bookworm-slim\nCOPY --from=build /out/other /x\n");
-        assert!(e.contains("--from=build /out/other") && e.contains("stage_file"), "{e}");
+        assert!(
+            e.contains("--from=build /out/other") && e.contains("stage_file"),
+            "{e}"
+        );
         let e = err("FROM debian:bookworm-slim\nRUN --mount=type=cache,target=/x true\n");
         assert!(e.contains("--mount"), "{e}");
         let e = err("FROM debian:bookworm-slim\nUSER app\nRUN true\n");

@@ -121,8 +121,7 @@ fn images_build_import_and_run_in_containerd() {
     let mut c = Containerd::start().unwrap_or_else(|e| panic!("{e:#}"));
     for image in [&agent, &envoy, &app] {
         let started = Instant::now();
-        c.import(&image.tarball)
-            .unwrap_or_else(|e| panic!("{e:#}"));
+        c.import(&image.tarball).unwrap_or_else(|e| panic!("{e:#}"));
         eprintln!(
             "[images] imported {} in {:.1?}",
             image.reference,
@@ -141,7 +140,10 @@ fn images_build_import_and_run_in_containerd() {
     // The agent: its binary runs, as root, with the host's iptables flavour (`doctor --netns`).
     let a = agent.reference.as_str();
     let version = run(&mut c, a, &["/usr/local/bin/meshaccel", "--version"]);
-    assert!(version.contains("meshaccel"), "meshaccel --version: {version:?}");
+    assert!(
+        version.contains("meshaccel"),
+        "meshaccel --version: {version:?}"
+    );
     assert_eq!(run(&mut c, a, &["id", "-u"]).trim(), "0");
     let ipt = run(&mut c, a, &["iptables", "-V"]);
     assert_eq!(flavour(&ipt), host_flavour, "agent image: {ipt:?}");
