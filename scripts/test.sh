@@ -9,6 +9,7 @@ cd "$ROOT"
 eval "$(scripts/env.sh)"
 scripts/install-envoy.sh >/dev/null
 scripts/install-apps.sh
+scripts/install-cluster.sh
 export MESHACCEL_KUBE_APISERVER=${MESHACCEL_KUBE_APISERVER:-$(scripts/install-kube.sh)}
 export MESHACCEL_HELM=${MESHACCEL_HELM:-$(scripts/install-helm.sh)}
 export MESHACCEL_FIXTURES=${MESHACCEL_FIXTURES:-$(cd "$ROOT/.." && pwd)/shared/fixtures}

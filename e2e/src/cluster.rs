@@ -69,7 +69,14 @@ pub struct Cluster {
     dir: PathBuf,
     kube_dir: PathBuf,
     netns_before: BTreeSet<String>,
+    /// Host folders containerd and libcni create on first use that did not exist before the
+    /// run; removed again at teardown when empty.
+    new_host_dirs: Vec<PathBuf>,
 }
+
+/// Folders outside the run's own that containerd 1.6 (shim sockets, FIFOs, runc state) and
+/// libcni (result cache) create.
+const HOST_DIRS: [&str; 2] = ["/run/containerd", "/var/lib/cni"];
 
 /// Addresses and names of the run's pod network.
 #[derive(Clone, Debug)]
@@ -295,6 +302,11 @@ impl Cluster {
             dir,
             kube_dir,
             netns_before: pinned_netns(),
+            new_host_dirs: HOST_DIRS
+                .iter()
+                .map(PathBuf::from)
+                .filter(|p| !p.exists())
+                .collect(),
             id,
         };
         cluster.bring_up()?;
@@ -493,7 +505,18 @@ state = "{state}"
 
     fn import_pause_image(&self) -> anyhow::Result<()> {
         let archive = self.dir.join("pause.oci.tar");
-        scratch_image(&self.kube_dir.join("pause"), "pause", PAUSE_IMAGE, &archive)?;
+        // As Kubernetes' build/pause Dockerfile: FROM scratch, the binary, USER 65535.
+        let config = crate::image::ImageConfig {
+            user: Some("65535:65535".into()),
+            entrypoint: Some(vec!["/pause".into()]),
+            ..Default::default()
+        };
+        crate::image::scratch_image(
+            &[(self.kube_dir.join("pause"), "/pause".into())],
+            &config,
+            PAUSE_IMAGE,
+            &archive,
+        )?;
         self.import_image(&archive)
     }
 
@@ -769,6 +792,14 @@ state = "{state}"
                 }
             }
         }
+        for d in &self.new_host_dirs {
+            let mut dirs = Vec::new();
+            walk(d, &mut |p| dirs.push(p.to_path_buf()));
+            dirs.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+            for p in dirs {
+                let _ = fs::remove_dir(p); // only empty ones go
+            }
+        }
         if let Some(rule) = self.net.dnat.take() {
             let mut args = vec!["-t".to_string(), "nat".into(), "-D".into()];
             args.extend(rule);
@@ -788,57 +819,6 @@ state = "{state}"
             );
         }
     }
-}
-
-// TEMPORARY until the image builder lands: a one-file image from scratch.
-fn scratch_image(bin: &Path, name: &str, reference: &str, archive: &Path) -> anyhow::Result<()> {
-    let work = archive.with_extension("d");
-    let blobs = work.join("blobs/sha256");
-    fs::create_dir_all(&blobs)?;
-    let layer_dir = work.join("layer");
-    fs::create_dir_all(&layer_dir)?;
-    fs::copy(bin, layer_dir.join(name))?;
-    let layer = work.join("layer.tar");
-    run(Command::new("tar")
-        .args(["--owner=0", "--group=0", "--mtime=@0", "-C"])
-        .arg(&layer_dir)
-        .arg("-cf")
-        .arg(&layer)
-        .arg(name))?;
-    let sha = |p: &Path| -> anyhow::Result<String> {
-        let out = run(Command::new("sha256sum").arg(p))?;
-        Ok(String::from_utf8_lossy(&out.stdout)[..64].to_string())
-    };
-    let put = |bytes: &[u8]| -> anyhow::Result<(String, usize)> {
-        let tmp = work.join("blob.tmp");
-        fs::write(&tmp, bytes)?;
-        let d = sha(&tmp)?;
-        fs::rename(&tmp, blobs.join(&d))?;
-        Ok((d, bytes.len()))
-    };
-    let layer_bytes = fs::read(&layer)?;
-    let (ld, ll) = put(&layer_bytes)?;
-    let config = serde_json::json!({"architecture": "amd64", "os": "linux",
-        "config": {"Entrypoint": [format!("/{name}")]},
-        "rootfs": {"type": "layers", "diff_ids": [format!("sha256:{ld}")]}});
-    let (cd, cl) = put(&serde_json::to_vec(&config)?)?;
-    let manifest = serde_json::json!({"schemaVersion": 2,
-        "mediaType": "application/vnd.oci.image.manifest.v1+json",
-        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": format!("sha256:{cd}"), "size": cl},
-        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": format!("sha256:{ld}"), "size": ll}]});
-    let (md, ml) = put(&serde_json::to_vec(&manifest)?)?;
-    let index = serde_json::json!({"schemaVersion": 2, "manifests": [{
-        "mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": format!("sha256:{md}"), "size": ml,
-        "annotations": {"org.opencontainers.image.ref.name": reference, "io.containerd.image.name": reference}}]});
-    fs::write(work.join("index.json"), serde_json::to_vec(&index)?)?;
-    fs::write(work.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#)?;
-    run(Command::new("tar")
-        .arg("-C")
-        .arg(&work)
-        .arg("-cf")
-        .arg(archive)
-        .args(["oci-layout", "index.json", "blobs"]))?;
-    Ok(())
 }
 
 /// SIGKILLs every process in a cgroup v1 tree (no cgroup.kill in v1) until it is empty.

@@ -100,9 +100,11 @@ pub fn workspace_bin(name: &str) -> PathBuf {
     bin
 }
 pub mod ads;
+pub mod cluster;
+pub mod containerd;
 pub mod envoy;
 pub mod http;
+pub mod image;
 pub mod injected;
 pub mod kube_api;
-pub mod cluster;
 pub mod sidecar;

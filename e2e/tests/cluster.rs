@@ -450,3 +450,182 @@ fn the_chart_accelerates_a_labelled_namespace_on_a_real_node() {
     let out = node.pingpong(&new_client, server_ip, 500);
     assert!(out >= 2.0, "opted-out pod: {out:.2} segments per round trip, expected TCP's");
 }
+
+impl MeshNode {
+    /// A long ping-pong from the client pod, in the background (`kubectl exec`).
+    fn background_pingpong(&self, client_pod: &str, server_ip: Ipv4Addr, count: usize) -> std::process::Child {
+        self.cluster
+            .kubectl_command()
+            .args([
+                "exec", "-n", &self.mesh_ns, client_pod, "-c", "app", "--",
+                TOOL, "pingpong", "--connect", &format!("{server_ip}:{ECHO_PORT}"),
+                "--count", &count.to_string(),
+            ])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("kubectl exec pingpong")
+    }
+
+    /// The agent container's containerd id and restart count.
+    fn agent_container(&self) -> (String, u64) {
+        let pod = self.agent_pod();
+        let out = self
+            .cluster
+            .kubectl(&[
+                "get", "pod", "-n", &self.system_ns, &pod,
+                "-o", "jsonpath={.status.containerStatuses[0].containerID} {.status.containerStatuses[0].restartCount}",
+            ])
+            .unwrap();
+        let (id, restarts) = out.trim().split_once(' ').unwrap();
+        (
+            id.trim_start_matches("containerd://").to_string(),
+            restarts.parse().unwrap(),
+        )
+    }
+
+    /// IDs of the programs attached to the node's cgroup v2 root (sock_ops).
+    fn attached_programs(&self) -> Vec<u64> {
+        let out = Command::new("bpftool")
+            .args(["-j", "cgroup", "show", "/sys/fs/cgroup/unified"])
+            .output()
+            .expect("bpftool (Debian bpftool)");
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+        v.as_array()
+            .into_iter()
+            .flatten()
+            .filter(|p| p["name"].as_str().is_some_and(|n| n.starts_with("meshaccel")))
+            .filter_map(|p| p["id"].as_u64())
+            .collect()
+    }
+
+    fn enabled_pair(&self) -> (String, Ipv4Addr) {
+        let (_server, client, server_ip) = self.deploy_pair(&[]);
+        self.cluster
+            .kubectl(&["label", "namespace", &self.mesh_ns, "meshaccel.io/enabled=true"])
+            .unwrap();
+        wait_for(&self.cluster, "both workloads enabled", Duration::from_secs(60), || {
+            let st = self.status()?;
+            let on = |p| self.workload(&st, p).is_some_and(|w| w["enabled"] == true);
+            Ok((on("server") && on("client")).then_some(()))
+        });
+        (client, server_ip)
+    }
+}
+
+fn finished_ok(child: std::process::Child, what: &str) -> String {
+    let out = meshaccel_e2e::wait_output_timeout(child, Duration::from_secs(180))
+        .unwrap_or_else(|e| panic!("{what}: {e:#}"));
+    assert!(
+        out.status.success(),
+        "{what} failed ({}): {}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn a_killed_agent_and_an_upgrade_lose_no_request() {
+    let node = MeshNode::start();
+    node.helm_install("install", &node.tag, &[]);
+    let (client, server_ip) = node.enabled_pair();
+    let programs = node.attached_programs();
+    assert!(!programs.is_empty(), "no meshaccel program attached to the cgroup v2 root");
+
+    // The agent container killed under load: the kubelet restarts it, the accelerated
+    // connection goes on, not one round trip fails.
+    let load = node.background_pingpong(&client, server_ip, 60_000);
+    std::thread::sleep(Duration::from_secs(2));
+    let (id, restarts) = node.agent_container();
+    node.cluster.ctr(&["tasks", "kill", "-s", "SIGKILL", &id]).expect("killing the agent");
+    wait_for(&node.cluster, "the agent restarted by the kubelet", Duration::from_secs(90), || {
+        let (_, r) = node.agent_container();
+        Ok((r > restarts).then_some(()))
+    });
+    node.agent_pod(); // Ready again
+    finished_ok(load, "ping-pong across the agent's restart");
+    assert_eq!(node.attached_programs(), programs, "a restart must adopt the programs");
+
+    // helm upgrade to a new image (the same build under a new tag, programs replaced as a new
+    // build's would be) under load.
+    let new_tag = format!("{}-up", node.tag);
+    node.cluster
+        .ctr(&["images", "tag", &format!("{AGENT_IMAGE}:{}", node.tag), &format!("{AGENT_IMAGE}:{new_tag}")])
+        .expect("tagging the new image");
+    let load = node.background_pingpong(&client, server_ip, 60_000);
+    std::thread::sleep(Duration::from_secs(2));
+    node.helm_install(
+        "upgrade",
+        &new_tag,
+        &["extraEnv[0].name=MESHACCEL_REPLACE_PROGRAMS", "extraEnv[0].value=true"],
+    );
+    let image = node
+        .cluster
+        .kubectl(&["get", "pod", "-n", &node.system_ns, &node.agent_pod(), "-o", "jsonpath={.spec.containers[0].image}"])
+        .unwrap();
+    assert!(image.ends_with(&new_tag), "agent runs {image}");
+    finished_ok(load, "ping-pong across the upgrade");
+    let after = node.attached_programs();
+    assert!(!after.is_empty() && after != programs, "programs not replaced: {programs:?} -> {after:?}");
+    let on = node.pingpong(&client, server_ip, 1000);
+    assert!(on < 0.05, "after the upgrade: {on:.3} segments per round trip");
+}
+
+#[test]
+fn helm_uninstall_runs_the_hook_on_the_node_and_leaves_nothing_attached() {
+    let node = MeshNode::start();
+    node.helm_install("install", &node.tag, &[]);
+    let (client, server_ip) = node.enabled_pair();
+    assert!(!node.attached_programs().is_empty());
+    let load = node.background_pingpong(&client, server_ip, 60_000);
+    std::thread::sleep(Duration::from_secs(2));
+    let out = node
+        .helm()
+        .args(["uninstall", RELEASE, "-n", &node.system_ns, "--wait", "--timeout", "180s"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "helm uninstall: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        node.cluster.diagnostics()
+    );
+    finished_ok(load, "ping-pong across helm uninstall");
+    // The agent pod is gone, and nothing of meshaccel is attached or pinned.
+    wait_for(&node.cluster, "agent pods gone", Duration::from_secs(60), || {
+        let out = node.cluster.kubectl(&["get", "pods", "-n", &node.system_ns, "-o", "name"])?;
+        Ok(out.trim().is_empty().then_some(()))
+    });
+    assert_eq!(node.attached_programs(), Vec::<u64>::new(), "programs still attached");
+    let pins: Vec<_> = walkdir(&node.cluster.bpffs());
+    assert!(pins.is_empty(), "pins left in the node's bpffs: {pins:?}");
+    let off = node.pingpong(&client, server_ip, 500);
+    assert!(off >= 2.0, "after uninstall: {off:.2} segments per round trip, expected TCP's");
+
+    // Installing again works: new connections are accelerated again.
+    node.helm_install("install", &node.tag, &[]);
+    wait_for(&node.cluster, "workloads enabled after reinstall", Duration::from_secs(90), || {
+        let st = node.status()?;
+        Ok(node.workload(&st, "client").is_some_and(|w| w["enabled"] == true).then_some(()))
+    });
+    let on = node.pingpong(&client, server_ip, 1000);
+    assert!(on < 0.05, "after reinstall: {on:.3} segments per round trip");
+}
+
+/// Every file below `dir`.
+fn walkdir(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    if let Ok(d) = std::fs::read_dir(dir) {
+        for e in d.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                out.extend(walkdir(&p));
+            } else {
+                out.push(p);
+            }
+        }
+    }
+    out
+}
