@@ -571,6 +571,8 @@ state = "{state}"
         let mut cmd = Command::new(self.kube_dir.join("kubelet"));
         cmd.arg(format!("--kubeconfig={}", api.admin_kubeconfig().display()))
             .arg(format!("--hostname-override={}", self.node_name()))
+            // The API server's client certificate (exec, logs) is signed by the run's CA.
+            .arg(format!("--client-ca-file={}", api.ca_path().display()))
             .arg(format!("--node-ip={}", self.net.gateway))
             .arg(format!("--address={}", self.net.gateway))
             .arg(format!("--port={port}"))
@@ -593,6 +595,7 @@ state = "{state}"
                 "--fail-swap-on=false",
                 "--authorization-mode=AlwaysAllow",
                 "--anonymous-auth=false",
+                "--authentication-token-webhook=false",
                 "--resolv-conf=/etc/resolv.conf",
                 // No evictions or image GC on a shared test machine's disk.
                 "--eviction-hard=",

@@ -74,6 +74,8 @@ pub struct Workload {
     pub upstreams: Vec<(String, Ipv4Addr, u16)>,
     /// Extra pod labels (e.g. the opt-out `meshaccel.io/enabled: "false"`).
     pub pod_labels: BTreeMap<String, String>,
+    /// Extra pod annotations (e.g. `meshaccel.io/app-sockets: trusted`).
+    pub pod_annotations: BTreeMap<String, String>,
 }
 
 impl Workload {
@@ -87,6 +89,7 @@ impl Workload {
             ports: Vec::new(),
             upstreams: Vec::new(),
             pod_labels: BTreeMap::new(),
+            pod_annotations: BTreeMap::new(),
         }
     }
 
@@ -212,6 +215,17 @@ impl Workload {
             "imagePullSecrets": null,
             "revision": "default",
         });
+        let mut annotations: BTreeMap<String, String> = [
+            ("sidecar.istio.io/status", status.to_string()),
+            ("kubectl.kubernetes.io/default-container", "app".into()),
+            ("kubectl.kubernetes.io/default-logs-container", "app".into()),
+            ("prometheus.io/port", "15020".into()),
+            ("prometheus.io/scrape", "true".into()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+        annotations.extend(self.pod_annotations.clone());
         let service_ports: Vec<Value> = self
             .ports
             .iter()
@@ -237,13 +251,7 @@ impl Workload {
                        "template": {
                            "metadata": {
                                "labels": self.pod_labels(),
-                               "annotations": {
-                                   "sidecar.istio.io/status": status.to_string(),
-                                   "kubectl.kubernetes.io/default-container": "app",
-                                   "kubectl.kubernetes.io/default-logs-container": "app",
-                                   "prometheus.io/port": "15020",
-                                   "prometheus.io/scrape": "true",
-                               },
+                               "annotations": annotations,
                            },
                            "spec": self.pod_spec(),
                        },

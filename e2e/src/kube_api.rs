@@ -292,6 +292,25 @@ impl KubeApi {
         fs::write(d.join("apiserver.key"), srv_key.serialize_pem())?;
         fs::write(d.join("sa.key"), sa_key.serialize_pem())?;
         fs::write(d.join("sa.pub"), sa_key.public_key_pem())?;
+        // The API server's client certificate towards kubelets (logs, exec), which trust the
+        // run's CA (`--client-ca-file`).
+        let mut kc = CertificateParams::default();
+        kc.distinguished_name = DistinguishedName::new();
+        kc.distinguished_name
+            .push(DnType::CommonName, "kube-apiserver-kubelet-client");
+        kc.distinguished_name
+            .push(DnType::OrganizationName, "system:masters");
+        kc.key_usages = vec![
+            KeyUsagePurpose::DigitalSignature,
+            KeyUsagePurpose::KeyEncipherment,
+        ];
+        kc.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        let kc_key = KeyPair::generate()?;
+        let kc_cert = kc
+            .signed_by(&kc_key, &ca)
+            .context("signing the kubelet client cert")?;
+        fs::write(d.join("kubelet-client.crt"), kc_cert.pem())?;
+        fs::write(d.join("kubelet-client.key"), kc_key.serialize_pem())?;
 
         let admin_token = random_hex(16)?;
         let mut tokens =
@@ -484,6 +503,16 @@ impl KubeApi {
             d.join("tokens.csv").display()
         ))
         .arg("--authorization-mode=RBAC")
+        .arg(format!(
+            "--kubelet-client-certificate={}",
+            d.join("kubelet-client.crt").display()
+        ))
+        .arg(format!(
+            "--kubelet-client-key={}",
+            d.join("kubelet-client.key").display()
+        ))
+        // Node names are not in DNS here: reach kubelets at their InternalIP.
+        .arg("--kubelet-preferred-address-types=InternalIP")
         .arg(if self.options.service_accounts {
             "--enable-admission-plugins=ServiceAccount"
         } else {
