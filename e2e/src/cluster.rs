@@ -48,6 +48,9 @@ use crate::{
 
 /// The sandbox ("pause") image every pod starts with, built per run from the cached binary.
 pub const PAUSE_IMAGE: &str = "meshaccel.local/pause:v1.20.2";
+/// kubectl of the same version as registry.k8s.io/kubectl packs it (FROM scratch, entrypoint
+/// kubectl), for in-cluster Jobs such as the chart's uninstall hook (`uninstallHook.kubectlImage`).
+pub const KUBECTL_IMAGE: &str = "meshaccel.local/kubectl:v1.20.2";
 /// containerd's namespace for Kubernetes (CRI) images and containers.
 pub const CRI_NAMESPACE: &str = "k8s.io";
 /// Where containerd pins pod network namespaces (and where the chart's agent reads them).
@@ -272,7 +275,9 @@ impl Cluster {
             on_path(bin, "scripts/install-cluster.sh")?;
         }
         if !Path::new("/usr/lib/cni/bridge").is_file() {
-            bail!("/usr/lib/cni/bridge missing: run scripts/install-cluster.sh (Debian containernetworking-plugins)");
+            bail!(
+                "/usr/lib/cni/bridge missing: run scripts/install-cluster.sh (Debian containernetworking-plugins)"
+            );
         }
 
         let id = format!("{:06x}", random_u32()? & 0xff_ffff);
@@ -340,7 +345,7 @@ impl Cluster {
         self.net.dnat = Some(rule);
 
         self.start_containerd()?;
-        self.import_pause_image()?;
+        self.import_node_images()?;
         self.start_control_plane()?;
         self.start_kubelet()?;
         self.wait_node_ready(Duration::from_secs(120))
@@ -497,27 +502,37 @@ state = "{state}"
     /// Imports an OCI image archive (`ctr images import`); its reference names come from the
     /// archive's index.
     pub fn import_image(&self, archive: &Path) -> anyhow::Result<()> {
-        let path = archive.to_str().context("image archive path is not UTF-8")?;
+        let path = archive
+            .to_str()
+            .context("image archive path is not UTF-8")?;
         self.ctr(&["images", "import", "--no-unpack", path])
             .with_context(|| format!("importing {}", archive.display()))
             .map(drop)
     }
 
-    fn import_pause_image(&self) -> anyhow::Result<()> {
-        let archive = self.dir.join("pause.oci.tar");
-        // As Kubernetes' build/pause Dockerfile: FROM scratch, the binary, USER 65535.
-        let config = crate::image::ImageConfig {
-            user: Some("65535:65535".into()),
-            entrypoint: Some(vec!["/pause".into()]),
-            ..Default::default()
-        };
-        crate::image::scratch_image(
-            &[(self.kube_dir.join("pause"), "/pause".into())],
-            &config,
-            PAUSE_IMAGE,
-            &archive,
-        )?;
-        self.import_image(&archive)
+    /// The images a node gets from its installation rather than a registry: the pause image
+    /// (as Kubernetes' build/pause Dockerfile makes it: FROM scratch, the binary, USER 65535)
+    /// and kubectl's.
+    fn import_node_images(&self) -> anyhow::Result<()> {
+        for (bin, user, reference) in [
+            ("pause", Some("65535:65535"), PAUSE_IMAGE),
+            ("kubectl", Some("65534:65534"), KUBECTL_IMAGE),
+        ] {
+            let config = crate::image::ImageConfig {
+                user: user.map(String::from),
+                entrypoint: Some(vec![format!("/{bin}")]),
+                ..Default::default()
+            };
+            let archive = self.dir.join(format!("{bin}.oci.tar"));
+            crate::image::scratch_image(
+                &[(self.kube_dir.join(bin), format!("/{bin}"))],
+                &config,
+                reference,
+                &archive,
+            )?;
+            self.import_image(&archive)?;
+        }
+        Ok(())
     }
 
     fn start_control_plane(&mut self) -> anyhow::Result<()> {
@@ -546,12 +561,13 @@ state = "{state}"
         let mut sched = Command::new(self.kube_dir.join("kube-scheduler"));
         sched
             .arg(format!("--kubeconfig={}", kubeconfig.display()))
-            .args(["--leader-elect=false", "--port=0", "--secure-port=0", "--v=1"]);
-        self.scheduler = Some(spawn_in(
-            sched,
-            None,
-            &self.dir.join("kube-scheduler.log"),
-        )?);
+            .args([
+                "--leader-elect=false",
+                "--port=0",
+                "--secure-port=0",
+                "--v=1",
+            ]);
+        self.scheduler = Some(spawn_in(sched, None, &self.dir.join("kube-scheduler.log"))?);
         Ok(())
     }
 
@@ -585,7 +601,10 @@ state = "{state}"
             .args(["--cgroup-driver=cgroupfs", "--cgroups-per-qos=true"])
             .arg(format!("--cgroup-root=/ma-{}", self.id))
             .arg(format!("--root-dir={}", root.display()))
-            .arg(format!("--cert-dir={}", self.dir.join("kubelet-pki").display()))
+            .arg(format!(
+                "--cert-dir={}",
+                self.dir.join("kubelet-pki").display()
+            ))
             .arg(format!(
                 "--volume-plugin-dir={}",
                 self.dir.join("kubelet-plugins").display()
@@ -652,7 +671,9 @@ state = "{state}"
 
     /// The control plane (admin kubeconfig, CA, tokens).
     pub fn api(&self) -> &KubeApi {
-        self.api.as_ref().expect("the API server of a started cluster")
+        self.api
+            .as_ref()
+            .expect("the API server of a started cluster")
     }
 
     pub fn network(&self) -> &NodeNetwork {
@@ -672,7 +693,10 @@ state = "{state}"
     /// A `kubectl` command with the admin kubeconfig.
     pub fn kubectl_command(&self) -> Command {
         let mut cmd = Command::new(self.kube_dir.join("kubectl"));
-        cmd.arg(format!("--kubeconfig={}", self.api().admin_kubeconfig().display()));
+        cmd.arg(format!(
+            "--kubeconfig={}",
+            self.api().admin_kubeconfig().display()
+        ));
         cmd
     }
 

@@ -237,25 +237,25 @@ impl Workload {
                    "metadata": meta(format!("{}-istio-proxy", self.name)),
                    "data": {"envoy.json": bootstrap}}),
             json!({"apiVersion": "v1", "kind": "Secret",
-                   "metadata": meta(format!("{}-istio-certs", self.name)),
-                   "stringData": {
-                       "cert-chain.pem": read(&certs.cert_chain)?,
-                       "key.pem": read(&certs.private_key)?,
-                       "root-cert.pem": read(&certs.root_cert)?,
-                   }}),
+            "metadata": meta(format!("{}-istio-certs", self.name)),
+            "stringData": {
+                "cert-chain.pem": read(&certs.cert_chain)?,
+                "key.pem": read(&certs.private_key)?,
+                "root-cert.pem": read(&certs.root_cert)?,
+            }}),
             json!({"apiVersion": "apps/v1", "kind": "Deployment",
-                   "metadata": meta(self.name.clone()),
-                   "spec": {
-                       "replicas": 1,
-                       "selector": {"matchLabels": {"app": self.name}},
-                       "template": {
-                           "metadata": {
-                               "labels": self.pod_labels(),
-                               "annotations": annotations,
-                           },
-                           "spec": self.pod_spec(),
-                       },
-                   }}),
+            "metadata": meta(self.name.clone()),
+            "spec": {
+                "replicas": 1,
+                "selector": {"matchLabels": {"app": self.name}},
+                "template": {
+                    "metadata": {
+                        "labels": self.pod_labels(),
+                        "annotations": annotations,
+                    },
+                    "spec": self.pod_spec(),
+                },
+            }}),
         ];
         if !service_ports.is_empty() {
             items.push(json!({"apiVersion": "v1", "kind": "Service",
@@ -280,7 +280,10 @@ mod tests {
         assert_eq!(init["name"], "istio-init");
         assert_eq!(init["args"][0], "istio-iptables");
         assert_eq!(spec["containers"][1]["name"], "istio-proxy");
-        assert_eq!(spec["containers"][1]["securityContext"]["runAsUser"], PROXY_UID);
+        assert_eq!(
+            spec["containers"][1]["securityContext"]["runAsUser"],
+            PROXY_UID
+        );
         assert!(
             spec["containers"][1]["command"][2]
                 .as_str()

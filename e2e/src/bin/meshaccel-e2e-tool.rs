@@ -7,7 +7,8 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use meshaccel_e2e::tool::{
-    self, ab, echo, http_load, http_server, istio_iptables, obj_get, relay, relay_ds, sink, soak, unix_rr,
+    self, ab, echo, http_load, http_server, istio_iptables, obj_get, relay, relay_ds, sink, soak,
+    unix_rr,
 };
 
 /// Test programs for meshaccel's local mesh.

@@ -75,8 +75,23 @@ mod tests {
     #[test]
     fn the_injectors_arguments_set_ports_and_uid() {
         let args: Vec<String> = [
-            "istio-iptables", "-p", "15001", "-z", "15106", "-u", "1337", "-m", "REDIRECT", "-i",
-            "*", "-x", "", "-b", "*", "-d", "15090,15021,15020",
+            "istio-iptables",
+            "-p",
+            "15001",
+            "-z",
+            "15106",
+            "-u",
+            "1337",
+            "-m",
+            "REDIRECT",
+            "-i",
+            "*",
+            "-x",
+            "",
+            "-b",
+            "*",
+            "-d",
+            "15090,15021,15020",
         ]
         .iter()
         .map(|s| s.to_string())
