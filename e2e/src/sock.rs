@@ -106,6 +106,37 @@ pub fn connect(to: SocketAddrV4, from: Option<SocketAddrV4>) -> io::Result<TcpSt
     Ok(TcpStream::from(fd))
 }
 
+/// Connects to `to` from the local address `from` with the port left to `connect`
+/// (`IP_BIND_ADDRESS_NO_PORT`): the kernel then picks a port free for this 4-tuple, not one free
+/// for every destination, so each local address gives a full ephemeral range per destination.
+pub fn connect_from_ip(to: SocketAddrV4, from: Ipv4Addr) -> io::Result<TcpStream> {
+    let fd = tcp_socket()?;
+    set_int(
+        fd.as_raw_fd(),
+        libc::IPPROTO_IP,
+        libc::IP_BIND_ADDRESS_NO_PORT,
+        1,
+    )?;
+    bind(fd.as_raw_fd(), SocketAddrV4::new(from, 0))?;
+    let sa = to_sockaddr(to);
+    loop {
+        // SAFETY: sa is a valid sockaddr_in and its size is passed.
+        let ret = unsafe {
+            libc::connect(
+                fd.as_raw_fd(),
+                (&sa as *const libc::sockaddr_in).cast(),
+                size_of::<libc::sockaddr_in>() as _,
+            )
+        };
+        match cvt(ret) {
+            Ok(_) => break,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(TcpStream::from(fd))
+}
+
 /// The destination the peer originally connected to, before a netfilter REDIRECT/DNAT
 /// (`getsockopt(SOL_IP, SO_ORIGINAL_DST)`). `ENOENT` when the connection was not NATed.
 pub fn original_dst(stream: &TcpStream) -> io::Result<SocketAddrV4> {

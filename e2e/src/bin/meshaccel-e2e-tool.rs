@@ -7,7 +7,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use meshaccel_e2e::tool::{
-    self, ab, echo, http_load, http_server, obj_get, relay, relay_ds, sink, soak, unix_rr,
+    self, ab, echo, http_load, http_server, obj_get, relay, relay_ds, scale, sink, soak, unix_rr,
 };
 
 /// Test programs for meshaccel's local mesh.
@@ -73,6 +73,12 @@ enum Cmd {
     /// The hop's floor: the same ping-pong over a UNIX stream socket pair in one process (no
     /// TCP/IP, no sockmap); one JSON line of latency percentiles.
     UnixRr(unix_rr::UnixRrArgs),
+    /// The scale benchmark's server: holds any number of connections in one epoll loop and
+    /// echoes what each sends (see `meshaccel_e2e::tool::scale`).
+    ScaleServer(scale::ScaleServerArgs),
+    /// The scale benchmark's client: holds a growing number of idle connections and measures
+    /// round trips and connect-to-first-byte on request (commands on stdin, JSON lines out).
+    ScaleClient(scale::ScaleClientArgs),
 }
 
 fn main() -> ExitCode {
@@ -93,5 +99,7 @@ fn main() -> ExitCode {
         Cmd::SoakServer(args) => tool::exit(soak::server(&args)),
         Cmd::UnixRr(args) => tool::exit(unix_rr::run(&args)),
         Cmd::Soak(args) => soak::run(&args),
+        Cmd::ScaleServer(args) => tool::exit(scale::server(&args)),
+        Cmd::ScaleClient(args) => tool::exit(scale::client(&args)),
     }
 }

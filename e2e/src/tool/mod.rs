@@ -12,6 +12,7 @@ pub mod http_server;
 pub mod obj_get;
 pub mod relay;
 pub mod relay_ds;
+pub mod scale;
 pub mod sink;
 pub mod soak;
 pub mod unix_rr;
