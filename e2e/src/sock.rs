@@ -79,6 +79,18 @@ pub fn listen(addr: SocketAddrV4, backlog: i32) -> io::Result<TcpListener> {
     Ok(TcpListener::from(fd))
 }
 
+/// [`listen`] with `SO_REUSEPORT` too: several processes share the port, the kernel spreads
+/// the connections over them (each holds its part: one process's descriptors are limited).
+pub fn listen_reuseport(addr: SocketAddrV4, backlog: i32) -> io::Result<TcpListener> {
+    let fd = tcp_socket()?;
+    set_int(fd.as_raw_fd(), libc::SOL_SOCKET, libc::SO_REUSEADDR, 1)?;
+    set_int(fd.as_raw_fd(), libc::SOL_SOCKET, libc::SO_REUSEPORT, 1)?;
+    bind(fd.as_raw_fd(), addr)?;
+    // SAFETY: plain syscall on a socket we own.
+    cvt(unsafe { libc::listen(fd.as_raw_fd(), backlog) })?;
+    Ok(TcpListener::from(fd))
+}
+
 /// Connects to `to`, first binding to `from` (with `SO_REUSEADDR`) when given.
 pub fn connect(to: SocketAddrV4, from: Option<SocketAddrV4>) -> io::Result<TcpStream> {
     let Some(from) = from else {

@@ -189,9 +189,18 @@ struct ClientIo {
 
 impl ClientIo {
     fn ask(&mut self, cmd: &str, limit: Duration) -> anyhow::Result<Value> {
+        self.send(cmd)?;
+        self.answer(cmd, limit)
+    }
+
+    fn send(&mut self, cmd: &str) -> anyhow::Result<()> {
         driver::check_stop()?;
         writeln!(self.stdin, "{cmd}").with_context(|| format!("sending {cmd:?} to the client"))?;
         self.stdin.flush()?;
+        Ok(())
+    }
+
+    fn answer(&mut self, cmd: &str, limit: Duration) -> anyhow::Result<Value> {
         let deadline = Instant::now() + limit;
         loop {
             driver::check_stop()?;
@@ -271,17 +280,30 @@ fn run(a: &Args) -> anyhow::Result<bool> {
         nofile <= nr_open,
         "{max} connections need {nofile} descriptors per process; fs.nr_open is {nr_open}"
     );
-    let lim = libc::rlimit {
+    // Raise RLIMIT_NOFILE as far as allowed (without CAP_SYS_RESOURCE only to the hard
+    // limit); the connections are then spread over as many clients and servers as that needs.
+    let mut lim = libc::rlimit {
         rlim_cur: nofile,
         rlim_max: nofile,
     };
-    // SAFETY: setrlimit with a valid struct.
+    // SAFETY: setrlimit/getrlimit with a valid struct.
     if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } != 0 {
-        bail!(
-            "raising RLIMIT_NOFILE to {nofile}: {}",
-            std::io::Error::last_os_error()
+        let e = std::io::Error::last_os_error();
+        // SAFETY: as above.
+        unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) };
+        lim.rlim_cur = lim.rlim_max;
+        // SAFETY: as above.
+        unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) };
+        eprintln!(
+            "[scale] RLIMIT_NOFILE stays at its hard limit {} ({e}: no CAP_SYS_RESOURCE): the connections are spread over several clients and servers",
+            lim.rlim_max
         );
     }
+    let per_proc = (lim.rlim_cur as usize).saturating_sub(1_000).max(1_000);
+    // Clients: each holds its share; the first also the active pair and the timed ones.
+    let n_clients = (max + connects + 10).div_ceil(per_proc);
+    // Servers share the port (SO_REUSEPORT); the kernel's spread is uneven: 30% spare.
+    let n_servers = (max * 13 / 10 + connects + 10).div_ceil(per_proc);
     let _conntrack = if std::path::Path::new("/proc/sys/net/netfilter/nf_conntrack_max").exists() {
         Sysctl::raise_to(
             "/proc/sys/net/netfilter/nf_conntrack_max",
@@ -297,9 +319,10 @@ fn run(a: &Args) -> anyhow::Result<bool> {
     let mut mesh = Mesh::new()?;
     let app = mesh.add_pod("app", Some(&rules))?;
     let peer = mesh.add_pod("peer", None)?;
-    // Local addresses of the client: one for the active and timed connections, then one per
+    // Local addresses of each client: one for the active and timed connections, then one per
     // `per_source` held ones (10.77.X.100 on, /32s on the pod's eth0; gone with its netns).
-    let n_sources = 1 + max.div_ceil(a.per_source.max(1));
+    let per_client_sources = 1 + max.div_ceil(n_clients).div_ceil(a.per_source.max(1));
+    let n_sources = n_clients * per_client_sources;
     ensure!(
         n_sources <= 150,
         "{n_sources} local addresses: raise --per-source"
@@ -335,62 +358,80 @@ fn run(a: &Args) -> anyhow::Result<bool> {
     let agent_pid = accel.agent_pid().context("the agent's pid")?;
     let metrics_addr = accel.metrics_addr()?;
     let other = driver::OtherLoad::start(mesh.cgroup_root());
-    driver::serve(
-        &mut mesh,
-        &app,
-        PROXY_UID,
-        &cpus,
-        &[
-            "scale-server".into(),
-            "--listen".into(),
-            "0.0.0.0:15001".into(),
-        ],
-    )?;
+    for _ in 0..n_servers {
+        driver::serve(
+            &mut mesh,
+            &app,
+            PROXY_UID,
+            &cpus,
+            &[
+                "scale-server".into(),
+                "--listen".into(),
+                "0.0.0.0:15001".into(),
+            ],
+        )?;
+    }
     let slab0 = slab_bytes(&["TCP", "sock_inode_cache"]);
     let meminfo = || fs::read_to_string("/proc/meminfo").unwrap_or_default();
     let kslab0 = kib_field(&meminfo(), "Slab:") * 1024;
     let status0 = accel.status()?;
-    let sources_arg = sources
-        .iter()
-        .map(|s| s.to_string())
-        .collect::<Vec<_>>()
-        .join(",");
-    let mut cmd = driver::command(
-        &cpus,
-        &workspace_bin("meshaccel-e2e-tool"),
-        &[
-            "scale-client".into(),
-            "--connect".into(),
-            SocketAddrV4::new(peer.ip, 8080).to_string(),
-            "--sources".into(),
-            sources_arg,
-            "--per-source".into(),
-            a.per_source.to_string(),
-        ],
-    );
-    cmd.stdin(Stdio::piped());
-    let mut child = mesh.spawn_cmd(&app, Some(APP_UID), cmd)?;
-    let stdin = child.stdin.take().context("the client's stdin")?;
-    let stdout = child.stdout.take().context("the client's stdout")?;
-    let (tx, lines) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                break;
+    eprintln!("[scale] {n_clients} client(s), {n_servers} server(s), {n_sources} local addresses");
+    let mut clients = Vec::new();
+    for chunk in sources.chunks(per_client_sources) {
+        let sources_arg = chunk
+            .iter()
+            .map(|s| s.to_string())
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut cmd = driver::command(
+            &cpus,
+            &workspace_bin("meshaccel-e2e-tool"),
+            &[
+                "scale-client".into(),
+                "--connect".into(),
+                SocketAddrV4::new(peer.ip, 8080).to_string(),
+                "--sources".into(),
+                sources_arg,
+                "--per-source".into(),
+                a.per_source.to_string(),
+            ],
+        );
+        cmd.stdin(Stdio::piped());
+        let mut child = mesh.spawn_cmd(&app, Some(APP_UID), cmd)?;
+        let stdin = child.stdin.take().context("the client's stdin")?;
+        let stdout = child.stdout.take().context("the client's stdout")?;
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
             }
+        });
+        match lines.recv_timeout(Duration::from_secs(30)) {
+            Ok(l) if l.trim() == "ready" => {}
+            other => bail!("the scale client did not start: {other:?}"),
         }
-    });
-    match lines.recv_timeout(Duration::from_secs(30)) {
-        Ok(l) if l.trim() == "ready" => {}
-        other => bail!("the scale client did not start: {other:?}"),
+        clients.push(ClientIo { stdin, lines });
     }
-    let mut io = ClientIo { stdin, lines };
-
     let mut rows: Vec<Value> = Vec::new();
     let mut engaged = true;
     for &n in &sizes {
         eprintln!("[scale] growing to {n} held connections");
-        let held = io.ask(&format!("hold {n}"), Duration::from_secs(1800))?;
+        // Each client its share (the first one the remainder), all growing at once.
+        let t_hold = Instant::now();
+        for (i, c) in clients.iter_mut().enumerate() {
+            let share = n / n_clients + if i == 0 { n % n_clients } else { 0 };
+            c.send(&format!("hold {share}"))?;
+        }
+        let mut answers = Vec::new();
+        for c in &mut clients {
+            answers.push(c.answer("hold", Duration::from_secs(1800))?);
+        }
+        let held = json!({
+            "ms": t_hold.elapsed().as_millis() as u64,
+            "clients": answers,
+        });
         std::thread::sleep(Duration::from_millis(500));
         let t = Instant::now();
         let st = accel.status()?;
@@ -412,8 +453,8 @@ fn run(a: &Args) -> anyhow::Result<bool> {
         let mut raw = Vec::new();
         let before = accel.status()?;
         for r in 1..=rounds {
-            let p = io.ask(&format!("rr {rr} {}", a.rr_size), Duration::from_secs(600))?;
-            let c = io.ask(&format!("connect {connects}"), Duration::from_secs(600))?;
+            let p = clients[0].ask(&format!("rr {rr} {}", a.rr_size), Duration::from_secs(600))?;
+            let c = clients[0].ask(&format!("connect {connects}"), Duration::from_secs(600))?;
             eprintln!(
                 "[scale] {n}: round {r}/{rounds}: rr p50 {} p99 {} µs; connect→first byte p50 {} p99 {} µs",
                 p["p50_us"], p["p99_us"], c["p50_us"], c["p99_us"]
@@ -480,11 +521,13 @@ fn run(a: &Args) -> anyhow::Result<bool> {
         );
         rows.push(row);
     }
-    let _ = io.ask("quit", Duration::from_secs(5));
+    for c in &mut clients {
+        let _ = c.send("quit");
+    }
+    drop(clients);
     let mut machine = machine;
     machine["loadavg_end"] = json!(driver::loadavg());
     other.record(&mut machine);
-    drop(child);
     drop(accel);
     drop(mesh);
     let elapsed_s = t_run.elapsed().as_secs();
@@ -594,6 +637,9 @@ fn run(a: &Args) -> anyhow::Result<bool> {
         "what": "held app ↔ sidecar connections under Istio's capture; active-pair ping-pong and connect-to-first-byte at each size",
         "sizes": sizes,
         "sockhash_capacity": capacity,
+        "clients": n_clients,
+        "servers": n_servers,
+        "rlimit_nofile": lim.rlim_cur,
         "rounds": rounds,
         "rr": rr,
         "rr_size": a.rr_size,

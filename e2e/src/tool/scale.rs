@@ -82,12 +82,13 @@ fn send_all(fd: RawFd, mut buf: &[u8]) -> io::Result<()> {
     Ok(())
 }
 
-/// The server: one thread, one epoll set, level-triggered; accepts until EAGAIN, echoes what
+/// The server: one thread, one epoll set, level-triggered (`SO_REUSEPORT`: several servers may
+/// share the port, each holding its part of the connections); accepts until EAGAIN, echoes what
 /// each connection sends (read as an event loop does: readiness, then a non-blocking recv),
 /// closes at EOF or error.
 pub fn server(a: &ScaleServerArgs) -> anyhow::Result<()> {
-    let listener =
-        sock::listen(a.listen, 65_535).with_context(|| format!("listening on {}", a.listen))?;
+    let listener = sock::listen_reuseport(a.listen, 65_535)
+        .with_context(|| format!("listening on {}", a.listen))?;
     listener.set_nonblocking(true)?;
     let lfd = listener.as_raw_fd();
     // SAFETY: plain syscall; the fd lives as long as the process.
