@@ -388,9 +388,14 @@ mod tests {
         }
         use clap::Parser as _;
         let parse = |v: &str| {
-            Cli::try_parse_from(["agent", "--cgroup", "/x", "--sockhash-capacity", v])
-                .map(|c| c.agent.sockhash_capacity)
-                .map_err(|e| e.to_string())
+            Cli::try_parse_from([
+                "agent",
+                "--cgroup",
+                "/x",
+                &format!("--sockhash-capacity={v}"),
+            ])
+            .map(|c| c.agent.sockhash_capacity)
+            .map_err(|e| e.to_string())
         };
         assert_eq!(parse("2"), Ok(Some(2)));
         assert_eq!(parse("1048576"), Ok(Some(1_048_576)));
