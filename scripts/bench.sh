@@ -6,6 +6,10 @@
 #   sudo scripts/bench.sh            full mode: hop, mesh, sweep and cross-node (15–20 minutes on
 #                                    2 vCPUs); results in benches/results/ (JSON, PNG,
 #                                    performance.md)
+#   sudo scripts/bench.sh scale      the scale curve (not in the default set): 100, 1k, 10k, 100k
+#                                    held accelerated connections, ping-pong and connect-to-first-
+#                                    byte latency and memory at each size (results/scale.*);
+#                                    `--short scale`: 100 and 1k only
 #   sudo scripts/bench.sh --short    CI's short mode: short hop and mesh runs; exits 1 only on a
 #                                    clear inversion measured as a ratio in the same run
 #                                    (hop: accelerated p50 not lower than baseline; mesh:
@@ -15,7 +19,8 @@
 # --out DIR (default benches/results; in --short mode a temporary directory),
 # --wait-quiet SECONDS (first wait up to that long for the machine to be idle: under 6% of its
 # CPU time busy over 5 s; other work on a 2-vCPU machine is noise), and bench names to run only
-# some of them (hop, mesh, sweep, cross-node: the sweep's cells with the server on another node). Every bench's own options are also read from MESHACCEL_*
+# some of them (hop, mesh, sweep, cross-node: the sweep's cells with the server on another node;
+# scale: only when named). Every bench's own options are also read from MESHACCEL_*
 # variables (see `target/release/<bench> --help`).
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -28,8 +33,8 @@ while [ $# -gt 0 ]; do
     --debug) profile=debug ;;
     --out) out=$2; shift ;;
     --wait-quiet) wait_quiet=$2; shift ;;
-    hop|mesh|sweep|cross-node) benches+=("$1") ;;
-    -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
+    hop|mesh|sweep|cross-node|scale) benches+=("$1") ;;
+    -h|--help) sed -n '2,25p' "$0"; exit 0 ;;
     *) echo "[bench] unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
   shift

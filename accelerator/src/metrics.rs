@@ -2,7 +2,8 @@
 //!
 //! Two kinds of metrics:
 //! - **kernel** metrics, read from the pinned maps at every scrape by [`KernelCollector`]
-//!   (redirected messages and bytes, fallbacks by reason, sockhash entries and capacity,
+//!   (redirected messages and bytes, fallbacks by reason, sockhash entries and capacity, each
+//!   map's kernel memory,
 //!   accelerated pods, per-workload sockets and bytes): the maps are the truth, also for
 //!   acceleration an earlier agent left in place;
 //! - **agent** metrics kept in [`Metrics`]: reconcile duration and results, and the sync state and
@@ -236,6 +237,38 @@ pub fn sockhash_capacity(bpffs: &Path) -> Option<u32> {
         .map(|i| i.max_entries())
 }
 
+/// The `memlock:` line of a BPF map's `/proc/<pid>/fdinfo/<fd>`: the kernel memory the map
+/// charges (bytes; for hash maps and the sockhash it follows the entries they hold). None when
+/// the text has no such line.
+pub fn parse_fdinfo_memlock(fdinfo: &str) -> Option<u64> {
+    fdinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("memlock:"))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// Kernel memory of each of meshaccel's pinned maps under `bpffs` (fdinfo `memlock`), by map
+/// name; maps that are not pinned are left out. (Per-socket storage, `MESHACCEL_STATE` and
+/// `MESHACCEL_PEND`'s values, is charged to the sockets, not to its map.)
+pub fn map_memory(bpffs: &Path) -> BTreeMap<&'static str, u64> {
+    use std::os::fd::{AsFd as _, AsRawFd as _};
+    let mut out = BTreeMap::new();
+    for name in crate::layout_stamp::all_maps() {
+        let Ok(md) = aya::maps::MapData::from_pin(crate::objects::pin_path(bpffs, name)) else {
+            continue;
+        };
+        let fd = md.fd().as_fd().as_raw_fd();
+        if let Some(bytes) = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}"))
+            .ok()
+            .as_deref()
+            .and_then(parse_fdinfo_memlock)
+        {
+            out.insert(name, bytes);
+        }
+    }
+    out
+}
+
 /// Reads the pinned maps at every scrape.
 #[derive(Debug)]
 pub struct KernelCollector {
@@ -289,6 +322,25 @@ impl Collector for KernelCollector {
             "meshaccel_sockhash_capacity",
             "Capacity of the sockhash (sockets)",
             i64::from(sockhash_capacity(bpffs).unwrap_or(meshaccel_common::capacity::SOCKS)),
+        )?;
+        let memory = map_memory(bpffs);
+        if !memory.is_empty() {
+            let mut m = enc.encode_descriptor(
+                "meshaccel_map_memory_bytes",
+                "Kernel memory of a pinned map (its fdinfo memlock), by map name",
+                None,
+                MetricType::Gauge,
+            )?;
+            for (name, bytes) in &memory {
+                let labels = [("map", *name)];
+                ConstGauge::new(*bytes as i64).encode(m.encode_family(&labels)?)?;
+            }
+        }
+        gauge(
+            &mut enc,
+            "meshaccel_map_memory_total_bytes",
+            "Kernel memory of all of meshaccel's pinned maps (the sum of meshaccel_map_memory_bytes)",
+            memory.values().sum::<u64>() as i64,
         )?;
         gauge(
             &mut enc,
@@ -421,6 +473,18 @@ mod tests {
             })
         );
         assert_eq!(counter_metric("no_such_counter"), None);
+    }
+
+    #[test]
+    fn memlock_is_read_from_a_maps_fdinfo() {
+        let fdinfo = "pos:\t0\nflags:\t02000002\nmnt_id:\t15\nino:\t2071\nmap_type:\t18\n\
+                      key_size:\t40\nvalue_size:\t4\nmax_entries:\t1048576\nmap_flags:\t0x0\n\
+                      map_extra:\t0x0\nmemlock:\t16777568\nmap_id:\t123\nfrozen:\t0\n";
+        assert_eq!(parse_fdinfo_memlock(fdinfo), Some(16_777_568));
+        assert_eq!(parse_fdinfo_memlock("memlock: 4096"), Some(4096));
+        assert_eq!(parse_fdinfo_memlock("pos:\t0\nflags:\t02\n"), None);
+        assert_eq!(parse_fdinfo_memlock("memlock:\tlots\n"), None);
+        assert_eq!(parse_fdinfo_memlock(""), None);
     }
 
     #[test]

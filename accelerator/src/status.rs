@@ -47,6 +47,10 @@ pub struct StatusReport {
     pub by_workload: Vec<WorkloadRow>,
     /// Sockets the sockhash can hold (from the pinned map).
     pub sockhash_capacity: Option<u32>,
+    /// Kernel memory of each pinned map in bytes (its fdinfo `memlock`), by map name.
+    pub map_memory: BTreeMap<&'static str, u64>,
+    /// The sum of `map_memory`.
+    pub map_memory_total: u64,
     /// What the agent learned from istiod, when it runs with `--istiod`.
     pub xds: Option<crate::state_files::XdsStatus>,
     /// The layout stamp of the pinned maps (`MESHACCEL_META`): format and layout hash, which
@@ -76,6 +80,8 @@ pub fn collect(bpffs: &Path, state_dir: &Path, sockets: bool) -> Result<StatusRe
     let mut report = build(kernel, &enabled, agent);
     report.xds = crate::state_files::read_xds_status(state_dir, bpffs);
     report.sockhash_capacity = crate::metrics::sockhash_capacity(bpffs);
+    report.map_memory = crate::metrics::map_memory(bpffs);
+    report.map_memory_total = report.map_memory.values().sum();
     report.sockets = sockets.then(|| dp.sockets());
     if let crate::layout_stamp::Found::Stamp(m) = crate::layout_stamp::read(bpffs) {
         report.layout = Some(LayoutStamp {
@@ -141,6 +147,8 @@ pub fn build(
         agent,
         by_workload: rows,
         sockhash_capacity: None,
+        map_memory: BTreeMap::new(),
+        map_memory_total: 0,
         xds: None,
         layout: None,
         sockets: None,
@@ -192,6 +200,16 @@ impl StatusReport {
             self.sockhash_capacity
                 .map_or("unknown".to_string(), |c| c.to_string())
         );
+        if !self.map_memory.is_empty() {
+            let of = |name: &str| self.map_memory.get(name).copied().unwrap_or(0);
+            let _ = writeln!(
+                o,
+                "map memory:       {} (sockhash {}, peers {}; kernel, fdinfo memlock)",
+                mib(self.map_memory_total),
+                mib(of(meshaccel_common::names::SOCKS)),
+                mib(of(meshaccel_common::names::PEERS)),
+            );
+        }
         if let Some(m) = &self.layout {
             let _ = writeln!(o, "map layout:       {} (format {})", m.hash, m.format);
         }
@@ -257,6 +275,15 @@ impl StatusReport {
             let _ = writeln!(o, "  {name:<26}{v}");
         }
         o
+    }
+}
+
+/// Bytes as MiB with one decimal ("12.3 MiB"), or KiB below one MiB.
+fn mib(bytes: u64) -> String {
+    if bytes < 1 << 20 {
+        format!("{:.1} KiB", bytes as f64 / 1024.0)
+    } else {
+        format!("{:.1} MiB", bytes as f64 / 1048576.0)
     }
 }
 
@@ -336,6 +363,7 @@ mod tests {
         );
         let text = r.render_text();
         assert!(text.contains("shop/cart"), "{text}");
+        assert!(!text.contains("map memory"), "none read: {text}");
         assert!(
             text.contains("shop/cart port 8080 (outbound), seen 7 s ago"),
             "small-write services are named: {text}"
@@ -352,5 +380,27 @@ mod tests {
         let r = build(kernel(), &BTreeMap::new(), None);
         assert!(r.by_workload.iter().all(|w| w.name.is_none()));
         assert!(r.render_text().contains("no state file"));
+    }
+
+    #[test]
+    fn map_memory_is_shown_in_total_and_for_the_sockhash() {
+        let mut r = build(kernel(), &BTreeMap::new(), None);
+        r.map_memory = BTreeMap::from([
+            (meshaccel_common::names::SOCKS, 16 << 20),
+            (meshaccel_common::names::PEERS, 130 << 20),
+            (meshaccel_common::names::CONFIG, 3 << 10),
+        ]);
+        r.map_memory_total = r.map_memory.values().sum();
+        let text = r.render_text();
+        assert!(
+            text.contains("map memory:       146.0 MiB (sockhash 16.0 MiB, peers 130.0 MiB;"),
+            "{text}"
+        );
+        let json = serde_json::to_value(&r).unwrap();
+        assert_eq!(json["map_memory_total"], (146u64 << 20) + (3 << 10));
+        assert_eq!(
+            json["map_memory"][meshaccel_common::names::SOCKS],
+            16u64 << 20
+        );
     }
 }

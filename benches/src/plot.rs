@@ -163,6 +163,64 @@ pub fn by_size(
     log_y: bool,
     reference: Option<f64>,
 ) -> anyhow::Result<()> {
+    by_log2_x(
+        area,
+        title,
+        "message size (bytes)",
+        &|x: &f64| size_label(2f64.powf(*x)),
+        y_desc,
+        series,
+        log_y,
+        reference,
+    )
+}
+
+/// "90", "1.4k", "23k", "1.2M" for a count.
+pub fn count_label(n: f64) -> String {
+    if n >= 1e6 {
+        format!("{:.1}M", n / 1e6)
+    } else if n >= 1e4 {
+        format!("{:.0}k", n / 1e3)
+    } else if n >= 1e3 {
+        format!("{:.1}k", n / 1e3)
+    } else {
+        format!("{n:.0}")
+    }
+}
+
+/// Values by a count (x = the count's log2, labelled by `count_label`), as [`by_size`] draws
+/// them by message size.
+pub fn by_count(
+    area: &Area<'_>,
+    title: &str,
+    x_desc: &str,
+    y_desc: &str,
+    series: &[SizeSeries],
+    log_y: bool,
+) -> anyhow::Result<()> {
+    by_log2_x(
+        area,
+        title,
+        x_desc,
+        &|x: &f64| count_label(2f64.powf(*x)),
+        y_desc,
+        series,
+        log_y,
+        None,
+    )
+}
+
+#[allow(clippy::too_many_arguments)]
+fn by_log2_x(
+    area: &Area<'_>,
+    title: &str,
+    x_desc: &str,
+    xfmt: &dyn Fn(&f64) -> String,
+    y_desc: &str,
+    series: &[SizeSeries],
+    log_y: bool,
+    reference: Option<f64>,
+) -> anyhow::Result<()> {
     let all: Vec<(u64, f64)> = series
         .iter()
         .flat_map(|s| {
@@ -202,7 +260,6 @@ pub fn by_size(
         .margin(12)
         .x_label_area_size(40)
         .y_label_area_size(60);
-    let xfmt = |x: &f64| size_label(2f64.powf(*x));
     let n_x = (x1 - x0).round() as usize + 1;
     macro_rules! draw {
         ($chart:expr) => {{
@@ -212,7 +269,7 @@ pub fn by_size(
                 .light_line_style(WHITE)
                 .x_labels(n_x)
                 .y_labels(10)
-                .x_label_formatter(&xfmt)
+                .x_label_formatter(xfmt)
                 .y_label_formatter(&|y| {
                     if *y >= 100.0 {
                         format!("{y:.0}")
@@ -221,7 +278,7 @@ pub fn by_size(
                     }
                 })
                 .y_desc(y_desc)
-                .x_desc("message size (bytes)")
+                .x_desc(x_desc)
                 .label_style(("sans-serif", 14))
                 .draw()
                 .map_err(e)?;

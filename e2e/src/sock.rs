@@ -79,6 +79,18 @@ pub fn listen(addr: SocketAddrV4, backlog: i32) -> io::Result<TcpListener> {
     Ok(TcpListener::from(fd))
 }
 
+/// [`listen`] with `SO_REUSEPORT` too: several processes share the port, the kernel spreads
+/// the connections over them (each holds its part: one process's descriptors are limited).
+pub fn listen_reuseport(addr: SocketAddrV4, backlog: i32) -> io::Result<TcpListener> {
+    let fd = tcp_socket()?;
+    set_int(fd.as_raw_fd(), libc::SOL_SOCKET, libc::SO_REUSEADDR, 1)?;
+    set_int(fd.as_raw_fd(), libc::SOL_SOCKET, libc::SO_REUSEPORT, 1)?;
+    bind(fd.as_raw_fd(), addr)?;
+    // SAFETY: plain syscall on a socket we own.
+    cvt(unsafe { libc::listen(fd.as_raw_fd(), backlog) })?;
+    Ok(TcpListener::from(fd))
+}
+
 /// Connects to `to`, first binding to `from` (with `SO_REUSEADDR`) when given.
 pub fn connect(to: SocketAddrV4, from: Option<SocketAddrV4>) -> io::Result<TcpStream> {
     let Some(from) = from else {
@@ -87,6 +99,37 @@ pub fn connect(to: SocketAddrV4, from: Option<SocketAddrV4>) -> io::Result<TcpSt
     let fd = tcp_socket()?;
     set_int(fd.as_raw_fd(), libc::SOL_SOCKET, libc::SO_REUSEADDR, 1)?;
     bind(fd.as_raw_fd(), from)?;
+    let sa = to_sockaddr(to);
+    loop {
+        // SAFETY: sa is a valid sockaddr_in and its size is passed.
+        let ret = unsafe {
+            libc::connect(
+                fd.as_raw_fd(),
+                (&sa as *const libc::sockaddr_in).cast(),
+                size_of::<libc::sockaddr_in>() as _,
+            )
+        };
+        match cvt(ret) {
+            Ok(_) => break,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(TcpStream::from(fd))
+}
+
+/// Connects to `to` from the local address `from` with the port left to `connect`
+/// (`IP_BIND_ADDRESS_NO_PORT`): the kernel then picks a port free for this 4-tuple, not one free
+/// for every destination, so each local address gives a full ephemeral range per destination.
+pub fn connect_from_ip(to: SocketAddrV4, from: Ipv4Addr) -> io::Result<TcpStream> {
+    let fd = tcp_socket()?;
+    set_int(
+        fd.as_raw_fd(),
+        libc::IPPROTO_IP,
+        libc::IP_BIND_ADDRESS_NO_PORT,
+        1,
+    )?;
+    bind(fd.as_raw_fd(), SocketAddrV4::new(from, 0))?;
     let sa = to_sockaddr(to);
     loop {
         // SAFETY: sa is a valid sockaddr_in and its size is passed.

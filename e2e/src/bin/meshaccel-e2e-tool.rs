@@ -7,8 +7,8 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use meshaccel_e2e::tool::{
-    self, ab, echo, http_load, http_server, istio_iptables, obj_get, relay, relay_ds, sink, soak,
-    unix_rr,
+    self, ab, echo, http_load, http_server, istio_iptables, obj_get, relay, relay_ds, scale, sink,
+    soak, unix_rr,
 };
 
 /// Test programs for meshaccel's local mesh.
@@ -77,6 +77,12 @@ enum Cmd {
     /// Istio's init container command, for the cluster tests' pods: istio-iptables' arguments
     /// in, the pod's capture rules applied with iptables-restore.
     IstioIptables(istio_iptables::IstioIptablesArgs),
+    /// The scale benchmark's server: holds any number of connections in one epoll loop and
+    /// echoes what each sends (see `meshaccel_e2e::tool::scale`).
+    ScaleServer(scale::ScaleServerArgs),
+    /// The scale benchmark's client: holds a growing number of idle connections and measures
+    /// round trips and connect-to-first-byte on request (commands on stdin, JSON lines out).
+    ScaleClient(scale::ScaleClientArgs),
 }
 
 fn main() -> ExitCode {
@@ -98,5 +104,7 @@ fn main() -> ExitCode {
         Cmd::UnixRr(args) => tool::exit(unix_rr::run(&args)),
         Cmd::Soak(args) => soak::run(&args),
         Cmd::IstioIptables(args) => tool::exit(istio_iptables::run(&args)),
+        Cmd::ScaleServer(args) => tool::exit(scale::server(&args)),
+        Cmd::ScaleClient(args) => tool::exit(scale::client(&args)),
     }
 }

@@ -13,6 +13,7 @@ pub mod istio_iptables;
 pub mod obj_get;
 pub mod relay;
 pub mod relay_ds;
+pub mod scale;
 pub mod sink;
 pub mod soak;
 pub mod unix_rr;
