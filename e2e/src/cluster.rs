@@ -676,6 +676,13 @@ state = "{state}"
             .expect("the API server of a started cluster")
     }
 
+    /// The control plane, to stop and start the API server (an outage).
+    pub fn api_mut(&mut self) -> &mut KubeApi {
+        self.api
+            .as_mut()
+            .expect("the API server of a started cluster")
+    }
+
     pub fn network(&self) -> &NodeNetwork {
         &self.net
     }
@@ -755,8 +762,11 @@ state = "{state}"
     }
 
     fn teardown(&mut self) {
-        // Pods first, through the kubelet, so CNI DEL and unmounts run as they would on a node;
-        // then whatever is left is killed and removed by hand.
+        // Controllers first (nothing recreates what goes), then the pods through the kubelet, so
+        // CNI DEL and unmounts run as they would on a node; then whatever is left is killed and
+        // removed by hand.
+        stop(&mut self.controller_manager);
+        stop(&mut self.scheduler);
         if self.kubelet.is_some() && self.api.is_some() {
             let _ = self.kubectl(&[
                 "delete",
@@ -769,21 +779,19 @@ state = "{state}"
             ]);
         }
         stop(&mut self.kubelet);
-        stop(&mut self.scheduler);
-        stop(&mut self.controller_manager);
         // Containers: every task of the CRI namespace, then containerd.
-        if self.containerd.is_some() {
-            if let Ok(tasks) = self.ctr(&["tasks", "ls", "-q"]) {
-                for t in tasks.lines().filter(|t| !t.is_empty()) {
-                    let _ = self.ctr(&["tasks", "kill", "-s", "SIGKILL", t]);
-                }
+        if self.containerd.is_some()
+            && let Ok(tasks) = self.ctr(&["tasks", "ls", "-q"])
+        {
+            for t in tasks.lines().filter(|t| !t.is_empty()) {
+                let _ = self.ctr(&["tasks", "kill", "-s", "SIGKILL", t]);
             }
         }
         stop(&mut self.containerd);
-        if let Some(rt) = &self.cgroups.runtime {
-            if let Err(e) = cgroup::kill_all(rt, Duration::from_secs(10)) {
-                eprintln!("meshaccel-e2e cluster teardown: {e:#}");
-            }
+        if let Some(rt) = &self.cgroups.runtime
+            && let Err(e) = cgroup::kill_all(rt, Duration::from_secs(10))
+        {
+            eprintln!("meshaccel-e2e cluster teardown: {e:#}");
         }
         if let Some(v2) = &self.cgroups.v2_root {
             let _ = cgroup::kill_all(v2, Duration::from_secs(10));

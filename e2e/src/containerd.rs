@@ -3,7 +3,7 @@
 //! ```no_run
 //! # fn main() -> anyhow::Result<()> {
 //! use meshaccel_e2e::containerd::Containerd;
-//! let c = Containerd::start()?; // own config, root, state, socket under /tmp/meshaccel-containerd-*
+//! let mut c = Containerd::start()?; // own config, root, state, socket under /tmp/meshaccel-containerd-*
 //! c.import("/tmp/meshaccel.tar".as_ref())?; // ctr -n k8s.io images import
 //! let out = c.run("meshaccel.local/meshaccel:dev", &["/usr/local/bin/meshaccel", "--version"])?;
 //! # let _ = out; Ok(()) }

@@ -101,6 +101,7 @@ pub fn workspace_bin(name: &str) -> PathBuf {
 }
 pub mod ads;
 pub mod cluster;
+pub mod cluster_mesh;
 pub mod containerd;
 pub mod envoy;
 pub mod http;
@@ -108,3 +109,28 @@ pub mod image;
 pub mod injected;
 pub mod kube_api;
 pub mod sidecar;
+
+/// helm: `$MESHACCEL_HELM`, else scripts/install-helm.sh's cache (`helm-v3.17.*/helm`).
+pub fn helm_binary() -> PathBuf {
+    if let Some(p) = std::env::var_os("MESHACCEL_HELM") {
+        return PathBuf::from(p);
+    }
+    let cache = std::env::var_os("MESHACCEL_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/var/cache/meshaccel"));
+    let found = std::fs::read_dir(&cache).ok().and_then(|d| {
+        d.filter_map(|e| e.ok())
+            .map(|e| e.path().join("helm"))
+            .find(|p| {
+                p.is_file()
+                    && p.parent()
+                        .and_then(|d| d.file_name())
+                        .is_some_and(|n| n.to_string_lossy().starts_with("helm-v3.17"))
+            })
+    });
+    found.unwrap_or_else(|| {
+        panic!(
+            "helm not found: run scripts/install-helm.sh (scripts/test.sh does) or set MESHACCEL_HELM"
+        )
+    })
+}

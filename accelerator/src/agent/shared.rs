@@ -60,11 +60,15 @@ impl SourceState {
     }
 }
 
-/// Per source: whether readiness waits for it, and whether it has synced.
+/// Per source: whether readiness waits for it, whether it is in sync now, and whether it ever
+/// was (readiness needs the first sync only: a source that loses sync later, istiod gone or an
+/// API server blip, keeps its last good contribution in use; that shows in its metric, it does
+/// not pull a working agent out of its Service).
 #[derive(Clone, Copy, Debug, Default)]
 struct SourceHealth {
     required: bool,
     synced: bool,
+    ever_synced: bool,
 }
 
 /// What `/readyz` waits for besides the pinned programs: the first reconcile, and every source
@@ -82,15 +86,17 @@ impl Readiness {
     }
 
     fn source_synced(&mut self, source: Source, synced: bool) {
-        self.sources.entry(source).or_default().synced = synced;
+        let h = self.sources.entry(source).or_default();
+        h.synced = synced;
+        h.ever_synced |= synced;
     }
 
-    /// `Ok` when every required source has synced, else the ones that have not.
+    /// `Ok` when every required source has synced once, else the ones that never did.
     fn sources_ready(&self) -> Result<(), Vec<Source>> {
         let waiting: Vec<Source> = self
             .sources
             .iter()
-            .filter(|(_, h)| h.required && !h.synced)
+            .filter(|(_, h)| h.required && !h.ever_synced)
             .map(|(s, _)| *s)
             .collect();
         if waiting.is_empty() {
@@ -100,8 +106,8 @@ impl Readiness {
         }
     }
 
-    /// Whether `source` does not hold readiness back: synced, or not required.
-    fn source_ready(&self, source: Source) -> bool {
+    /// Whether `source` is in sync now (or not required).
+    fn source_current(&self, source: Source) -> bool {
         self.sources
             .get(&source)
             .is_none_or(|h| h.synced || !h.required)
@@ -186,12 +192,12 @@ impl Shared {
         self.metrics.source_error(source);
     }
 
-    /// Whether `source` does not hold readiness back: synced, or not required.
-    pub fn source_ready(&self, source: Source) -> bool {
+    /// Whether `source` is in sync now (or not required).
+    pub fn source_current(&self, source: Source) -> bool {
         self.readiness
             .lock()
             .expect("readiness lock")
-            .source_ready(source)
+            .source_current(source)
     }
 
     /// Whether the first reconcile after start succeeded.
@@ -236,7 +242,7 @@ impl Shared {
             why.push("the first sync of the kernel maps is not done".to_string());
         }
         for s in readiness.sources_ready().err().unwrap_or_default() {
-            why.push(format!("source {s} has not synced"));
+            why.push(format!("source {s} has not synced yet"));
         }
         why
     }
@@ -359,8 +365,11 @@ mod tests {
         assert_eq!(m.sources_ready(), Err(vec![Source::Kubernetes]));
         m.source_synced(Source::Kubernetes, true);
         assert_eq!(m.sources_ready(), Ok(()));
+        // Losing sync later (an API server blip, istiod gone) does not make it unready again.
         m.source_synced(Source::Kubernetes, false);
-        assert_eq!(m.sources_ready(), Err(vec![Source::Kubernetes]));
+        assert_eq!(m.sources_ready(), Ok(()));
+        assert!(!m.source_current(Source::Kubernetes));
+        assert!(m.source_current(Source::StaticFile));
         assert_eq!(
             m.required_sources().into_iter().collect::<Vec<_>>(),
             [Source::StaticFile, Source::Kubernetes]

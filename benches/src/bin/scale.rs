@@ -696,7 +696,7 @@ fn run(a: &Args) -> anyhow::Result<bool> {
         )?;
         plot::by_count(&r, "memory", "held connections", "MiB", &mem, true)
     })?;
-    Ok(!(a.common.check && !engaged))
+    Ok(!a.common.check || engaged)
 }
 
 fn main() -> ExitCode {

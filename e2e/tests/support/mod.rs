@@ -20,30 +20,8 @@ pub fn golden() -> PathBuf {
     fixtures_dir().join("iptables/istio-cni-sidecar/basic.txt.golden")
 }
 
-/// helm: `$MESHACCEL_HELM`, else scripts/install-helm.sh's cache (`helm-v3.17.*/helm`).
-pub fn helm() -> PathBuf {
-    if let Some(p) = std::env::var_os("MESHACCEL_HELM") {
-        return PathBuf::from(p);
-    }
-    let cache = std::env::var_os("MESHACCEL_CACHE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/var/cache/meshaccel"));
-    let found = std::fs::read_dir(&cache).ok().and_then(|d| {
-        d.filter_map(|e| e.ok())
-            .map(|e| e.path().join("helm"))
-            .find(|p| {
-                p.is_file()
-                    && p.parent()
-                        .and_then(|d| d.file_name())
-                        .is_some_and(|n| n.to_string_lossy().starts_with("helm-v3.17"))
-            })
-    });
-    found.unwrap_or_else(|| {
-        panic!(
-            "helm not found: run scripts/install-helm.sh (scripts/test.sh does) or set MESHACCEL_HELM"
-        )
-    })
-}
+#[allow(unused_imports)]
+pub use meshaccel_e2e::helm_binary as helm;
 
 pub fn tool() -> PathBuf {
     workspace_bin("meshaccel-e2e-tool")

@@ -431,7 +431,7 @@ async fn session(
         // Every wake-up may change the outcome (an event, a retry, a resync).
         if ctl.synced() {
             ctl.recompute(force_scan);
-            if !ctl.shared.source_ready(Source::Kubernetes) {
+            if !ctl.shared.source_current(Source::Kubernetes) {
                 info!(
                     pods = ctl.pods.live.len(),
                     namespaces = ctl.namespaces.live.len(),

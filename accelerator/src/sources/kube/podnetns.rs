@@ -25,8 +25,6 @@ use tracing::debug;
 
 use crate::netns::{ScanConfig, candidates, current_cookie};
 
-/// Where to look for network namespaces.
-
 /// What one scan found: IP → cookies of the namespaces holding it (more than one = ambiguous).
 #[derive(Clone, Debug, Default)]
 pub struct NetnsIndex {

@@ -179,9 +179,18 @@ fn outcome(
                 ));
             }
         },
-        None => ns_labels
-            .and_then(|l| l.get(label.as_str()))
-            .is_some_and(|v| v == "true"),
+        None => match ns_labels.and_then(|l| l.get(label.as_str())) {
+            None => false,
+            Some(v) => match bool_label(v) {
+                Some(b) => b,
+                None => {
+                    return Outcome::Invalid(format!(
+                        "namespace label {}={v:?}: must be \"true\" or \"false\" (fix the namespace's label; its pods stay on plain TCP meanwhile)",
+                        label.as_str()
+                    ));
+                }
+            },
+        },
     };
     if !on {
         return Outcome::Skip(if pod_label.is_some() {
@@ -582,6 +591,24 @@ mod tests {
             assert_eq!(got, c.want, "{}", c.name);
             assert_eq!(d.id, "mesh/p");
         }
+    }
+
+    #[test]
+    fn a_bad_namespace_label_is_invalid_and_says_how_to_fix_it() {
+        let d = decide(
+            &pod(json!({})),
+            Some(&labels(&[(ENABLED_LABEL, "yes")])),
+            &Capture::default(),
+            &OptInLabel::default(),
+        );
+        let Outcome::Invalid(m) = d.outcome else {
+            panic!("{:?}", d.outcome)
+        };
+        assert!(
+            m.contains("namespace label meshaccel.io/enabled=\"yes\"")
+                && m.contains("\"true\" or \"false\""),
+            "{m}"
+        );
     }
 
     #[test]
