@@ -10,6 +10,9 @@
 #                                    held accelerated connections, ping-pong and connect-to-first-
 #                                    byte latency and memory at each size (results/scale.*);
 #                                    `--short scale`: 100 and 1k only
+#   sudo scripts/bench.sh cluster    meshaccel on a real single-node Kubernetes (not in the
+#                                    default set): label -> entries p50/p99 over 20 flips, pod
+#                                    Ready -> entries, agent RSS and idle CPU (results/cluster.json)
 #   sudo scripts/bench.sh --short    CI's short mode: short hop and mesh runs; exits 1 only on a
 #                                    clear inversion measured as a ratio in the same run
 #                                    (hop: accelerated p50 not lower than baseline; mesh:
@@ -20,7 +23,7 @@
 # --wait-quiet SECONDS (first wait up to that long for the machine to be idle: under 6% of its
 # CPU time busy over 5 s; other work on a 2-vCPU machine is noise), and bench names to run only
 # some of them (hop, mesh, sweep, cross-node: the sweep's cells with the server on another node;
-# scale: only when named). Every bench's own options are also read from MESHACCEL_*
+# scale and cluster: only when named). Every bench's own options are also read from MESHACCEL_*
 # variables (see `target/release/<bench> --help`).
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -33,7 +36,7 @@ while [ $# -gt 0 ]; do
     --debug) profile=debug ;;
     --out) out=$2; shift ;;
     --wait-quiet) wait_quiet=$2; shift ;;
-    hop|mesh|sweep|cross-node|scale) benches+=("$1") ;;
+    hop|mesh|sweep|cross-node|scale|cluster) benches+=("$1") ;;
     -h|--help) sed -n '2,25p' "$0"; exit 0 ;;
     *) echo "[bench] unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
@@ -45,6 +48,12 @@ fi
 
 eval "$(scripts/env.sh)"
 scripts/install-envoy.sh >/dev/null
+if [[ " ${benches[*]} " == *" cluster "* ]]; then
+  # The single-node cluster: Kubernetes binaries, containerd/runc/CNI, helm.
+  scripts/install-cluster.sh
+  export MESHACCEL_KUBE_APISERVER=${MESHACCEL_KUBE_APISERVER:-$(scripts/install-kube.sh)}
+  export MESHACCEL_HELM=${MESHACCEL_HELM:-$(scripts/install-helm.sh)}
+fi
 if [ $profile = release ]; then
   echo "[bench] building (release)" >&2
   cargo build --release --locked -p meshaccel -p meshaccel-e2e -p meshaccel-benches --bins
