@@ -551,6 +551,9 @@ state = "{state}"
                 "--secure-port=0",
                 "--use-service-account-credentials=false",
                 "--allocate-node-cidrs=false",
+                // Tests stop the API server on purpose: the node's heartbeats must not look
+                // lost (40 s by default) in the time it takes to come back.
+                "--node-monitor-grace-period=2m",
                 "--v=1",
             ]);
         self.controller_manager = Some(spawn_in(

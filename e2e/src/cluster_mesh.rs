@@ -5,7 +5,7 @@
 //! needs), the project's ADS server over TLS standing in for istiod. For the cluster tests and
 //! the cluster benchmark; failures panic with the node's diagnostics.
 use std::{
-    net::Ipv4Addr,
+    net::{Ipv4Addr, SocketAddr},
     path::{Path, PathBuf},
     process::Command,
     time::{Duration, Instant},
@@ -235,6 +235,24 @@ impl MeshNode {
         )
     }
 
+    /// The agent pod's address on the pod network.
+    pub fn agent_ip(&self) -> anyhow::Result<Ipv4Addr> {
+        let pod = self.agent_pod();
+        Ok(self
+            .cluster
+            .kubectl(&[
+                "get",
+                "pod",
+                "-n",
+                &self.system_ns,
+                &pod,
+                "-o",
+                "jsonpath={.status.podIP}",
+            ])?
+            .trim()
+            .parse()?)
+    }
+
     /// `meshaccel status -o json` inside the agent pod.
     pub fn status(&self) -> anyhow::Result<Value> {
         let pod = self.agent_pod();
@@ -389,6 +407,25 @@ impl MeshNode {
 }
 
 pub const ISTIOD_NAME: &str = "istiod.istio-system.svc";
+/// The chart's metrics/probe port.
+pub const AGENT_METRICS_PORT: u16 = 9880;
+
+/// A plain HTTP/1.0 GET: (status code, body).
+pub fn http_get(addr: SocketAddr, path: &str) -> anyhow::Result<(u16, String)> {
+    use std::io::{Read as _, Write as _};
+    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+    s.set_read_timeout(Some(Duration::from_secs(2)))?;
+    s.write_all(format!("GET {path} HTTP/1.0\r\nAccept: */*\r\n\r\n").as_bytes())?;
+    let mut text = String::new();
+    s.read_to_string(&mut text)?;
+    let code = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| anyhow::anyhow!("no HTTP status line from {addr}: {text:?}"))?;
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
+    Ok((code, body.to_string()))
+}
 
 /// The tool reads only without blocking (`sock::read_ready`), so its workloads are declared
 /// trusted and their app legs are accelerated too (the default, auto, keeps a blocking app's leg

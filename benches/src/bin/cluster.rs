@@ -15,8 +15,7 @@
 //! debug or release): `target/release/cluster [--flips 20 --idle-secs 30 --out DIR]`, or
 //! `sudo scripts/bench.sh cluster`.
 use std::{
-    io::{Read as _, Write as _},
-    net::{Ipv4Addr, SocketAddr, TcpStream},
+    net::SocketAddr,
     path::PathBuf,
     time::{Duration, Instant},
 };
@@ -29,7 +28,7 @@ use kube::{
     api::{Patch, PatchParams},
 };
 use meshaccel_e2e::{
-    cluster_mesh::MeshNode,
+    cluster_mesh::{AGENT_METRICS_PORT, MeshNode, http_get},
     kube_api::{block_on, client_for},
 };
 use serde_json::json;
@@ -50,14 +49,9 @@ struct Args {
     out: Option<PathBuf>,
 }
 
-/// The agent's metrics endpoint (pod IP, the chart's port), one plain HTTP/1.0 GET.
+/// The agent's `/metrics`.
 fn scrape(addr: SocketAddr) -> anyhow::Result<String> {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
-    s.set_read_timeout(Some(Duration::from_secs(2)))?;
-    s.write_all(b"GET /metrics HTTP/1.0\r\nAccept: text/plain\r\n\r\n")?;
-    let mut body = String::new();
-    s.read_to_string(&mut body)?;
-    Ok(body)
+    Ok(http_get(addr, "/metrics")?.1)
 }
 
 fn gauge(metrics: &str, name: &str) -> Option<f64> {
@@ -138,21 +132,7 @@ fn main() -> anyhow::Result<()> {
     let node = MeshNode::start();
     node.helm_install("install", &node.tag, &[]);
     let (_server, client, server_ip) = node.deploy_pair(&[]);
-    let agent = node.agent_pod();
-    let agent_ip: Ipv4Addr = node
-        .cluster
-        .kubectl(&[
-            "get",
-            "pod",
-            "-n",
-            &node.system_ns,
-            &agent,
-            "-o",
-            "jsonpath={.status.podIP}",
-        ])?
-        .trim()
-        .parse()?;
-    let metrics = SocketAddr::from((agent_ip, 9880));
+    let metrics = SocketAddr::from((node.agent_ip()?, AGENT_METRICS_PORT));
     // The label is written with one API call; times start just before it.
     let kubeconfig = node.cluster.api().admin_kubeconfig().to_path_buf();
     let label = |on: bool| -> anyhow::Result<Instant> {
