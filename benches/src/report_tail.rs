@@ -26,16 +26,32 @@ pub fn print_noise(noise: f64) {
     println!("\nrun noise (largest A/A or B/B p50 difference between halves): {noise:.3}");
 }
 
-/// Warns when the accelerated side still sent TCP segments for its requests: acceleration did
-/// not engage.
-pub fn warn_if_not_engaged(c: &Compare, bench: &str) {
+/// The CI gate of a short run (`--check`), besides an inversion: acceleration that did not
+/// engage (the accelerated side still sent more than half a TCP segment per request; a working
+/// build sends ~0, TCP 4–6) and a gain below `floor`, a bound every working build clears with
+/// room for the noise (the bench's docs say how it was chosen). Each failure is printed as a
+/// `GATE:` line and returned.
+pub fn gate(c: &Compare, bench: &str, floor: Target) -> Vec<String> {
+    let mut fails = Vec::new();
     let segs = c.pooled(true).metric(Metric::SegsPerReq);
     if segs > 0.5 {
-        println!(
-            "WARNING: the accelerated side sent {segs:.2} TCP segments per request: acceleration \
-             did not engage (see the kernel counters in {bench}.json)"
-        );
+        fails.push(format!(
+            "acceleration did not engage: the accelerated side sent {segs:.2} TCP segments per \
+             request (see the kernel counters in {bench}.json)"
+        ));
     }
+    let ratio = c.ratio(floor.metric).median;
+    if !floor.met(ratio) {
+        fails.push(format!(
+            "{} ratio {ratio:.2} misses the floor {}: the gain of a working build is gone",
+            floor.metric.key(),
+            floor.show()
+        ));
+    }
+    for f in &fails {
+        println!("GATE: {f}");
+    }
+    fails
 }
 
 /// Writes `<bench>.json` (`result`) and `<bench>.png` (`size` pixels, drawn by `draw`) into

@@ -43,7 +43,7 @@ use anyhow::{Context as _, bail};
 
 use crate::{
     cgroup,
-    kube_api::{ApiOptions, KubeApi, apiserver_binary},
+    kube_api::{ApiOptions, KubeApi, apiserver_binary, stop, tail},
 };
 
 /// The sandbox ("pause") image every pod starts with, built per run from the cached binary.
@@ -224,28 +224,6 @@ fn spawn_in(mut cmd: Command, cgroup: Option<&Path>, log: &Path) -> anyhow::Resu
     }
     cmd.spawn()
         .with_context(|| format!("starting {:?}", cmd.get_program()))
-}
-
-fn tail(path: &Path) -> String {
-    let text = fs::read_to_string(path).unwrap_or_default();
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(30)..].join("\n")
-}
-
-fn stop(child: &mut Option<Child>) {
-    if let Some(mut c) = child.take() {
-        // SAFETY: signalling a child we spawned and have not reaped.
-        unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = c.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = c.kill();
-        let _ = c.wait();
-    }
 }
 
 impl Cluster {

@@ -384,21 +384,21 @@ impl MeshNode {
             out_segs(&snmp)
         };
         let before = segs();
-        let out = self.cluster.kubectl(&[
-            "exec",
-            "-n",
-            &self.mesh_ns,
-            client_pod,
-            "-c",
-            "app",
-            "--",
-            TOOL,
-            "pingpong",
-            "--connect",
-            &format!("{server_ip}:{ECHO_PORT}"),
-            "--count",
-            &count.to_string(),
-        ]);
+        let out = crate::wait_output_timeout(
+            self.pingpong_command(client_pod, server_ip, count)
+                .spawn()
+                .expect("kubectl exec pingpong"),
+            Duration::from_secs(180),
+        )
+        .and_then(|o| {
+            anyhow::ensure!(
+                o.status.success(),
+                "{}: {}",
+                o.status,
+                String::from_utf8_lossy(&o.stderr)
+            );
+            Ok(String::from_utf8_lossy(&o.stdout).into_owned())
+        });
         let out = out.unwrap_or_else(|e| panic!("pingpong through the sidecars: {e:#}"));
         assert!(!out.is_empty(), "pingpong printed nothing");
         let after = segs();
@@ -457,27 +457,49 @@ impl MeshNode {
         server_ip: Ipv4Addr,
         count: usize,
     ) -> std::process::Child {
-        self.cluster
-            .kubectl_command()
-            .args([
-                "exec",
-                "-n",
-                &self.mesh_ns,
-                client_pod,
-                "-c",
-                "app",
-                "--",
-                TOOL,
-                "pingpong",
-                "--connect",
-                &format!("{server_ip}:{ECHO_PORT}"),
-                "--count",
-                &count.to_string(),
-            ])
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
+        self.pingpong_command(client_pod, server_ip, count)
             .spawn()
             .expect("kubectl exec pingpong")
+    }
+
+    /// `kubectl exec` of `count` round trips from the client pod's app container to the echo
+    /// server, through both sidecars; output piped.
+    fn pingpong_command(&self, client_pod: &str, server_ip: Ipv4Addr, count: usize) -> Command {
+        let mut cmd = self.cluster.kubectl_command();
+        cmd.args([
+            "exec",
+            "-n",
+            &self.mesh_ns,
+            client_pod,
+            "-c",
+            "app",
+            "--",
+            TOOL,
+        ])
+        .args(["pingpong", "--connect", &format!("{server_ip}:{ECHO_PORT}")])
+        .args(["--count", &count.to_string()])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+        cmd
+    }
+
+    /// New connections from the client are accelerated: ~0 TCP segments per round trip
+    /// (1,000 round trips; TCP is 3).
+    pub fn assert_accelerated(&self, client_pod: &str, server_ip: Ipv4Addr, when: &str) {
+        let segs = self.pingpong(client_pod, server_ip, 1000);
+        assert!(
+            segs < 0.05,
+            "{when}: {segs:.3} TCP segments per round trip, expected ~0 (accelerated)"
+        );
+    }
+
+    /// New connections from the client run on plain TCP (500 round trips).
+    pub fn assert_tcp(&self, client_pod: &str, server_ip: Ipv4Addr, when: &str) {
+        let segs = self.pingpong(client_pod, server_ip, 500);
+        assert!(
+            segs >= 2.0,
+            "{when}: {segs:.2} TCP segments per round trip, expected TCP's (3)"
+        );
     }
 
     /// The agent container's containerd id and restart count.
@@ -516,6 +538,36 @@ impl MeshNode {
             .collect()
     }
 
+    /// Waits until the agent's status shows the workload `<mesh ns>/<prefix>…` enabled (`want`)
+    /// or not (absent, or disabled).
+    pub fn wait_enabled(&self, prefix: &str, want: bool) {
+        wait_for(
+            &self.cluster,
+            &format!("{prefix} enabled={want} in the agent's status"),
+            Duration::from_secs(60),
+            || {
+                let st = self.status()?;
+                let on = self
+                    .workload(&st, prefix)
+                    .is_some_and(|w| w["enabled"] == true);
+                Ok((on == want).then_some(()))
+            },
+        );
+    }
+
+    /// Waits for the Running pod of `app` that replaces `old` (a rollout, a deletion).
+    pub fn replacement_pod(&self, app: &str, old: &str) -> String {
+        wait_for(
+            &self.cluster,
+            &format!("the pod replacing {old}"),
+            Duration::from_secs(120),
+            || {
+                let (pod, _) = self.running_pod(app);
+                Ok((pod != old).then_some(pod))
+            },
+        )
+    }
+
     pub fn enabled_pair(&self) -> (String, Ipv4Addr) {
         let (_server, client, server_ip) = self.deploy_pair(&[]);
         self.cluster
@@ -526,16 +578,8 @@ impl MeshNode {
                 "meshaccel.io/enabled=true",
             ])
             .unwrap();
-        wait_for(
-            &self.cluster,
-            "both workloads enabled",
-            Duration::from_secs(60),
-            || {
-                let st = self.status()?;
-                let on = |p| self.workload(&st, p).is_some_and(|w| w["enabled"] == true);
-                Ok((on("server") && on("client")).then_some(()))
-            },
-        );
+        self.wait_enabled("server", true);
+        self.wait_enabled("client", true);
         (client, server_ip)
     }
 }

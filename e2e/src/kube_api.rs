@@ -192,7 +192,8 @@ fn spawn_logged(mut cmd: Command, log: &Path) -> anyhow::Result<Child> {
         .with_context(|| format!("starting {:?}", cmd.get_program()))
 }
 
-fn stop(child: &mut Option<Child>) {
+/// SIGTERM, then SIGKILL after 10 s; reaped.
+pub(crate) fn stop(child: &mut Option<Child>) {
     if let Some(mut c) = child.take() {
         // SAFETY: signalling a child we spawned and have not reaped.
         unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
@@ -208,7 +209,8 @@ fn stop(child: &mut Option<Child>) {
     }
 }
 
-fn tail(path: &Path) -> String {
+/// The last lines of a log file (for errors that quote it).
+pub(crate) fn tail(path: &Path) -> String {
     let s = fs::read_to_string(path).unwrap_or_default();
     let lines: Vec<&str> = s.lines().collect();
     lines[lines.len().saturating_sub(25)..].join("\n")

@@ -122,16 +122,8 @@ fn the_chart_accelerates_a_labelled_namespace_on_a_real_node() {
             "meshaccel.io/enabled=true",
         ])
         .unwrap();
-    wait_for(
-        &node.cluster,
-        "both workloads enabled in the agent's status",
-        Duration::from_secs(60),
-        || {
-            let st = node.status()?;
-            let on = |p| node.workload(&st, p).is_some_and(|w| w["enabled"] == true);
-            Ok((on("server") && on("client")).then_some(()))
-        },
-    );
+    node.wait_enabled("server", true);
+    node.wait_enabled("client", true);
     let on = node.pingpong(&client_pod, server_ip, 2000);
     let st = node.status().unwrap();
     let client = node.workload(&st, "client").unwrap();
@@ -147,32 +139,9 @@ fn the_chart_accelerates_a_labelled_namespace_on_a_real_node() {
     // A pod label opts one workload out: its new pod runs on plain TCP.
     let client = node.client_workload(server_ip, &[("meshaccel.io/enabled", "false")]);
     node.deploy(&client);
-    let new_client = wait_for(
-        &node.cluster,
-        "the opted-out client pod",
-        Duration::from_secs(120),
-        || {
-            let (pod, _) = node.running_pod("client");
-            Ok((pod != client_pod).then_some(pod))
-        },
-    );
-    wait_for(
-        &node.cluster,
-        "the opted-out client leaves the agent's status",
-        Duration::from_secs(60),
-        || {
-            let st = node.status()?;
-            Ok(node
-                .workload(&st, "client")
-                .is_none_or(|w| w["enabled"] == false)
-                .then_some(()))
-        },
-    );
-    let out = node.pingpong(&new_client, server_ip, 500);
-    assert!(
-        out >= 2.0,
-        "opted-out pod: {out:.2} segments per round trip, expected TCP's"
-    );
+    let new_client = node.replacement_pod("client", &client_pod);
+    node.wait_enabled("client", false);
+    node.assert_tcp(&new_client, server_ip, "opted-out pod");
 
     // A deleted pod's entries go, its replacement's come.
     node.cluster
@@ -185,15 +154,7 @@ fn the_chart_accelerates_a_labelled_namespace_on_a_real_node() {
             "--wait=false",
         ])
         .unwrap();
-    let new_server = wait_for(
-        &node.cluster,
-        "the replacement server pod",
-        Duration::from_secs(120),
-        || {
-            let (pod, _) = node.running_pod("server");
-            Ok((pod != server_pod).then_some(pod))
-        },
-    );
+    let new_server = node.replacement_pod("server", &server_pod);
     wait_for(
         &node.cluster,
         "the entries moved to the new server pod",
@@ -289,11 +250,7 @@ fn a_killed_agent_and_an_upgrade_lose_no_request() {
         !after.is_empty() && after != programs,
         "programs not replaced: {programs:?} -> {after:?}"
     );
-    let on = node.pingpong(&client, server_ip, 1000);
-    assert!(
-        on < 0.05,
-        "after the upgrade: {on:.3} segments per round trip"
-    );
+    node.assert_accelerated(&client, server_ip, "after the upgrade");
 }
 
 #[test]
@@ -350,31 +307,12 @@ fn helm_uninstall_runs_the_hook_on_the_node_and_leaves_nothing_attached() {
         })
         .collect();
     assert!(pins.is_empty(), "pins left in the node's bpffs: {pins:?}");
-    let off = node.pingpong(&client, server_ip, 500);
-    assert!(
-        off >= 2.0,
-        "after uninstall: {off:.2} segments per round trip, expected TCP's"
-    );
+    node.assert_tcp(&client, server_ip, "after uninstall");
 
     // Installing again works: new connections are accelerated again.
     node.helm_install("install", &node.tag, &[]);
-    wait_for(
-        &node.cluster,
-        "workloads enabled after reinstall",
-        Duration::from_secs(90),
-        || {
-            let st = node.status()?;
-            Ok(node
-                .workload(&st, "client")
-                .is_some_and(|w| w["enabled"] == true)
-                .then_some(()))
-        },
-    );
-    let on = node.pingpong(&client, server_ip, 1000);
-    assert!(
-        on < 0.05,
-        "after reinstall: {on:.3} segments per round trip"
-    );
+    node.wait_enabled("client", true);
+    node.assert_accelerated(&client, server_ip, "after reinstall");
 }
 
 #[test]
@@ -463,11 +401,7 @@ fn an_agent_restarted_after_the_uninstall_hook_installs_nothing() {
         Vec::<u64>::new(),
         "a restarted agent installed again"
     );
-    let off = node.pingpong(&client, server_ip, 500);
-    assert!(
-        off >= 2.0,
-        "after the hook: {off:.2} segments per round trip, expected TCP's"
-    );
+    node.assert_tcp(&client, server_ip, "after the hook");
 }
 
 #[test]
@@ -523,11 +457,7 @@ fn istiod_and_apiserver_outages_keep_a_working_agent_ready() {
         before,
         "an API server blip changed the pod's readiness"
     );
-    let on = node.pingpong(&client, server_ip, 1000);
-    assert!(
-        on < 0.05,
-        "after the outages: {on:.3} segments per round trip"
-    );
+    node.assert_accelerated(&client, server_ip, "after the outages");
 }
 
 #[test]
@@ -565,20 +495,6 @@ fn bad_labels_and_pods_without_sidecar_are_reported_and_break_nothing() {
             },
         )
     };
-    let enabled = |prefix: &str, want: bool| {
-        wait_for(
-            &node.cluster,
-            &format!("{prefix} enabled={want}"),
-            Duration::from_secs(60),
-            || {
-                let st = node.status()?;
-                let on = node
-                    .workload(&st, prefix)
-                    .is_some_and(|w| w["enabled"] == true);
-                Ok((on == want).then_some(()))
-            },
-        )
-    };
     node.cluster
         .kubectl(&[
             "label",
@@ -591,7 +507,7 @@ fn bad_labels_and_pods_without_sidecar_are_reported_and_break_nothing() {
         .unwrap();
     let ev = events(&client, "pod label meshaccel.io/enabled=\"maybe\"");
     assert!(ev.contains("must be \"true\" or \"false\""), "{ev}");
-    enabled("client", false);
+    node.wait_enabled("client", false);
     node.cluster
         .kubectl(&[
             "label",
@@ -602,7 +518,7 @@ fn bad_labels_and_pods_without_sidecar_are_reported_and_break_nothing() {
             "meshaccel.io/enabled-",
         ])
         .unwrap();
-    enabled("client", true);
+    node.wait_enabled("client", true);
     node.cluster
         .kubectl(&[
             "label",
@@ -613,7 +529,7 @@ fn bad_labels_and_pods_without_sidecar_are_reported_and_break_nothing() {
         ])
         .unwrap();
     events(&client, "namespace label meshaccel.io/enabled=\"yes\"");
-    enabled("server", false);
+    node.wait_enabled("server", false);
     node.cluster
         .kubectl(&[
             "label",
@@ -623,16 +539,12 @@ fn bad_labels_and_pods_without_sidecar_are_reported_and_break_nothing() {
             "meshaccel.io/enabled=true",
         ])
         .unwrap();
-    enabled("server", true);
-    enabled("client", true);
+    node.wait_enabled("server", true);
+    node.wait_enabled("client", true);
     let st = node.status().unwrap();
     assert!(
         node.workload(&st, "plain").is_none(),
         "a pod without sidecar in the agent's status: {st}"
     );
-    let on = node.pingpong(&client, server_ip, 1000);
-    assert!(
-        on < 0.05,
-        "after the bad labels: {on:.3} segments per round trip"
-    );
+    node.assert_accelerated(&client, server_ip, "after the bad labels");
 }

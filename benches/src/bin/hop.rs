@@ -5,7 +5,8 @@
 //!
 //! Prints p50, p90, p99, p99.9, max and round trips per second for both, the ratios
 //! accelerated/baseline with their spread over the rounds, writes `hop.json` and `hop.png`, and
-//! with `--check` exits 1 on a clear inversion: accelerated p50 not lower than baseline. Also
+//! with `--check` exits 1 on a clear inversion (accelerated p50 not lower than baseline), when
+//! acceleration did not engage, or when the p50 ratio is above [`GATE_FLOOR`]'s 0.75. Also
 //! measures the floor (the same ping-pong over a UNIX stream pair on the same CPU) and the sk_msg
 //! program's run time per message (kernel BPF stats, one extra round).
 use std::process::ExitCode;
@@ -53,6 +54,11 @@ enum Pin {
 const METRICS: [Metric; 11] = Metric::TABLE;
 
 /// The targets (ratios accelerated/baseline).
+/// The CI gate's floor: a working build's short debug run measures p50 0.60 [0.60–0.61] here
+/// (CI, 5 Dec 2026; full release runs 0.55–0.65), so 0.75 leaves room for a noisy machine and
+/// still fails when most of the gain is gone.
+const GATE_FLOOR: Target = Target::at_most(Metric::P50, 0.75);
+
 const TARGETS: [Target; 2] = [
     Target::at_most(Metric::P50, 0.55),
     Target::at_most(Metric::P99, 0.60),
@@ -224,7 +230,7 @@ fn run(a: &Args) -> anyhow::Result<bool> {
         );
     }
     report_tail::print_noise(c.noise(Metric::P50));
-    report_tail::warn_if_not_engaged(&c, "hop");
+    let gate = report_tail::gate(&c, "hop", GATE_FLOOR);
     if inverted {
         println!(
             "INVERSION: accelerated p50 is not lower than baseline ({})",
@@ -244,6 +250,7 @@ fn run(a: &Args) -> anyhow::Result<bool> {
         "machine": machine,
         "targets": report_tail::targets_json(&c, &TARGETS),
         "inversion": inverted,
+        "gate": gate,
         "floor": {
             "unix": floor,
             "accelerated_p50_over_unix_p50": over_floor,
@@ -266,7 +273,7 @@ fn run(a: &Args) -> anyhow::Result<bool> {
             ],
         )
     })?;
-    Ok(!(a.common.check && inverted))
+    Ok(!(a.common.check && (inverted || !gate.is_empty())))
 }
 
 fn main() -> ExitCode {

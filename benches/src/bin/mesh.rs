@@ -7,9 +7,10 @@
 //! Prints latency percentiles, requests per second and CPU µs per request (the two pods'
 //! cgroups: apps and Envoys, kernel work done on their behalf included) with ratios
 //! accelerated/baseline and their spread over the rounds; writes `mesh.json` and `mesh.png`.
-//! With `--check`, exits 1 on a clear inversion: accelerated closed-loop p50 worse than baseline
-//! by more than the run's own noise (the largest A/A or B/B difference between the two halves
-//! of a side).
+//! With `--check`, exits 1 on a clear inversion (accelerated closed-loop p50 worse than baseline
+//! by more than the run's own noise: the largest A/A or B/B difference between the two halves
+//! of a side), when acceleration did not engage, or when the closed-loop requests-per-second
+//! ratio is below [`GATE_FLOOR`]'s 1.1.
 use std::process::ExitCode;
 
 use clap::{Parser, ValueEnum};
@@ -84,6 +85,11 @@ enum Pin {
 const METRICS: [Metric; 11] = Metric::TABLE;
 
 /// The targets (ratios accelerated/baseline), closed loop.
+/// The CI gate's floor: a working build's short debug run measures 1.54 [1.49–1.60] requests
+/// per second accelerated/baseline here (CI, 5 Dec 2026; full release runs 1.39–1.66), so 1.1
+/// leaves room for a noisy machine and still fails when most of the gain is gone.
+const GATE_FLOOR: Target = Target::at_least(Metric::Rate, 1.1);
+
 const TARGETS: [Target; 6] = [
     Target::at_most(Metric::P50, 0.75),
     Target::at_most(Metric::P90, 0.75),
@@ -274,7 +280,7 @@ fn run(a: &Args) -> anyhow::Result<bool> {
         );
         print!("{}", table(&fixed, &METRICS, &RATE_TARGETS));
     }
-    report_tail::warn_if_not_engaged(&closed, "mesh");
+    let gate = report_tail::gate(&closed, "mesh", GATE_FLOOR);
     if inverted {
         println!(
             "INVERSION: accelerated p50 is worse than baseline beyond the run's noise ({}, noise {noise:.3})",
@@ -295,6 +301,7 @@ fn run(a: &Args) -> anyhow::Result<bool> {
         "busy_idle": a.busy_idle,
         "machine": machine,
         "inversion": inverted,
+        "gate": gate,
         "closed": {
             "targets": report_tail::targets_json(&closed, &TARGETS),
             "result": closed.to_json(&METRICS, true),
@@ -340,7 +347,7 @@ fn run(a: &Args) -> anyhow::Result<bool> {
             Ok(())
         },
     )?;
-    Ok(!(a.common.check && inverted))
+    Ok(!(a.common.check && (inverted || !gate.is_empty())))
 }
 
 fn num_cpus() -> usize {
