@@ -20,7 +20,10 @@
 //! - The API server binds the bridge's gateway address, so pods reach it; there is no
 //!   kube-proxy: one DNAT rule (comment `ma-<id>`) sends the `kubernetes` Service's cluster IP to
 //!   it, which is all in-cluster clients (the agent, the uninstall hook) need.
-//! - containerd: its own config, root, state and socket in the run's folder; images are imported
+//! - containerd: its own config, root, state and socket in the run's folder (containerd 1.6 still
+//!   puts shim sockets, FIFOs and runc state under /run/containerd: unique names; teardown removes
+//!   the folders it created there); it shares the host's mount namespace, since the kubelet's
+//!   volume mounts and its netns pins must be seen by both and by the agent; images are imported
 //!   (there is no registry), the sandbox image `meshaccel.local/pause:<version>` is built here
 //!   from the `pause` binary install-kube.sh builds from the same source tree.
 //! - cgroups: the kubelet's `--cgroup-root=/ma-<id>` in every cgroup v1 controller (cgroupfs
@@ -63,7 +66,7 @@ pub struct Cluster {
     id: String,
     net: NodeNetwork,
     cgroups: Cgroups,
-    /// Declared before `dir`-owning `api` would drop; [`Drop`] stops everything in order.
+    /// etcd and the API server; [`Drop`] stops them after the node's own components.
     api: Option<KubeApi>,
     containerd: Option<Child>,
     controller_manager: Option<Child>,
