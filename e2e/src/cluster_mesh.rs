@@ -174,33 +174,35 @@ impl MeshNode {
         cmd
     }
 
-    /// `helm install|upgrade` of the chart with the image values and the two values this
-    /// machine needs (the run's bpffs, istiod's stand-in address, a kubectl image for the
-    /// uninstall hook: there is no registry); `extra` are `--set-string`s.
+    /// The chart's values as a user sets them (the image) plus the three this machine needs:
+    /// the run's bpffs, istiod's stand-in address, a kubectl image for the uninstall hook (there
+    /// is no registry); as `--set` arguments for helm.
+    pub fn chart_values(&self, tag: &str) -> Vec<String> {
+        [
+            format!("image.repository={AGENT_IMAGE}"),
+            format!("image.tag={tag}"),
+            "image.pullPolicy=Never".into(),
+            format!("uninstallHook.kubectlImage={KUBECTL_IMAGE}"),
+            format!("hostPaths.bpffs={}", self.cluster.bpffs().display()),
+            format!(
+                "istiod.address={}:{}",
+                self.cluster.network().gateway,
+                self.ads.addr().port()
+            ),
+        ]
+        .into_iter()
+        .flat_map(|v| ["--set".to_string(), v])
+        .collect()
+    }
+
+    /// `helm install|upgrade` of the chart with [`MeshNode::chart_values`]; `extra` are
+    /// `--set-string`s.
     pub fn helm_install(&self, verb: &str, tag: &str, extra: &[&str]) {
         let mut cmd = self.helm();
         cmd.args([verb, RELEASE])
             .arg(repo().join("charts/meshaccel"))
             .args(["-n", &self.system_ns])
-            .args(["--set", &format!("image.repository={AGENT_IMAGE}")])
-            .args(["--set", &format!("image.tag={tag}")])
-            .args(["--set", "image.pullPolicy=Never"])
-            .args([
-                "--set",
-                &format!("uninstallHook.kubectlImage={KUBECTL_IMAGE}"),
-            ])
-            .args([
-                "--set",
-                &format!("hostPaths.bpffs={}", self.cluster.bpffs().display()),
-            ])
-            .args([
-                "--set",
-                &format!(
-                    "istiod.address={}:{}",
-                    self.cluster.network().gateway,
-                    self.ads.addr().port()
-                ),
-            ])
+            .args(self.chart_values(tag))
             .args(["--wait", "--timeout", "180s"]);
         for s in extra {
             cmd.args(["--set-string", s]);
@@ -566,6 +568,15 @@ impl MeshNode {
                 Ok((pod != old).then_some(pod))
             },
         )
+    }
+
+    /// A node with the chart installed and the pair deployed in a labelled namespace, its
+    /// workloads enabled: (node, client pod, server IP).
+    pub fn installed_with_pair() -> (MeshNode, String, Ipv4Addr) {
+        let node = MeshNode::start();
+        node.helm_install("install", &node.tag, &[]);
+        let (client, server_ip) = node.enabled_pair();
+        (node, client, server_ip)
     }
 
     pub fn enabled_pair(&self) -> (String, Ipv4Addr) {

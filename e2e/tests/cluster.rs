@@ -8,7 +8,7 @@ mod support;
 use std::{net::Ipv4Addr, path::Path, time::Duration};
 
 use meshaccel_e2e::{
-    cluster::{Cluster, KUBECTL_IMAGE, PAUSE_IMAGE},
+    cluster::{Cluster, PAUSE_IMAGE},
     cluster_mesh::{
         AGENT_IMAGE, AGENT_METRICS_PORT, MeshNode, RELEASE, finished_ok, http_get, repo, wait_for,
         walkdir,
@@ -176,9 +176,7 @@ fn the_chart_accelerates_a_labelled_namespace_on_a_real_node() {
 
 #[test]
 fn a_killed_agent_and_an_upgrade_lose_no_request() {
-    let node = MeshNode::start();
-    node.helm_install("install", &node.tag, &[]);
-    let (client, server_ip) = node.enabled_pair();
+    let (node, client, server_ip) = MeshNode::installed_with_pair();
     let programs = node.attached_programs();
     assert!(
         !programs.is_empty(),
@@ -255,9 +253,7 @@ fn a_killed_agent_and_an_upgrade_lose_no_request() {
 
 #[test]
 fn helm_uninstall_runs_the_hook_on_the_node_and_leaves_nothing_attached() {
-    let node = MeshNode::start();
-    node.helm_install("install", &node.tag, &[]);
-    let (client, server_ip) = node.enabled_pair();
+    let (node, client, server_ip) = MeshNode::installed_with_pair();
     assert!(!node.attached_programs().is_empty());
     let load = node.background_pingpong(&client, server_ip, 60_000);
     std::thread::sleep(Duration::from_secs(2));
@@ -317,9 +313,7 @@ fn helm_uninstall_runs_the_hook_on_the_node_and_leaves_nothing_attached() {
 
 #[test]
 fn an_agent_restarted_after_the_uninstall_hook_installs_nothing() {
-    let node = MeshNode::start();
-    node.helm_install("install", &node.tag, &[]);
-    let (client, server_ip) = node.enabled_pair();
+    let (node, client, server_ip) = MeshNode::installed_with_pair();
     assert!(!node.attached_programs().is_empty());
     // The pre-delete hook's objects as helm renders them, applied by hand so that the window
     // between the hook and the agent DaemonSet's deletion stays open as long as the test needs.
@@ -332,17 +326,7 @@ fn an_agent_restarted_after_the_uninstall_hook_installs_nothing() {
             "--show-only",
             "templates/uninstall-hook.yaml",
         ])
-        .args(["--set", &format!("image.repository={AGENT_IMAGE}")])
-        .args(["--set", &format!("image.tag={}", node.tag)])
-        .args(["--set", "image.pullPolicy=Never"])
-        .args([
-            "--set",
-            &format!("uninstallHook.kubectlImage={KUBECTL_IMAGE}"),
-        ])
-        .args([
-            "--set",
-            &format!("hostPaths.bpffs={}", node.cluster.bpffs().display()),
-        ]);
+        .args(node.chart_values(&node.tag));
     let out = cmd.output().unwrap();
     assert!(
         out.status.success(),
@@ -406,9 +390,7 @@ fn an_agent_restarted_after_the_uninstall_hook_installs_nothing() {
 
 #[test]
 fn istiod_and_apiserver_outages_keep_a_working_agent_ready() {
-    let mut node = MeshNode::start();
-    node.helm_install("install", &node.tag, &[]);
-    let (client, server_ip) = node.enabled_pair();
+    let (mut node, client, server_ip) = MeshNode::installed_with_pair();
     let agent = node.agent_pod();
     let ready_since = |node: &MeshNode| {
         node.cluster
@@ -462,9 +444,7 @@ fn istiod_and_apiserver_outages_keep_a_working_agent_ready() {
 
 #[test]
 fn bad_labels_and_pods_without_sidecar_are_reported_and_break_nothing() {
-    let node = MeshNode::start();
-    node.helm_install("install", &node.tag, &[]);
-    let (client, server_ip) = node.enabled_pair();
+    let (node, client, server_ip) = MeshNode::installed_with_pair();
     // A pod without sidecar in the labelled namespace: left alone, nothing else changes.
     node.cluster
         .apply(&format!(
