@@ -18,7 +18,7 @@ use crate::{
     install_gate,
     sources::{
         Source,
-        kube::{self, KubeOptions, OptInLabel},
+        kube::{self, KubeOptions, OptInLabel, events::PodRef},
     },
     state_files,
 };
@@ -114,6 +114,15 @@ pub struct AgentArgs {
     /// The label key namespaces (and pods, to override) opt in with: `<key>=true`.
     #[arg(long, env = "MESHACCEL_OPT_IN_LABEL", default_value = kube::ENABLED_LABEL, value_parser = OptInLabel::parse)]
     pub opt_in_label: OptInLabel,
+    /// The agent's own pod (the chart passes it from the downward API): the node-check and
+    /// install-failure Events go there. All three or none; without them those findings are log
+    /// lines only.
+    #[arg(long, env = "MESHACCEL_POD_NAMESPACE", requires_all = ["pod_name", "pod_uid", "node_name"])]
+    pub pod_namespace: Option<String>,
+    #[arg(long, env = "MESHACCEL_POD_NAME", requires_all = ["pod_namespace", "pod_uid"])]
+    pub pod_name: Option<String>,
+    #[arg(long, env = "MESHACCEL_POD_UID", requires_all = ["pod_namespace", "pod_name"])]
+    pub pod_uid: Option<String>,
     #[command(flatten)]
     pub istiod: IstiodArgs,
 }
@@ -161,6 +170,8 @@ pub struct AgentConfig {
     pub kube: Option<KubeOptions>,
     /// The xDS source, when the agent has istiod's address.
     pub xds: Option<AdsConfig>,
+    /// The agent's own pod, for the Events about this node (with the Kubernetes source only).
+    pub pod: Option<PodRef>,
 }
 
 impl AgentConfig {
@@ -208,6 +219,14 @@ impl AgentArgs {
                 ..KubeOptions::new(node, self.kubeconfig)
             }),
             xds: self.istiod.config(node_name.as_deref()),
+            pod: match (self.pod_namespace, self.pod_name, self.pod_uid) {
+                (Some(namespace), Some(name), Some(uid)) => Some(PodRef {
+                    namespace,
+                    name,
+                    uid,
+                }),
+                _ => None,
+            },
         })
     }
 }
@@ -404,5 +423,45 @@ mod tests {
             assert!(e.contains("--sockhash-capacity"), "{bad}: {e}");
             assert!(e.contains("2..=1048576"), "{bad}: {e}");
         }
+    }
+
+    /// The agent's own pod: all three flags (with a node name) or none; a partial set is an
+    /// error naming what is missing, not Events silently going nowhere.
+    #[test]
+    fn the_agents_pod_is_all_three_flags_or_none() {
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            agent: AgentArgs,
+        }
+        use clap::Parser as _;
+        let parse = |args: &[&str]| {
+            Cli::try_parse_from([&["agent", "--cgroup", "/sys/fs/cgroup/unified"], args].concat())
+        };
+        let pod = [
+            "--node-name",
+            "n",
+            "--pod-namespace",
+            "ms",
+            "--pod-name",
+            "p",
+            "--pod-uid",
+            "u",
+        ];
+        let cfg = parse(&pod).expect("flags").agent.config().expect("config");
+        assert_eq!(
+            cfg.pod,
+            Some(PodRef {
+                namespace: "ms".into(),
+                name: "p".into(),
+                uid: "u".into()
+            })
+        );
+        let err = parse(&pod[..6]).err().expect("no --pod-uid").to_string();
+        assert!(err.contains("--pod-uid"), "{err}");
+        let err = parse(&pod[2..]).err().expect("no --node-name").to_string();
+        assert!(err.contains("--node-name"), "{err}");
+        let none = parse(&[]).expect("flags").agent.config().expect("config");
+        assert_eq!(none.pod, None);
     }
 }

@@ -557,6 +557,29 @@ impl MeshNode {
         );
     }
 
+    /// Waits for an Event with `reason` on pod `ns`/`pod` whose message contains `needle`;
+    /// returns the messages.
+    pub fn event_on(&self, ns: &str, pod: &str, reason: &str, needle: &str) -> String {
+        wait_for(
+            &self.cluster,
+            &format!("an Event {reason} on {ns}/{pod} naming {needle}"),
+            Duration::from_secs(60),
+            || {
+                let out = self.cluster.kubectl(&[
+                    "get",
+                    "events",
+                    "-n",
+                    ns,
+                    "--field-selector",
+                    &format!("involvedObject.name={pod},reason={reason}"),
+                    "-o",
+                    "jsonpath={.items[*].message}",
+                ])?;
+                Ok(out.contains(needle).then_some(out))
+            },
+        )
+    }
+
     /// Waits for the Running pod of `app` that replaces `old` (a rollout, a deletion).
     pub fn replacement_pod(&self, app: &str, old: &str) -> String {
         wait_for(

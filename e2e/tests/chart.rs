@@ -259,6 +259,17 @@ fn check_rendering(objs: &[Value], values: &serde_yaml::Value, what: &str) {
         env["NODE_NAME"]["valueFrom"]["fieldRef"]["fieldPath"], "spec.nodeName",
         "{what}: node name from the downward API"
     );
+    // The agent's own pod, for the Events about its node (found by `kubectl describe` by uid).
+    for (var, field) in [
+        ("MESHACCEL_POD_NAMESPACE", "metadata.namespace"),
+        ("MESHACCEL_POD_NAME", "metadata.name"),
+        ("MESHACCEL_POD_UID", "metadata.uid"),
+    ] {
+        assert_eq!(
+            env[var]["valueFrom"]["fieldRef"]["fieldPath"], field,
+            "{what}: {var} from the downward API"
+        );
+    }
     let port = values["metrics"]["port"].as_u64().unwrap();
     assert_eq!(
         env["MESHACCEL_METRICS_ADDR"]["value"],

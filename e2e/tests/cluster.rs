@@ -456,24 +456,7 @@ fn bad_labels_and_pods_without_sidecar_are_reported_and_break_nothing() {
     // Label values that are neither true nor false, on a pod and then on the namespace: an
     // Event on the pods names the label and the fix; they stay on TCP; fixed, they come back.
     let events = |pod: &str, needle: &str| {
-        wait_for(
-            &node.cluster,
-            &format!("an Event on {pod} naming {needle}"),
-            Duration::from_secs(60),
-            || {
-                let out = node.cluster.kubectl(&[
-                    "get",
-                    "events",
-                    "-n",
-                    &node.mesh_ns,
-                    "--field-selector",
-                    &format!("involvedObject.name={pod},reason=MeshaccelNotAccelerated"),
-                    "-o",
-                    "jsonpath={.items[*].message}",
-                ])?;
-                Ok(out.contains(needle).then_some(out))
-            },
-        )
+        node.event_on(&node.mesh_ns, pod, "MeshaccelNotAccelerated", needle)
     };
     node.cluster
         .kubectl(&[
@@ -527,4 +510,61 @@ fn bad_labels_and_pods_without_sidecar_are_reported_and_break_nothing() {
         "a pod without sidecar in the agent's status: {st}"
     );
     node.assert_accelerated(&client, server_ip, "after the bad labels");
+}
+
+#[test]
+fn a_node_without_kernel_btf_says_so_and_keeps_traffic_on_tcp() {
+    // What the agent sees on a kernel without CONFIG_DEBUG_INFO_BTF: no /sys/kernel/btf/vmlinux
+    // (an empty folder mounted over the one this kernel has, through the chart's extra volumes).
+    let node = MeshNode::start();
+    node.helm_install(
+        "install",
+        &node.tag,
+        &[
+            "extraVolumes[0].name=no-btf",
+            "extraVolumes[0].emptyDir.sizeLimit=1Mi",
+            "extraVolumeMounts[0].name=no-btf",
+            "extraVolumeMounts[0].mountPath=/sys/kernel/btf",
+        ],
+    );
+    // The agent still becomes Ready (helm --wait) and says why nothing is accelerated, in its
+    // log and as an Event on its pod with the fix.
+    let agent = node.agent_pod();
+    let ev = node.event_on(
+        &node.system_ns,
+        &agent,
+        "MeshaccelNodeCheck",
+        "no kernel BTF (/sys/kernel/btf/vmlinux",
+    );
+    assert!(
+        ev.contains("stays on plain TCP")
+            && ev.contains("fix: run a kernel built with CONFIG_DEBUG_INFO_BTF=y"),
+        "{ev}"
+    );
+    let log = node
+        .cluster
+        .kubectl(&["logs", "-n", &node.system_ns, &agent])
+        .unwrap();
+    assert!(
+        log.contains("MeshaccelNodeCheck") && log.contains("no kernel BTF"),
+        "the agent's log has no line on the missing BTF:\n{log}"
+    );
+    // Nothing breaks: the labelled pair is enabled and its requests flow, on plain TCP.
+    let (client, server_ip) = node.enabled_pair();
+    node.assert_tcp(&client, server_ip, "on a node without kernel BTF");
+    // Exactly one Event per finding: BTF is the only thing this kernel lacks.
+    let all = node
+        .cluster
+        .kubectl(&[
+            "get",
+            "events",
+            "-n",
+            &node.system_ns,
+            "--field-selector",
+            &format!("involvedObject.name={agent},reason=MeshaccelNodeCheck"),
+            "-o",
+            "jsonpath={range .items[*]}{.message}{\"\\n\"}{end}",
+        ])
+        .unwrap();
+    assert_eq!(all.lines().count(), 1, "{all}");
 }

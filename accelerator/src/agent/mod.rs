@@ -1,6 +1,7 @@
 //! The agent: its sources (the static workloads file, Kubernetes, xDS) each keep their last good
 //! contribution in [`Shared`]; one loop merges them, computes the desired state and makes the
 //! maps equal to it.
+mod node_report;
 pub mod shared;
 
 use std::sync::Arc;
@@ -9,12 +10,12 @@ use tokio::signal::unix::{SignalKind, signal};
 use tracing::{error, info, info_span, warn};
 
 use crate::{
-    agent::shared::Shared,
+    agent::{node_report::NodeReport, shared::Shared},
     config::AgentConfig,
     dataplane::Dataplane,
     desired::{self, DesiredState},
     http, netns,
-    sources::{kube, static_file, xds},
+    sources::{kube, kube::events::NodeFinding, static_file, xds},
     state_files::{self, StateFile},
 };
 
@@ -22,7 +23,11 @@ use crate::{
 fn reconcile(dp: &mut Dataplane, shared: &Shared, why: &str) -> Option<DesiredState> {
     let _span = info_span!("reconcile", trigger = why).entered();
     let started = std::time::Instant::now();
-    let desired = match desired::compute(&shared.snapshot().merged(), netns::cookie_of_path) {
+    let mut inputs = shared.snapshot().merged();
+    // Without the kernel's socket offsets nothing is accelerated safely (the startup check
+    // told the operator): the workloads' entries stay, the switch stays off.
+    inputs.enabled &= dp.socket_offsets;
+    let desired = match desired::compute(&inputs, netns::cookie_of_path) {
         Ok(d) => d,
         Err(e) => {
             error!(error = %e, "cannot compute the desired state; the maps keep the last good state");
@@ -112,15 +117,33 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         let (_, serve) = http::bind(addr, shared.clone()).await?;
         tokio::spawn(serve);
     }
-    let mut dp = Dataplane::install_or_adopt(&cfg.cgroup, &cfg.bpffs, &cfg.install)?;
-    if dp.sk_msg_reattached {
-        shared.metrics.sk_msg_reattached();
+    // The startup checks: what this node lacks is told before installing (a kernel without BTF
+    // still installs, and accelerates nothing).
+    let report = NodeReport::new(&cfg).await;
+    for check in crate::doctor::startup_checks() {
+        report.report(NodeFinding::Check, &check.line()).await;
     }
-
     let max_unread = shared.snapshot().tuning.max_unread_bytes;
     if let Some(w) = crate::queue_charge::agent_warning(&crate::queue_charge::release(), max_unread)
     {
-        warn!("{w}");
+        report
+            .report(NodeFinding::Check, &format!("queue bound: {w}"))
+            .await;
+    }
+    let mut dp = match Dataplane::install_or_adopt(&cfg.cgroup, &cfg.bpffs, &cfg.install) {
+        Ok(dp) => dp,
+        // Refusing to install after an uninstall is the agent doing its job, not a node problem.
+        Err(e @ crate::error::Error::Uninstalled { .. }) => return Err(e.into()),
+        Err(e) => {
+            let line = format!(
+                "cannot install the dataplane ({e:#}); `meshaccel doctor` on the node tells why and how to fix it"
+            );
+            report.report(NodeFinding::InstallFailed, &line).await;
+            return Err(e.into());
+        }
+    };
+    if dp.sk_msg_reattached {
+        shared.metrics.sk_msg_reattached();
     }
     info!(
         adopted = dp.adopted,

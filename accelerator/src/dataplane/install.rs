@@ -186,6 +186,7 @@ impl Dataplane {
         let mut dp = Self::open(bpffs)?;
         dp.adopted = outcome != Outcome::Installed;
         dp.sk_msg_reattached = outcome == Outcome::Reattached;
+        dp.socket_offsets = btf::running_kernel().is_ok();
         dp.adopter = Some(adopter);
         match outcome {
             Outcome::Installed => {
@@ -235,7 +236,7 @@ impl Dataplane {
         // This kernel's struct offsets for the peer-queue check (0 = unknown:
         // the verifier drops those checks).
         let offsets = btf::running_kernel().unwrap_or_else(|e| {
-            tracing::warn!(error = %e, "no kernel BTF offsets: peer queues are not bounded");
+            tracing::warn!(error = %e, "no kernel BTF offsets: the programs get 0 and the agent keeps the global switch off");
             Default::default()
         });
         offsets.set_globals(&mut loader);

@@ -45,6 +45,10 @@ pub struct Dataplane {
     pub adopted: bool,
     /// True when, adopting, it found no sk_msg program on the pinned sockhash and attached one.
     pub sk_msg_reattached: bool,
+    /// Whether this process could read the kernel's socket field offsets (its BTF). Without
+    /// them the programs cannot tell the sidecar's sockets from the apps' nor bound a peer's
+    /// queue, so the agent keeps the global switch off (everything on TCP) and says why.
+    pub socket_offsets: bool,
     /// The program that adopts app sockets after their first write, loaded by the process that
     /// installed or adopted the pins (the agent links it into each workload's netns).
     pub adopter: Option<adopter::Adopter>,
@@ -98,6 +102,7 @@ impl Dataplane {
             bpffs: bpffs.into(),
             adopted: false,
             sk_msg_reattached: false,
+            socket_offsets: false,
             adopter: None,
             socks: socks.try_into().map_err(map_err(names::SOCKS, "open"))?,
             peers: peers.try_into().map_err(map_err(names::PEERS, "open"))?,

@@ -17,39 +17,48 @@ pub(super) fn kernel_release() -> Check {
     )
 }
 
+/// What a node without the socket field offsets loses (see `dataplane::btf`): the programs
+/// cannot tell the sidecar's sockets from the apps' nor how an app reads, so they keep every
+/// connection on TCP (an app socket needs a known non-blocking file to be accelerated).
+const WITHOUT_OFFSETS: &str = "meshaccel cannot tell the sidecar's sockets from the apps' nor how an app reads, so every connection on this node stays on plain TCP (nothing is accelerated, nothing breaks), and a stalled reader's queue could not be bounded";
+const BTF_FIX: &str = "run a kernel built with CONFIG_DEBUG_INFO_BTF=y (every major distribution's is) and give the agent the host's /sys (the chart's default)";
+
 pub(super) fn btf() -> Check {
     const PATH: &str = "/sys/kernel/btf/vmlinux";
-    match std::fs::File::open(PATH).and_then(|mut f| {
+    let magic = std::fs::File::open(PATH).and_then(|mut f| {
         let mut magic = [0u8; 2];
         io::Read::read_exact(&mut f, &mut magic)?;
         Ok(magic)
-    }) {
+    });
+    let problem = match magic {
         Ok(m) if u16::from_le_bytes(m) == 0xeb9f || u16::from_be_bytes(m) == 0xeb9f => {
-            // The queue bound needs three socket field offsets from it (hazard 5).
             match crate::dataplane::btf::running_kernel() {
-                Ok(o) => Check::new(
-                    "btf",
-                    Level::Ok,
-                    format!(
-                        "kernel BTF at {PATH}; socket offsets for the unread-bytes bound: sk_rmem_alloc {}, write_seq {}, snd_una {}; for telling app sockets and how they read: sk_uid {}, sk_socket {}, socket.file {}, file.f_flags {}, file.f_ep {}",
-                        o.rmem_alloc, o.write_seq, o.snd_una, o.sk_uid, o.sk_socket, o.socket_file, o.file_flags, o.file_ep
-                    ),
-                ),
-                Err(e) => Check::new(
-                    "btf",
-                    Level::Warn,
-                    format!("kernel BTF at {PATH}, but not the socket fields meshaccel reads ({e}): a stalled reader's queue will not be bounded, and every app socket stays on TCP"),
-                ),
+                Ok(o) => {
+                    return Check::new(
+                        "btf",
+                        Level::Ok,
+                        format!(
+                            "kernel BTF at {PATH}; socket offsets for the unread-bytes bound: sk_rmem_alloc {}, write_seq {}, snd_una {}; for telling app sockets and how they read: sk_uid {}, sk_socket {}, socket.file {}, file.f_flags {}, file.f_ep {}",
+                            o.rmem_alloc,
+                            o.write_seq,
+                            o.snd_una,
+                            o.sk_uid,
+                            o.sk_socket,
+                            o.socket_file,
+                            o.file_flags,
+                            o.file_ep
+                        ),
+                    );
+                }
+                Err(e) => {
+                    format!("kernel BTF at {PATH}, but not the socket fields meshaccel reads ({e})")
+                }
             }
         }
-        Ok(_) => Check::new("btf", Level::Warn, format!("{PATH} is not BTF")),
-        Err(e) => Check::new(
-            "btf",
-            Level::Warn,
-            format!("no kernel BTF ({PATH}: {e}); meshaccel's programs carry their own BTF, the load probe below decides"),
-        )
-        .fix("use a kernel built with CONFIG_DEBUG_INFO_BTF=y (every major distribution's is)"),
-    }
+        Ok(_) => format!("{PATH} is not BTF"),
+        Err(e) => format!("no kernel BTF ({PATH}: {e})"),
+    };
+    Check::new("btf", Level::Warn, format!("{problem}: {WITHOUT_OFFSETS}")).fix(BTF_FIX)
 }
 
 pub(super) fn program_and_map_types() -> Vec<Check> {

@@ -58,6 +58,13 @@ impl Check {
         self.fix = Some(fix.into());
         self
     }
+    /// One line for a log or an Event: the finding and what to do about it.
+    pub fn line(&self) -> String {
+        match &self.fix {
+            Some(fix) => format!("{}: {}; fix: {fix}", self.name, self.detail),
+            None => format!("{}: {}", self.name, self.detail),
+        }
+    }
 }
 
 /// All findings; `ok` is false when any of them is `fail`.
@@ -142,6 +149,17 @@ pub fn run(cfg: &DoctorConfig) -> Report {
         ok: checks.iter().all(|c| c.level != Level::Fail),
         checks,
     }
+}
+
+/// The checks the agent runs itself at start, before it installs: read-only and cheap (no probe
+/// programs, no cgroup writes), the ones whose finding an operator cannot see otherwise. Only
+/// those that did not pass (warn, fail) are returned; the agent logs each and posts it as an
+/// Event on its pod.
+pub fn startup_checks() -> Vec<Check> {
+    let mut checks = vec![kernel::btf()];
+    checks.extend(kernel::program_and_map_types());
+    checks.retain(|c| c.level >= Level::Warn);
+    checks
 }
 
 #[cfg(test)]

@@ -15,21 +15,16 @@ use std::{
 };
 
 use futures::{FutureExt as _, StreamExt as _, stream};
-use k8s_openapi::{
-    api::core::v1::{Event as KEvent, EventSource, Namespace, ObjectReference, Pod},
-    apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta, Time},
-    jiff::Timestamp,
-};
+use k8s_openapi::api::core::v1::{Namespace, Pod};
 use kube::{
-    Api, Client, Resource as _,
-    api::PostParams,
+    Api, Client,
     config::{KubeConfigOptions, Kubeconfig},
     runtime::watcher::{self, Event},
 };
 use tracing::{error, info, info_span, warn};
 
 use super::{
-    Error, KubeOptions,
+    Error, KubeOptions, events,
     podnetns::{Lookup, NetnsIndex},
     policy::{self, Outcome},
 };
@@ -289,54 +284,21 @@ impl Controller {
             }
             warn!(pod = %d.id, reason = %msg, "pod not accelerated");
             self.reported.insert(d.uid.clone(), msg.clone());
-            let ev = pod_event(&self.opts.node_name, d, msg);
-            let api: Api<KEvent> = Api::namespaced(self.client.clone(), &d.namespace);
-            let id = d.id.clone();
-            tokio::spawn(async move {
-                if let Err(e) = api.create(&PostParams::default(), &ev).await {
-                    error!(pod = %id, error = %e, "cannot post a Kubernetes Event (the agent's ClusterRole needs `create` on `events`)");
-                }
-            });
+            let pod = events::PodRef {
+                namespace: d.namespace.clone(),
+                name: d.name.clone(),
+                uid: d.uid.clone(),
+            };
+            let ev = events::warning(
+                &self.opts.node_name,
+                &pod,
+                events::NOT_ACCELERATED,
+                "Accelerate",
+                &format!("meshaccel does not accelerate this pod: {msg}"),
+            );
+            tokio::spawn(events::post(self.client.clone(), ev));
         }
         self.reported.retain(|uid, _| live.contains(uid));
-    }
-}
-
-/// The Event reason on pods meshaccel refuses to accelerate.
-pub const EVENT_REASON: &str = "MeshaccelNotAccelerated";
-
-fn pod_event(node: &str, d: &policy::Decision, msg: &str) -> KEvent {
-    let now = Timestamp::now();
-    let suffix = format!("{:x}", now.as_nanosecond() as u64);
-    KEvent {
-        metadata: ObjectMeta {
-            name: Some(format!("{}.{suffix}", d.name)),
-            namespace: Some(d.namespace.clone()),
-            ..Default::default()
-        },
-        involved_object: ObjectReference {
-            api_version: Some(Pod::api_version(&()).into_owned()),
-            kind: Some(Pod::kind(&()).into_owned()),
-            name: Some(d.name.clone()),
-            namespace: Some(d.namespace.clone()),
-            uid: Some(d.uid.clone()),
-            ..Default::default()
-        },
-        reason: Some(EVENT_REASON.into()),
-        message: Some(format!("meshaccel does not accelerate this pod: {msg}")),
-        type_: Some("Warning".into()),
-        source: Some(EventSource {
-            component: Some("meshaccel".into()),
-            host: Some(node.into()),
-        }),
-        reporting_component: Some("meshaccel".into()),
-        reporting_instance: Some(format!("meshaccel-{node}")),
-        first_timestamp: Some(Time(now)),
-        last_timestamp: Some(Time(now)),
-        event_time: Some(MicroTime(now)),
-        action: Some("Accelerate".into()),
-        count: Some(1),
-        ..Default::default()
     }
 }
 

@@ -8,16 +8,19 @@
 //! - [`controller`]: the watch loop: keeps the last good state while the API server is away,
 //!   reports its sync state through [`crate::agent::shared::Shared::source_synced`], resyncs without map churn,
 //!   and posts a Kubernetes Event on pods whose configuration cannot be honoured.
+//! - [`events`]: the Events the agent posts (on those pods, and on its own pod when the node
+//!   cannot accelerate as it should).
 //!
 //! RBAC: `get`, `list`, `watch` on `pods` and `namespaces`, `create` on `events` (core group);
 //! nothing else.
 pub mod controller;
+pub mod events;
 pub mod podnetns;
 pub mod policy;
 
 use std::{path::PathBuf, time::Duration};
 
-pub use controller::{EVENT_REASON, run, spawn};
+pub use controller::{run, spawn};
 pub use policy::{ENABLED_LABEL, OptInLabel};
 
 /// How the agent reaches the API server and finds its pods.
