@@ -371,23 +371,23 @@ mod tests {
         );
     }
 
-    /// The node istiod is told about is `--node-name` (the chart passes the pod's node), not
-    /// this host's name, which in a pod is the pod's.
-    #[test]
-    fn istiod_hears_the_node_name_flag() {
+    /// `meshaccel agent --cgroup <v2 mount> ARGS`, parsed as the binary parses it.
+    fn parse_agent(args: &[&str]) -> Result<AgentArgs, clap::Error> {
         #[derive(clap::Parser)]
         struct Cli {
             #[command(flatten)]
             agent: AgentArgs,
         }
         use clap::Parser as _;
-        let cfg = |args: &[&str]| {
-            Cli::try_parse_from([&["agent", "--cgroup", "/sys/fs/cgroup/unified"], args].concat())
-                .expect("flags")
-                .agent
-                .config()
-                .expect("config")
-        };
+        Cli::try_parse_from([&["agent", "--cgroup", "/sys/fs/cgroup/unified"], args].concat())
+            .map(|c| c.agent)
+    }
+
+    /// The node istiod is told about is `--node-name` (the chart passes the pod's node), not
+    /// this host's name, which in a pod is the pod's.
+    #[test]
+    fn istiod_hears_the_node_name_flag() {
+        let cfg = |args: &[&str]| parse_agent(args).expect("flags").config().expect("config");
         let with = cfg(&["--node-name", "node-7", "--istiod", "127.0.0.1:15010"]);
         let ads = with.xds.expect("xds on");
         assert_eq!(ads.node.node_name, "node-7");
@@ -400,21 +400,10 @@ mod tests {
 
     #[test]
     fn sockhash_capacity_up_to_a_million_with_the_range_named() {
-        #[derive(clap::Parser)]
-        struct Cli {
-            #[command(flatten)]
-            agent: AgentArgs,
-        }
-        use clap::Parser as _;
         let parse = |v: &str| {
-            Cli::try_parse_from([
-                "agent",
-                "--cgroup",
-                "/x",
-                &format!("--sockhash-capacity={v}"),
-            ])
-            .map(|c| c.agent.sockhash_capacity)
-            .map_err(|e| e.to_string())
+            parse_agent(&[&format!("--sockhash-capacity={v}")])
+                .map(|a| a.sockhash_capacity)
+                .map_err(|e| e.to_string())
         };
         assert_eq!(parse("2"), Ok(Some(2)));
         assert_eq!(parse("1048576"), Ok(Some(1_048_576)));
@@ -429,15 +418,7 @@ mod tests {
     /// error naming what is missing, not Events silently going nowhere.
     #[test]
     fn the_agents_pod_is_all_three_flags_or_none() {
-        #[derive(clap::Parser)]
-        struct Cli {
-            #[command(flatten)]
-            agent: AgentArgs,
-        }
-        use clap::Parser as _;
-        let parse = |args: &[&str]| {
-            Cli::try_parse_from([&["agent", "--cgroup", "/sys/fs/cgroup/unified"], args].concat())
-        };
+        let parse = parse_agent;
         let pod = [
             "--node-name",
             "n",
@@ -448,7 +429,7 @@ mod tests {
             "--pod-uid",
             "u",
         ];
-        let cfg = parse(&pod).expect("flags").agent.config().expect("config");
+        let cfg = parse(&pod).expect("flags").config().expect("config");
         assert_eq!(
             cfg.pod,
             Some(PodRef {
@@ -461,7 +442,7 @@ mod tests {
         assert!(err.contains("--pod-uid"), "{err}");
         let err = parse(&pod[2..]).err().expect("no --node-name").to_string();
         assert!(err.contains("--node-name"), "{err}");
-        let none = parse(&[]).expect("flags").agent.config().expect("config");
+        let none = parse(&[]).expect("flags").config().expect("config");
         assert_eq!(none.pod, None);
     }
 }
