@@ -14,3 +14,4 @@ pub mod driver;
 pub mod plot;
 pub mod report_tail;
 pub mod stats;
+pub mod targets;
