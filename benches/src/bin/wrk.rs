@@ -71,6 +71,11 @@ struct Args {
     /// Exit 1 when acceleration did not engage.
     #[arg(long, env = "MESHACCEL_BENCH_CHECK")]
     check: bool,
+    /// Diagnostic: BPF run time per program (`BPF_ENABLE_STATS`) over the accelerated runs,
+    /// per request: what the dataplane's programs cost. The kernel's accounting adds to each
+    /// program run, so it is off by default and its runs' numbers are a profile, not a result.
+    #[arg(long, env = "MESHACCEL_WRK_BPF_STATS")]
+    bpf_stats: bool,
     /// The workloads' `appSockets` (see `mesh --help`): wrk and nginx are epoll event loops.
     #[arg(long, env = "MESHACCEL_BENCH_APP_SOCKETS", value_enum, default_value_t = AppSockets::Trusted)]
     app_sockets: AppSockets,
@@ -91,6 +96,10 @@ struct Ctx<'a> {
     tmp: tempfile::TempDir,
     rounds: u32,
     seconds: u64,
+    /// With `--bpf-stats`: the agent's programs (id, name), the stats switch, and per program
+    /// (runs, ns) summed over the accelerated runs of the current connection count.
+    bpf: Option<(Vec<(u64, String)>, driver::BpfRunStats)>,
+    bpf_sum: Vec<(u64, u64)>,
 }
 
 fn run(a: &Args) -> anyhow::Result<bool> {
@@ -119,6 +128,19 @@ fn run(a: &Args) -> anyhow::Result<bool> {
     let tmp = driver::shared_tempdir()?;
     fs::write(tmp.path().join("report.lua"), REPORT_LUA)?;
     let nginx = start_nginx(&mut m, &server, tmp.path(), a.size)?;
+    let bpf = if a.bpf_stats {
+        let progs: Vec<(u64, String)> = accel.status()?["prog_ids"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|v| v.as_u64())
+            .map(|id| (id, driver::prog_name(id).unwrap_or_else(|| id.to_string())))
+            .collect();
+        ensure!(!progs.is_empty(), "the agent's status lists no program ids");
+        Some((progs, driver::BpfRunStats::enable().context("BPF_ENABLE_STATS")?))
+    } else {
+        None
+    };
     let mut x = Ctx {
         a,
         accel,
@@ -130,6 +152,8 @@ fn run(a: &Args) -> anyhow::Result<bool> {
         tmp,
         rounds,
         seconds,
+        bpf,
+        bpf_sum: Vec::new(),
     };
     let mut ok = true;
     for &c in &a.connections.0 {
@@ -214,6 +238,7 @@ fn wrk_run(x: &mut Ctx<'_>, on: bool, connections: usize) -> anyhow::Result<(Sid
         .map(|c| driver::cgroup_cpu(c))
         .collect::<anyhow::Result<Vec<_>>>()?;
     let tcp0 = x.client.tcp_counters()?;
+    let bpf0 = bpf_snapshot(x, on)?;
     let threads = x
         .a
         .threads
@@ -239,6 +264,14 @@ fn wrk_run(x: &mut Ctx<'_>, on: bool, connections: usize) -> anyhow::Result<(Sid
     );
     let report = WrkReport::parse(&stdout)?;
     let tcp = x.client.tcp_counters()?.since(&tcp0);
+    if let Some(before) = bpf0 {
+        let after = bpf_snapshot(x, on)?.unwrap_or_default();
+        x.bpf_sum.resize(after.len(), (0, 0));
+        for (sum, (b, a)) in x.bpf_sum.iter_mut().zip(before.iter().zip(&after)) {
+            sum.0 += a.0.saturating_sub(b.0);
+            sum.1 += a.1.saturating_sub(b.1);
+        }
+    }
     let mut cpu = [0u64; 3];
     let mut by_cgroup = Vec::new();
     for (c, before) in cgroups.iter().zip(&cpu0) {
@@ -252,9 +285,42 @@ fn wrk_run(x: &mut Ctx<'_>, on: bool, connections: usize) -> anyhow::Result<(Sid
     Ok((side, report.synthetic))
 }
 
+/// (runs, ns) of each of the agent's programs, when `--bpf-stats` and the run is accelerated.
+fn bpf_snapshot(x: &Ctx<'_>, on: bool) -> anyhow::Result<Option<Vec<(u64, u64)>>> {
+    let Some((progs, _)) = x.bpf.as_ref().filter(|_| on) else {
+        return Ok(None);
+    };
+    let mut v = Vec::new();
+    for (id, _) in progs {
+        let (runs, ns, _) = driver::prog_run_stats(*id)?;
+        v.push((runs, ns));
+    }
+    Ok(Some(v))
+}
+
+/// The `--bpf-stats` profile of one connection count: per program, runs and ns per request.
+fn bpf_profile(x: &Ctx<'_>, requests: u64) -> serde_json::Value {
+    let Some((progs, _)) = &x.bpf else {
+        return json!(null);
+    };
+    let per_req = |v: u64| v as f64 / requests.max(1) as f64;
+    let rows: Vec<_> = progs
+        .iter()
+        .zip(&x.bpf_sum)
+        .map(|((id, name), &(runs, ns))| {
+            json!({"id": id, "program": name, "runs": runs, "ns": ns,
+                   "runs_per_request": meshaccel_benches::stats::round3(per_req(runs)),
+                   "ns_per_request": meshaccel_benches::stats::round3(per_req(ns)),
+                   "ns_per_run": if runs > 0 { (ns as f64 / runs as f64).round() } else { 0.0 }})
+        })
+        .collect();
+    json!(rows)
+}
+
 /// One connection count: rounds of A B B A, the table, `wrk-<connections>.json` and `.png`.
 fn measure(x: &mut Ctx<'_>, connections: usize) -> anyhow::Result<bool> {
     let name = format!("wrk-{connections}");
+    x.bpf_sum.clear();
     let mut machine = driver::machine();
     let other = driver::OtherLoad::start(x.m.mesh.cgroup_root());
     let mut runs = Compare::default();
@@ -315,6 +381,20 @@ fn measure(x: &mut Ctx<'_>, connections: usize) -> anyhow::Result<bool> {
     );
     print!("{}", table(&runs, &METRICS, targets));
     report_tail::print_noise(runs.noise(Metric::P50));
+    let bpf = bpf_profile(x, pb.requests);
+    if let Some(rows) = bpf.as_array() {
+        println!("\nBPF run time over the accelerated runs (--bpf-stats, diagnostic):\n");
+        println!("| program | runs per request | ns per request | ns per run |\n|---|---:|---:|---:|");
+        for r in rows {
+            println!(
+                "| {} | {} | {} | {} |",
+                r["program"].as_str().unwrap_or("?"),
+                r["runs_per_request"],
+                r["ns_per_request"],
+                r["ns_per_run"]
+            );
+        }
+    }
     let segs = pb.metric(Metric::SegsPerReq);
     let engaged = segs <= 0.5;
     if !engaged {
@@ -336,6 +416,7 @@ fn measure(x: &mut Ctx<'_>, connections: usize) -> anyhow::Result<bool> {
         "latency_source": "wrk (closed loop per connection, histogram after wrk's coordinated-omission correction)",
         "synthetic_share": meshaccel_benches::stats::round3(synthetic_share),
         "engaged": engaged,
+        "bpf_stats": bpf,
         "closed": {
             "targets": report_tail::targets_json(&runs, targets),
             "result": runs.to_json(&METRICS, true),
