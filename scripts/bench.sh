@@ -5,7 +5,7 @@
 #
 #   sudo scripts/bench.sh            full mode: hop, mesh (unpinned, 1 and 16 connections), wrk
 #                                    (wrk against nginx through the sidecars, 1 and 16
-#                                    connections), sweep and cross-node (20–25 minutes on
+#                                    connections), sweep and cross-node (15–20 minutes on
 #                                    2 vCPUs); results in benches/results/ (JSON, PNG,
 #                                    performance.md)
 #   sudo scripts/bench.sh scale      the scale curve (not in the default set): 100, 1k, 10k, 100k

@@ -238,7 +238,10 @@ fn client_args(x: &Ctx<'_>, connections: usize) -> Vec<String> {
 fn measure(x: &mut Ctx<'_>, connections: usize) -> anyhow::Result<bool> {
     let (a, rounds, blocks, with_rate) = (x.a, x.rounds, x.blocks, x.with_rate);
     let name = format!("mesh-{connections}");
-    eprintln!("[mesh] {connections} connection(s) per side, pinning {:?}", x.pin);
+    eprintln!(
+        "[mesh] {connections} connection(s) per side, pinning {:?}",
+        x.pin
+    );
     let mut machine = driver::machine();
     let other = driver::OtherLoad::start(x.m.mesh.cgroup_root());
     let base = client_args(x, connections);
@@ -372,43 +375,37 @@ fn measure(x: &mut Ctx<'_>, connections: usize) -> anyhow::Result<bool> {
         }) } else { json!(null) },
     });
     let panels = if with_rate { 2 } else { 1 };
-    report_tail::write_results(
-        &name,
-        &a.common.out,
-        &result,
-        (900 * panels, 560),
-        |area| {
-            let parts = area.split_evenly((1, panels as usize));
-            let (ca, cb) = (closed.pooled(false), closed.pooled(true));
+    report_tail::write_results(&name, &a.common.out, &result, (900 * panels, 560), |area| {
+        let parts = area.split_evenly((1, panels as usize));
+        let (ca, cb) = (closed.pooled(false), closed.pooled(true));
+        plot::percentiles(
+            &parts[0],
+            &format!(
+                "mesh: HTTP {} B, {connections} conn., closed loop ({rounds} rounds)",
+                a.size
+            ),
+            &[
+                ("baseline (TCP)".into(), &ca.hist, plot::BASELINE),
+                ("accelerated".into(), &cb.hist, plot::ACCELERATED),
+            ],
+        )?;
+        if with_rate {
+            let (fa, fb) = (fixed.pooled(false), fixed.pooled(true));
             plot::percentiles(
-                &parts[0],
+                &parts[1],
                 &format!(
-                    "mesh: HTTP {} B, {connections} conn., closed loop ({rounds} rounds)",
-                    a.size
+                    "mesh: HTTP {} B, {connections} conn., fixed rate {} req/s",
+                    a.size,
+                    rate.unwrap_or(0.0)
                 ),
                 &[
-                    ("baseline (TCP)".into(), &ca.hist, plot::BASELINE),
-                    ("accelerated".into(), &cb.hist, plot::ACCELERATED),
+                    ("baseline (TCP)".into(), &fa.hist, plot::BASELINE),
+                    ("accelerated".into(), &fb.hist, plot::ACCELERATED),
                 ],
             )?;
-            if with_rate {
-                let (fa, fb) = (fixed.pooled(false), fixed.pooled(true));
-                plot::percentiles(
-                    &parts[1],
-                    &format!(
-                        "mesh: HTTP {} B, {connections} conn., fixed rate {} req/s",
-                        a.size,
-                        rate.unwrap_or(0.0)
-                    ),
-                    &[
-                        ("baseline (TCP)".into(), &fa.hist, plot::BASELINE),
-                        ("accelerated".into(), &fb.hist, plot::ACCELERATED),
-                    ],
-                )?;
-            }
-            Ok(())
-        },
-    )?;
+        }
+        Ok(())
+    })?;
     Ok(!(a.common.check && (inverted || !gate.is_empty())))
 }
 

@@ -152,22 +152,38 @@ fn run(a: &Args) -> anyhow::Result<()> {
         a.dir.display()
     );
     let mut md = String::new();
-    let mut machine = all
-        .iter()
-        .map(|v| v["machine"].clone())
-        .next()
-        .unwrap_or_default();
-    if let Some(m) = machine.as_object_mut() {
-        m.remove("other_cpu_load");
-        m.remove("steal");
+    // The machine each result was measured on; when results of several machines are in the
+    // folder (e.g. a bench re-run elsewhere), each is named with its benches.
+    let mut machines: Vec<(String, Vec<String>)> = Vec::new();
+    for v in &all {
+        let mut m = v["machine"].clone();
+        if let Some(o) = m.as_object_mut() {
+            o.remove("other_cpu_load");
+            o.remove("steal");
+        }
+        let line = machine_line(&m);
+        let bench = v["bench"].as_str().unwrap_or("?").to_string();
+        match machines.iter_mut().find(|(l, _)| *l == line) {
+            Some((_, benches)) => benches.push(bench),
+            None => machines.push((line, vec![bench])),
+        }
     }
+    let machine_text = if machines.len() == 1 {
+        machines[0].0.clone()
+    } else {
+        machines
+            .iter()
+            .map(|(l, b)| format!("{}: {l}", b.join(", ")))
+            .collect::<Vec<_>>()
+            .join("; ")
+    };
     let _ = writeln!(
         md,
         "Ratios are accelerated / baseline, both measured in the same run, interleaved (blocks A B B A …\n\
          on baseline and accelerated connections that live side by side); the ratio is the median over\n\
          the rounds, [min–max] its spread; baseline and accelerated values are pooled over the rounds.\n\
          Machine: {}. Other work on the machine during the runs (share of its CPU time, noise; steal: time the hypervisor took the vCPUs away, each time a stall): {}.",
-        machine_line(&machine),
+        machine_text,
         all.iter()
             .map(|v| {
                 let steal = v["machine"]["steal"]
@@ -196,7 +212,11 @@ fn run(a: &Args) -> anyhow::Result<()> {
         rows(&mut md, &name, &h["result"], &h["targets"], &metrics);
     }
     for m in &meshes {
-        let name = format!("mesh, HTTP {} B, {}, closed loop", m["size"], conns_label(m));
+        let name = format!(
+            "mesh, HTTP {} B, {}, closed loop",
+            m["size"],
+            conns_label(m)
+        );
         let mut metrics = LAT.to_vec();
         metrics.extend([
             ("per_sec", "requests per second"),

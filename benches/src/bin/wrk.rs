@@ -137,7 +137,10 @@ fn run(a: &Args) -> anyhow::Result<bool> {
             .map(|id| (id, driver::prog_name(id).unwrap_or_else(|| id.to_string())))
             .collect();
         ensure!(!progs.is_empty(), "the agent's status lists no program ids");
-        Some((progs, driver::BpfRunStats::enable().context("BPF_ENABLE_STATS")?))
+        Some((
+            progs,
+            driver::BpfRunStats::enable().context("BPF_ENABLE_STATS")?,
+        ))
     } else {
         None
     };
@@ -239,11 +242,10 @@ fn wrk_run(x: &mut Ctx<'_>, on: bool, connections: usize) -> anyhow::Result<(Sid
         .collect::<anyhow::Result<Vec<_>>>()?;
     let tcp0 = x.client.tcp_counters()?;
     let bpf0 = bpf_snapshot(x, on)?;
-    let threads = x
-        .a
-        .threads
-        .unwrap_or(num_cpus() as u64)
-        .min(connections as u64);
+    let threads =
+        x.a.threads
+            .unwrap_or(num_cpus() as u64)
+            .min(connections as u64);
     let mut cmd = Command::new("/usr/bin/wrk");
     cmd.args(["-t", &threads.to_string(), "-c", &connections.to_string()])
         .args(["-d", &format!("{}s", x.seconds), "--timeout", "10s", "-s"])
@@ -384,7 +386,9 @@ fn measure(x: &mut Ctx<'_>, connections: usize) -> anyhow::Result<bool> {
     let bpf = bpf_profile(x, pb.requests);
     if let Some(rows) = bpf.as_array() {
         println!("\nBPF run time over the accelerated runs (--bpf-stats, diagnostic):\n");
-        println!("| program | runs per request | ns per request | ns per run |\n|---|---:|---:|---:|");
+        println!(
+            "| program | runs per request | ns per request | ns per run |\n|---|---:|---:|---:|"
+        );
         for r in rows {
             println!(
                 "| {} | {} | {} | {} |",
@@ -425,14 +429,17 @@ fn measure(x: &mut Ctx<'_>, connections: usize) -> anyhow::Result<bool> {
     report_tail::write_results(&name, &x.a.out, &result, (900, 560), |area| {
         plot::percentiles(
             area,
-            &format!("wrk → nginx via sidecars, {} B, {connections} conn.", x.a.size),
+            &format!(
+                "wrk → nginx via sidecars, {} B, {connections} conn.",
+                x.a.size
+            ),
             &[
                 ("baseline (TCP)".into(), &pa.hist, plot::BASELINE),
                 ("accelerated".into(), &pb.hist, plot::ACCELERATED),
             ],
         )
     })?;
-    Ok(!(x.a.check && !engaged))
+    Ok(engaged || !x.a.check)
 }
 
 fn num_cpus() -> usize {
