@@ -3,7 +3,9 @@
 # (benches/, see its crate docs). Installs what is missing first (scripts/env.sh, Envoy), builds,
 # runs, and cleans up after itself (also on Ctrl-C). Needs root.
 #
-#   sudo scripts/bench.sh            full mode: hop, mesh, sweep and cross-node (15–20 minutes on
+#   sudo scripts/bench.sh            full mode: hop, mesh (unpinned, 1 and 16 connections), wrk
+#                                    (wrk against nginx through the sidecars, 1 and 16
+#                                    connections), sweep and cross-node (15–20 minutes on
 #                                    2 vCPUs); results in benches/results/ (JSON, PNG,
 #                                    performance.md)
 #   sudo scripts/bench.sh scale      the scale curve (not in the default set): 100, 1k, 10k, 100k
@@ -27,7 +29,7 @@
 # CPU time busy over 5 s; other work on a 2-vCPU machine is noise), and bench names to run only
 # some of them (hop, mesh, sweep, cross-node: the sweep's cells with the server on another node;
 # scale and cluster: only when named). Every bench's own options are also read from MESHACCEL_*
-# variables (see `target/release/<bench> --help`).
+# variables (see `target/release/<bench> --help`). Honours CARGO_TARGET_DIR.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
@@ -39,18 +41,20 @@ while [ $# -gt 0 ]; do
     --debug) profile=debug ;;
     --out) out=$2; shift ;;
     --wait-quiet) wait_quiet=$2; shift ;;
-    hop|mesh|sweep|cross-node|scale|cluster) benches+=("$1") ;;
-    -h|--help) sed -n '2,25p' "$0"; exit 0 ;;
+    hop|mesh|wrk|sweep|cross-node|scale|cluster) benches+=("$1") ;;
+    -h|--help) sed -n '2,27p' "$0"; exit 0 ;;
     *) echo "[bench] unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
   shift
 done
 if [ ${#benches[@]} -eq 0 ]; then
-  if [ $short = 1 ]; then benches=(hop mesh); else benches=(hop mesh sweep cross-node); fi
+  if [ $short = 1 ]; then benches=(hop mesh); else benches=(hop mesh wrk sweep cross-node); fi
 fi
 
 eval "$(scripts/env.sh)"
 scripts/install-envoy.sh >/dev/null
+# wrk and nginx from Debian (only these two, not the whole conformance suite's list).
+if [[ " ${benches[*]} " == *" wrk "* ]]; then scripts/install-apps.sh nginx wrk; fi
 if [[ " ${benches[*]} " == *" cluster "* ]]; then
   # The single-node cluster: Kubernetes binaries, containerd/runc/CNI, helm.
   scripts/install-cluster.sh
@@ -60,12 +64,12 @@ fi
 if [ $profile = release ]; then
   echo "[bench] building (release)" >&2
   cargo build --release --locked -p meshaccel -p meshaccel-e2e -p meshaccel-benches --bins
-  bin=target/release
+  bin=${CARGO_TARGET_DIR:-target}/release
 else
   echo "[bench] building (debug)" >&2
   # The same command as scripts/test.sh, so that right after it nothing is rebuilt.
   cargo build --workspace --exclude meshaccel-ebpf --bins --tests --locked
-  bin=target/debug
+  bin=${CARGO_TARGET_DIR:-target}/debug
 fi
 
 tmp=""
@@ -125,7 +129,7 @@ done
 
 if [ $short = 0 ] && [ $status = 0 ]; then
   cmd="sudo scripts/bench.sh"
-  [ ${#benches[@]} -lt 4 ] && cmd="$cmd ${benches[*]}"
+  [ ${#benches[@]} -lt 5 ] && cmd="$cmd ${benches[*]}"
   MESHACCEL_BENCH_COMMAND=$cmd "$bin/report" --dir "$out"
 fi
 if [ $short = 1 ]; then

@@ -7,15 +7,17 @@
 #   nginx                   nginx 1.22, run with e2e/conformance/nginx/nginx.conf.tmpl
 #   gcc                     the C apps (e2e/conformance/c/)
 #   python3                 Debian's /usr/bin/python3 for the Python apps (not pyenv's)
+#   wrk                     wrk 4.1, the off-the-shelf HTTP load of the wrk benchmark (benches/)
 # Only missing packages are installed (`apt-get update -qq` runs only then). Progress goes to
 # stderr, nothing to stdout; exits non-zero with a message when something cannot be installed.
 #
-# Usage: scripts/install-apps.sh
+# Usage: scripts/install-apps.sh [PACKAGE…]   (default: all of them; named: only those, e.g.
+#        `scripts/install-apps.sh nginx wrk` for the wrk benchmark, without the JDK and Go)
 set -euo pipefail
 say() { echo "[install-apps] $*" >&2; }
 die() { say "error: $*"; exit 1; }
 
-PACKAGES=(golang-go openjdk-17-jdk-headless haproxy nginx gcc python3)
+PACKAGES=(golang-go openjdk-17-jdk-headless haproxy nginx gcc python3 wrk)
 # What each package must provide once installed.
 declare -A PROVIDES=(
   [golang-go]=/usr/bin/go
@@ -24,10 +26,18 @@ declare -A PROVIDES=(
   [nginx]=/usr/sbin/nginx
   [gcc]=/usr/bin/gcc
   [python3]=/usr/bin/python3
+  [wrk]=/usr/bin/wrk
 )
 # The JDK's folder is named after the architecture.
 if command -v dpkg >/dev/null 2>&1; then
   PROVIDES[openjdk-17-jdk-headless]=/usr/lib/jvm/java-17-openjdk-$(dpkg --print-architecture)/bin/javac
+fi
+
+if [ $# -gt 0 ]; then
+  for p in "$@"; do
+    [ -n "${PROVIDES[$p]:-}" ] || die "unknown package $p (known: ${PACKAGES[*]})"
+  done
+  PACKAGES=("$@")
 fi
 
 installed() { [ "$(dpkg-query -W -f='${Status}' "$1" 2>/dev/null)" = "install ok installed" ]; }
@@ -64,8 +74,11 @@ if [ ${#missing[@]} -gt 0 ]; then
   done
 fi
 
+# Only some packages named: their checks above are all.
+[ $# -gt 0 ] && { say "ok: $*"; exit 0; }
+
 # The tools the suite calls by name must be these on PATH.
-for t in go javac java haproxy nginx gcc; do
+for t in go javac java haproxy nginx gcc wrk; do
   command -v "$t" >/dev/null 2>&1 || die "$t not on PATH after installing"
 done
 javac -version 2>&1 | grep -q '^javac 17' ||

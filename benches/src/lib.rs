@@ -1,4 +1,4 @@
-//! meshaccel's benchmark programs (`hop`, `mesh`, `sweep`, `report`; `control` measures the
+//! meshaccel's benchmark programs (`hop`, `mesh`, `wrk`, `sweep`, `report`; `control` measures the
 //! controller). Each runs baseline and accelerated **interleaved in one run** in the local mesh of
 //! `meshaccel-e2e`, repeats, and prints ratios accelerated/baseline with their spread; results go
 //! to JSON and PNG files.
@@ -14,3 +14,5 @@ pub mod driver;
 pub mod plot;
 pub mod report_tail;
 pub mod stats;
+pub mod targets;
+pub mod wrk;

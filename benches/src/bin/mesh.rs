@@ -1,16 +1,22 @@
 //! `mesh`: the full sidecar path, client app → Envoy → (mTLS) → Envoy → server app, two pods of
 //! the local mesh with Istio's capture rules and real Envoy 1.40 sidecars. HTTP/1.1 keep-alive,
 //! `GET` of 1 KiB bodies (every response checked), baseline and accelerated interleaved in one
-//! run, in two modes: closed loop (as fast as one request at a time goes) and fixed rate
-//! (coordinated-omission corrected: latency from each request's intended start).
+//! run, in two modes: closed loop (as fast as the connections go) and fixed rate
+//! (coordinated-omission corrected: latency from each request's intended start). Full mode
+//! measures at 1 and at 16 connections per side, unpinned (the scheduler places the processes,
+//! as on a user's node); `--pin one|pods` are diagnostics.
 //!
 //! Prints latency percentiles, requests per second and CPU µs per request (the two pods'
 //! cgroups: apps and Envoys, kernel work done on their behalf included) with ratios
-//! accelerated/baseline and their spread over the rounds; writes `mesh.json` and `mesh.png`.
+//! accelerated/baseline and their spread over the rounds; writes `mesh-<connections>.json` and
+//! `.png` per connection count.
 //! With `--check`, exits 1 on a clear inversion (accelerated closed-loop p50 worse than baseline
 //! by more than the run's own noise: the largest A/A or B/B difference between the two halves
 //! of a side), when acceleration did not engage, or when the closed-loop requests-per-second
-//! ratio is below [`GATE_FLOOR`]'s 1.1.
+//! ratio is below [`GATE_FLOOR`]'s 1.1. The short mode (CI) stays on `--pin one` and 1
+//! connection, where the floors were calibrated: unpinned short runs passed here too (requests
+//! per second 1.53 and 1.55, 5 Dec 2026), but issue 18 measured 1.13 for one unpinned wrk
+//! connection on another VM, too close to 1.1 to move the gate without recalibrating it.
 use std::process::ExitCode;
 
 use clap::{Parser, ValueEnum};
@@ -18,10 +24,11 @@ use meshaccel_benches::{
     driver::{self, AbSetup, Cpus},
     plot, report_tail,
     stats::{AbRun, Compare, Metric, Target, table},
+    targets,
 };
 use meshaccel_e2e::{
-    APP_UID,
-    accel::Accel,
+    APP_UID, Pod,
+    accel::{Accel, Workload},
     require_root,
     sidecar::{PodSpec, Rules, SidecarMesh},
 };
@@ -42,9 +49,10 @@ struct Args {
     /// Response body size.
     #[arg(long, env = "MESHACCEL_MESH_SIZE", default_value_t = 1024)]
     size: u64,
-    /// Keep-alive connections per side.
-    #[arg(long, env = "MESHACCEL_MESH_CONNECTIONS", default_value_t = 1)]
-    connections: usize,
+    /// Keep-alive connections per side, a list: one measurement per count, each with its own
+    /// `mesh-<count>.json` (default: 1,16; short mode: 1).
+    #[arg(long, env = "MESHACCEL_MESH_CONNECTIONS", value_parser = targets::parse_connections)]
+    connections: Option<targets::Connections>,
     /// Fixed rate (requests/s per side). Default: `--rate-fraction` of the baseline's
     /// closed-loop rate in round 1, kept for all rounds.
     #[arg(long, env = "MESHACCEL_MESH_RATE")]
@@ -57,12 +65,12 @@ struct Args {
     /// Skip the fixed-rate runs.
     #[arg(long, env = "MESHACCEL_MESH_NO_RATE")]
     no_rate: bool,
-    /// CPU pinning: `one` all four processes on CPU 0 (no cross-CPU wake-up: waking an idle
-    /// vCPU costs tens of µs on the 2-vCPU VM and would dominate otherwise); `pods` each pod (its
-    /// app and its Envoy) on a CPU of its own, client pod on CPU 0, server pod on CPU 1; `none`
-    /// the scheduler decides.
-    #[arg(long, env = "MESHACCEL_MESH_PIN", value_enum, default_value_t = Pin::One)]
-    pin: Pin,
+    /// CPU pinning: `none` the scheduler decides (default: what users run); diagnostics: `one`
+    /// all four processes on CPU 0 (no cross-CPU wake-up: waking an idle vCPU costs tens of µs
+    /// on the 2-vCPU VM), `pods` each pod (its app and its Envoy) on a CPU of its own, client
+    /// pod on CPU 0, server pod on CPU 1. Short mode's default: `one` (see the crate docs).
+    #[arg(long, env = "MESHACCEL_MESH_PIN", value_enum)]
+    pin: Option<Pin>,
     /// Diagnostic: keep the pinned CPUs out of idle with a `SCHED_IDLE` spinner on each (it runs
     /// only when nothing else wants the CPU), to measure what waking an idle vCPU costs each
     /// side at a fixed rate. Not the default: real nodes idle.
@@ -84,20 +92,10 @@ enum Pin {
 
 const METRICS: [Metric; 11] = Metric::TABLE;
 
-/// The issue's targets (ratios accelerated/baseline), closed loop.
 /// The CI gate's floor: a working build's short debug run measures 1.54 [1.49–1.60] requests
 /// per second accelerated/baseline here (CI, 5 Dec 2026; full release runs 1.39–1.66), so 1.1
 /// leaves room for a noisy machine and still fails when most of the gain is gone.
 const GATE_FLOOR: Target = Target::at_least(Metric::Rate, 1.1);
-
-const TARGETS: [Target; 6] = [
-    Target::at_most(Metric::P50, 0.75),
-    Target::at_most(Metric::P90, 0.75),
-    Target::at_least(Metric::Rate, 1.2),
-    Target::at_most(Metric::CpuPerReq, 0.85),
-    Target::at_most(Metric::P999, 1.0),
-    Target::at_most(Metric::Max, 1.0),
-];
 
 /// The same at a fixed rate (where requests per second are fixed by construction).
 const RATE_TARGETS: [Target; 5] = [
@@ -124,6 +122,24 @@ fn progress(round: u32, rounds: u32, what: &str, r: &AbRun, extra: Metric) {
     );
 }
 
+/// What every connection count's measurement shares: the mesh, the agent, the options.
+struct Ctx<'a> {
+    a: &'a Args,
+    // Dropped in this order: the agent before the mesh it runs in.
+    accel: Accel,
+    m: SidecarMesh,
+    wl: [Workload; 2],
+    client: Pod,
+    server: Pod,
+    pin: Pin,
+    client_cpus: Cpus,
+    server_cpus: Cpus,
+    tmp: tempfile::TempDir,
+    rounds: u32,
+    blocks: u32,
+    with_rate: bool,
+}
+
 fn run(a: &Args) -> anyhow::Result<bool> {
     require_root();
     let (rounds, blocks, with_rate) = if a.common.short {
@@ -131,8 +147,15 @@ fn run(a: &Args) -> anyhow::Result<bool> {
     } else {
         (a.rounds, a.blocks, !a.no_rate)
     };
-    let machine = driver::machine();
-    let (client_cpus, server_cpus): (Cpus, Cpus) = match a.pin {
+    let pin = a
+        .pin
+        .unwrap_or(if a.common.short { Pin::One } else { Pin::None });
+    let connections = match &a.connections {
+        Some(c) => c.0.clone(),
+        None if a.common.short => vec![1],
+        None => vec![1, targets::MANY],
+    };
+    let (client_cpus, server_cpus): (Cpus, Cpus) = match pin {
         Pin::Pods => (Some("0".into()), Some("1".into())),
         Pin::One => (Some("0".into()), Some("0".into())),
         Pin::None => (None, None),
@@ -147,8 +170,7 @@ fn run(a: &Args) -> anyhow::Result<bool> {
     )?;
     let (client, server) = (m.pod("client").clone(), m.pod("server").clone());
     let wl = [a.common.workload(&client), a.common.workload(&server)];
-    let mut accel = Accel::start(&m.mesh, false, &wl)?;
-    let other = driver::OtherLoad::start(m.mesh.cgroup_root());
+    let accel = Accel::start(&m.mesh, false, &wl)?;
     driver::serve(
         &mut m.mesh,
         &server,
@@ -160,24 +182,8 @@ fn run(a: &Args) -> anyhow::Result<bool> {
             "0.0.0.0:8080".into(),
         ],
     )?;
-    let tmp = driver::shared_tempdir()?;
-    let base: Vec<String> = [
-        "ab-http",
-        "--connect",
-        &format!("{}:8080", server.ip),
-        "--size",
-        &a.size.to_string(),
-        "--connections",
-        &a.connections.to_string(),
-        "--cpu-stat",
-        &client.cgroup.join("cpu.stat").to_string_lossy(),
-        "--cpu-stat",
-        &server.cgroup.join("cpu.stat").to_string_lossy(),
-    ]
-    .map(String::from)
-    .to_vec();
     let _spinner = if a.busy_idle {
-        let cpus: Vec<usize> = match a.pin {
+        let cpus: Vec<usize> = match pin {
             Pin::One => vec![0],
             Pin::Pods => vec![0, 1],
             Pin::None => (0..num_cpus()).collect(),
@@ -187,22 +193,75 @@ fn run(a: &Args) -> anyhow::Result<bool> {
     } else {
         None
     };
+    let mut ctx = Ctx {
+        a,
+        m,
+        accel,
+        wl,
+        client,
+        server,
+        pin,
+        client_cpus,
+        server_cpus,
+        tmp: driver::shared_tempdir()?,
+        rounds,
+        blocks,
+        with_rate,
+    };
+    let mut ok = true;
+    for &c in &connections {
+        ok &= measure(&mut ctx, c)?;
+    }
+    Ok(ok)
+}
+
+/// The A/B client's arguments for `connections` connections per side.
+fn client_args(x: &Ctx<'_>, connections: usize) -> Vec<String> {
+    [
+        "ab-http",
+        "--connect",
+        &format!("{}:8080", x.server.ip),
+        "--size",
+        &x.a.size.to_string(),
+        "--connections",
+        &connections.to_string(),
+        "--cpu-stat",
+        &x.client.cgroup.join("cpu.stat").to_string_lossy(),
+        "--cpu-stat",
+        &x.server.cgroup.join("cpu.stat").to_string_lossy(),
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
+/// One connection count: its rounds, table, `mesh-<connections>.json` and `.png`; false when
+/// `--check` fails.
+fn measure(x: &mut Ctx<'_>, connections: usize) -> anyhow::Result<bool> {
+    let (a, rounds, blocks, with_rate) = (x.a, x.rounds, x.blocks, x.with_rate);
+    let name = format!("mesh-{connections}");
+    eprintln!(
+        "[mesh] {connections} connection(s) per side, pinning {:?}",
+        x.pin
+    );
+    let mut machine = driver::machine();
+    let other = driver::OtherLoad::start(x.m.mesh.cgroup_root());
+    let base = client_args(x, connections);
     let (mut closed, mut fixed) = (Compare::default(), Compare::default());
     let mut rate = a.rate;
     for round in 1..=rounds {
         // Envoy's threads (re-pinned each round: cheap, and covers threads started late).
-        driver::pin_cgroup(&client.cgroup, "envoy", &client_cpus)?;
-        driver::pin_cgroup(&server.cgroup, "envoy", &server_cpus)?;
+        driver::pin_cgroup(&x.client.cgroup, "envoy", &x.client_cpus)?;
+        driver::pin_cgroup(&x.server.cgroup, "envoy", &x.server_cpus)?;
         let mut setup = AbSetup {
-            accel: &mut accel,
-            workloads: &wl,
-            pod: &client,
-            cpus: &client_cpus,
-            dir: tmp.path(),
+            accel: &mut x.accel,
+            workloads: &x.wl,
+            pod: &x.client,
+            cpus: &x.client_cpus,
+            dir: x.tmp.path(),
         };
         let mut args = base.clone();
         args.extend(driver::block_args(blocks, a.block_ms, 400));
-        let r = driver::run_ab(&mut m.mesh, &mut setup, &args)?;
+        let r = driver::run_ab(&mut x.m.mesh, &mut setup, &args)?;
         progress(round, rounds, "closed loop", &r, Metric::Rate);
         let rate_now = *rate.get_or_insert_with(|| {
             ((r.side(false).metric(Metric::Rate) * a.rate_fraction) / 100.0)
@@ -213,7 +272,7 @@ fn run(a: &Args) -> anyhow::Result<bool> {
         closed.rounds.push(r);
         if with_rate {
             args.extend(["--rate".into(), rate_now.to_string()]);
-            let r = driver::run_ab(&mut m.mesh, &mut setup, &args)?;
+            let r = driver::run_ab(&mut x.m.mesh, &mut setup, &args)?;
             progress(
                 round,
                 rounds,
@@ -225,15 +284,16 @@ fn run(a: &Args) -> anyhow::Result<bool> {
         }
     }
     if let Some(dir) = &a.common.perf {
+        let dir = dir.join(&name);
         eprintln!("[mesh] profiling with perf into {}", dir.display());
-        driver::pin_cgroup(&client.cgroup, "envoy", &client_cpus)?;
-        driver::pin_cgroup(&server.cgroup, "envoy", &server_cpus)?;
+        driver::pin_cgroup(&x.client.cgroup, "envoy", &x.client_cpus)?;
+        driver::pin_cgroup(&x.server.cgroup, "envoy", &x.server_cpus)?;
         let mut setup = AbSetup {
-            accel: &mut accel,
-            workloads: &wl,
-            pod: &client,
-            cpus: &client_cpus,
-            dir: tmp.path(),
+            accel: &mut x.accel,
+            workloads: &x.wl,
+            pod: &x.client,
+            cpus: &x.client_cpus,
+            dir: x.tmp.path(),
         };
         let mut args = base.clone();
         if a.perf_rate
@@ -241,27 +301,30 @@ fn run(a: &Args) -> anyhow::Result<bool> {
         {
             args.extend(["--rate".into(), rate.to_string()]);
         }
-        let r =
-            driver::run_ab_profiled(&mut m.mesh, &mut setup, &args, dir, a.common.perf_block_ms)?;
+        let r = driver::run_ab_profiled(
+            &mut x.m.mesh,
+            &mut setup,
+            &args,
+            &dir,
+            a.common.perf_block_ms,
+        )?;
         driver::write_json(
-            dir,
+            &dir,
             "profiled-run.json",
             &Compare { rounds: vec![r] }.to_json(&METRICS, false),
         )?;
     }
-    let mut machine = machine;
     machine["loadavg_end"] = json!(driver::loadavg());
     other.record(&mut machine);
-    drop(accel);
-    drop(m);
+    let targets = targets::closed_loop(connections);
 
     let p50 = closed.ratio(Metric::P50);
     let noise = closed.noise(Metric::P50);
     let inverted = p50.median > 1.0 + noise;
     println!();
     println!(
-        "mesh: client app → Envoy → (mTLS) → Envoy → server app, HTTP/1.1 keep-alive, {} B bodies, {} connection(s) per side, pinning {:?}, {rounds} rounds × {blocks} blocks of {} ms, interleaved",
-        a.size, a.connections, a.pin, a.block_ms
+        "mesh: client app → Envoy → (mTLS) → Envoy → server app, HTTP/1.1 keep-alive, {} B bodies, {connections} connection(s) per side, pinning {:?}, {rounds} rounds × {blocks} blocks of {} ms, interleaved",
+        a.size, x.pin, a.block_ms
     );
     println!("{}", driver::machine_line(&machine));
     if a.busy_idle {
@@ -271,7 +334,7 @@ fn run(a: &Args) -> anyhow::Result<bool> {
         );
     }
     println!("\nclosed loop:\n");
-    print!("{}", table(&closed, &METRICS, &TARGETS));
+    print!("{}", table(&closed, &METRICS, targets));
     report_tail::print_noise(noise);
     if with_rate {
         println!(
@@ -280,7 +343,7 @@ fn run(a: &Args) -> anyhow::Result<bool> {
         );
         print!("{}", table(&fixed, &METRICS, &RATE_TARGETS));
     }
-    let gate = report_tail::gate(&closed, "mesh", GATE_FLOOR);
+    let gate = report_tail::gate(&closed, &name, GATE_FLOOR);
     if inverted {
         println!(
             "INVERSION: accelerated p50 is worse than baseline beyond the run's noise ({}, noise {noise:.3})",
@@ -288,11 +351,11 @@ fn run(a: &Args) -> anyhow::Result<bool> {
         );
     }
     let result = json!({
-        "bench": "mesh",
+        "bench": name,
         "what": "client app → Envoy → (mTLS) → Envoy → server app, HTTP/1.1 keep-alive GET",
         "size": a.size,
-        "connections": a.connections,
-        "pin": format!("{:?}", a.pin).to_lowercase(),
+        "connections": connections,
+        "pin": format!("{:?}", x.pin).to_lowercase(),
         "rounds": rounds,
         "blocks": blocks,
         "block_ms": a.block_ms,
@@ -303,7 +366,7 @@ fn run(a: &Args) -> anyhow::Result<bool> {
         "inversion": inverted,
         "gate": gate,
         "closed": {
-            "targets": report_tail::targets_json(&closed, &TARGETS),
+            "targets": report_tail::targets_json(&closed, targets),
             "result": closed.to_json(&METRICS, true),
         },
         "fixed_rate": if with_rate { json!({
@@ -313,40 +376,37 @@ fn run(a: &Args) -> anyhow::Result<bool> {
         }) } else { json!(null) },
     });
     let panels = if with_rate { 2 } else { 1 };
-    report_tail::write_results(
-        "mesh",
-        &a.common.out,
-        &result,
-        (900 * panels, 560),
-        |area| {
-            let parts = area.split_evenly((1, panels as usize));
-            let (ca, cb) = (closed.pooled(false), closed.pooled(true));
+    report_tail::write_results(&name, &a.common.out, &result, (900 * panels, 560), |area| {
+        let parts = area.split_evenly((1, panels as usize));
+        let (ca, cb) = (closed.pooled(false), closed.pooled(true));
+        plot::percentiles(
+            &parts[0],
+            &format!(
+                "mesh: HTTP {} B, {connections} conn., closed loop ({rounds} rounds)",
+                a.size
+            ),
+            &[
+                ("baseline (TCP)".into(), &ca.hist, plot::BASELINE),
+                ("accelerated".into(), &cb.hist, plot::ACCELERATED),
+            ],
+        )?;
+        if with_rate {
+            let (fa, fb) = (fixed.pooled(false), fixed.pooled(true));
             plot::percentiles(
-                &parts[0],
-                &format!("mesh: HTTP {} B, closed loop ({rounds} rounds)", a.size),
+                &parts[1],
+                &format!(
+                    "mesh: HTTP {} B, {connections} conn., fixed rate {} req/s",
+                    a.size,
+                    rate.unwrap_or(0.0)
+                ),
                 &[
-                    ("baseline (TCP)".into(), &ca.hist, plot::BASELINE),
-                    ("accelerated".into(), &cb.hist, plot::ACCELERATED),
+                    ("baseline (TCP)".into(), &fa.hist, plot::BASELINE),
+                    ("accelerated".into(), &fb.hist, plot::ACCELERATED),
                 ],
             )?;
-            if with_rate {
-                let (fa, fb) = (fixed.pooled(false), fixed.pooled(true));
-                plot::percentiles(
-                    &parts[1],
-                    &format!(
-                        "mesh: HTTP {} B, fixed rate {} req/s",
-                        a.size,
-                        rate.unwrap_or(0.0)
-                    ),
-                    &[
-                        ("baseline (TCP)".into(), &fa.hist, plot::BASELINE),
-                        ("accelerated".into(), &fb.hist, plot::ACCELERATED),
-                    ],
-                )?;
-            }
-            Ok(())
-        },
-    )?;
+        }
+        Ok(())
+    })?;
     Ok(!(a.common.check && (inverted || !gate.is_empty())))
 }
 

@@ -1,6 +1,7 @@
-//! `report`: turns the results of `hop`, `mesh`, `sweep` and `cross-node` (their JSON files) into one summary:
-//! `performance.md` (the tables the README shows) and `performance.png` (latency percentiles of
-//! hop and mesh, gain by message size of the sweep). Whichever of the three files exist are used.
+//! `report`: turns the results of `hop`, `mesh`, `wrk`, `sweep` and `cross-node` (their JSON
+//! files; `mesh` and `wrk` one per connection count) into one summary: `performance.md` (the
+//! tables the README shows) and `performance.png` (latency percentiles of hop, mesh and wrk, gain
+//! by message size of the sweep). Whichever of the files exist are used.
 use std::{
     fmt::Write as _,
     fs,
@@ -20,7 +21,8 @@ use serde_json::Value;
 /// Summarises the benchmark results into performance.md and performance.png.
 #[derive(Parser, Debug)]
 struct Args {
-    /// Where hop.json, mesh.json and sweep.json are, and where the summary goes.
+    /// Where hop.json, mesh-<n>.json, wrk-<n>.json and sweep.json are, and where the summary
+    /// goes.
     #[arg(long, env = "MESHACCEL_BENCH_OUT", default_value = "benches/results")]
     dir: PathBuf,
     /// The command that produced the results (quoted in the summary).
@@ -41,6 +43,40 @@ fn load(dir: &Path, name: &str) -> anyhow::Result<Option<Value>> {
     Ok(Some(
         serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?,
     ))
+}
+
+/// Every `<bench>-<connections>.json` in `dir`, by connection count.
+fn load_counts(dir: &Path, bench: &str) -> anyhow::Result<Vec<Value>> {
+    let mut out = Vec::new();
+    let prefix = format!("{bench}-");
+    let entries = match fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
+        Err(e) => return Err(e).with_context(|| format!("listing {}", dir.display())),
+    };
+    for entry in entries {
+        let name = entry?.file_name().to_string_lossy().into_owned();
+        let count = name
+            .strip_prefix(&prefix)
+            .and_then(|n| n.strip_suffix(".json"))
+            .and_then(|n| n.parse::<u64>().ok());
+        if count.is_some()
+            && let Some(v) = load(dir, &name)?
+        {
+            out.push(v);
+        }
+    }
+    out.sort_by_key(|v| v["connections"].as_u64().unwrap_or(0));
+    Ok(out)
+}
+
+/// "1 conn." / "16 conn.", and the placement when it is a diagnostic one.
+fn conns_label(v: &Value) -> String {
+    let pin = match v["pin"].as_str() {
+        Some("none") | None => String::new(),
+        Some(p) => format!(", pinned {p} (diagnostic)"),
+    };
+    format!("{} conn.{pin}", v["connections"])
 }
 
 fn f(v: &Value) -> f64 {
@@ -89,7 +125,8 @@ const LAT: [(&str, &str); 5] = [
 
 fn run(a: &Args) -> anyhow::Result<()> {
     let hop = load(&a.dir, "hop.json")?;
-    let mesh = load(&a.dir, "mesh.json")?;
+    let meshes = load_counts(&a.dir, "mesh")?;
+    let wrks = load_counts(&a.dir, "wrk")?;
     // The cross-node benchmark is the sweep's `remote` path run on its own: one table.
     let sweep = match (
         load(&a.dir, "sweep.json")?,
@@ -103,32 +140,51 @@ fn run(a: &Args) -> anyhow::Result<()> {
         }
         (s, c) => s.or(c),
     };
+    let all: Vec<&Value> = hop
+        .iter()
+        .chain(&meshes)
+        .chain(&wrks)
+        .chain(sweep.iter())
+        .collect();
     anyhow::ensure!(
-        hop.is_some() || mesh.is_some() || sweep.is_some(),
-        "no hop.json, mesh.json, sweep.json or cross-node.json in {}",
+        !all.is_empty(),
+        "no hop.json, mesh-<n>.json, wrk-<n>.json, sweep.json or cross-node.json in {}",
         a.dir.display()
     );
     let mut md = String::new();
-    let mut machine = [&hop, &mesh, &sweep]
-        .into_iter()
-        .flatten()
-        .map(|v| v["machine"].clone())
-        .next()
-        .unwrap_or_default();
-    if let Some(m) = machine.as_object_mut() {
-        m.remove("other_cpu_load");
-        m.remove("steal");
+    // The machine each result was measured on; when results of several machines are in the
+    // folder (e.g. a bench re-run elsewhere), each is named with its benches.
+    let mut machines: Vec<(String, Vec<String>)> = Vec::new();
+    for v in &all {
+        let mut m = v["machine"].clone();
+        if let Some(o) = m.as_object_mut() {
+            o.remove("other_cpu_load");
+            o.remove("steal");
+        }
+        let line = machine_line(&m);
+        let bench = v["bench"].as_str().unwrap_or("?").to_string();
+        match machines.iter_mut().find(|(l, _)| *l == line) {
+            Some((_, benches)) => benches.push(bench),
+            None => machines.push((line, vec![bench])),
+        }
     }
+    let machine_text = if machines.len() == 1 {
+        machines[0].0.clone()
+    } else {
+        machines
+            .iter()
+            .map(|(l, b)| format!("{}: {l}", b.join(", ")))
+            .collect::<Vec<_>>()
+            .join("; ")
+    };
     let _ = writeln!(
         md,
         "Ratios are accelerated / baseline, both measured in the same run, interleaved (blocks A B B A …\n\
          on baseline and accelerated connections that live side by side); the ratio is the median over\n\
          the rounds, [min–max] its spread; baseline and accelerated values are pooled over the rounds.\n\
          Machine: {}. Other work on the machine during the runs (share of its CPU time, noise; steal: time the hypervisor took the vCPUs away, each time a stall): {}.",
-        machine_line(&machine),
-        [&hop, &mesh, &sweep]
-            .into_iter()
-            .flatten()
+        machine_text,
+        all.iter()
             .map(|v| {
                 let steal = v["machine"]["steal"]
                     .as_f64()
@@ -155,8 +211,12 @@ fn run(a: &Args) -> anyhow::Result<()> {
         metrics.push(("per_sec", "round trips per second"));
         rows(&mut md, &name, &h["result"], &h["targets"], &metrics);
     }
-    if let Some(m) = &mesh {
-        let name = format!("mesh, HTTP {} B, closed loop", m["size"]);
+    for m in &meshes {
+        let name = format!(
+            "mesh, HTTP {} B, {}, closed loop",
+            m["size"],
+            conns_label(m)
+        );
         let mut metrics = LAT.to_vec();
         metrics.extend([
             ("per_sec", "requests per second"),
@@ -171,8 +231,9 @@ fn run(a: &Args) -> anyhow::Result<()> {
         );
         if !m["fixed_rate"].is_null() {
             let name = format!(
-                "mesh, HTTP {} B, fixed {:.0} req/s",
+                "mesh, HTTP {} B, {}, fixed {:.0} req/s",
                 m["size"],
+                conns_label(m),
                 f(&m["fixed_rate"]["rate"])
             );
             let mut metrics = LAT.to_vec();
@@ -185,6 +246,21 @@ fn run(a: &Args) -> anyhow::Result<()> {
                 &metrics,
             );
         }
+    }
+    for w in &wrks {
+        let name = format!("wrk → nginx, {} B, {}", w["size"], conns_label(w));
+        let mut metrics = LAT.to_vec();
+        metrics.extend([
+            ("per_sec", "requests per second"),
+            ("cpu_us_per_req", "CPU µs per request"),
+        ]);
+        rows(
+            &mut md,
+            &name,
+            &w["closed"]["result"],
+            &w["closed"]["targets"],
+            &metrics,
+        );
     }
     if let Some(s) = &sweep {
         let cells = s["cells"].as_array().cloned().unwrap_or_default();
@@ -261,44 +337,73 @@ fn run(a: &Args) -> anyhow::Result<()> {
              in the unmeasured round, see the dataplane's small-write policy): TCP against TCP."
         );
     }
+    if let Some(w) = wrks.first() {
+        let _ = writeln!(
+            md,
+            "\nwrk → nginx: Debian's wrk and nginx through both Envoys, acceleration off/on by run \
+             (A B B A, {} rounds of {} s); latency percentiles are wrk's, after its coordinated-\
+             omission correction (synthetic samples: {}).",
+            w["rounds"],
+            w["seconds"],
+            wrks.iter()
+                .map(|w| format!(
+                    "{:.1}% at {} conn.",
+                    f(&w["synthetic_share"]) * 100.0,
+                    w["connections"]
+                ))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
     let md_path = a.dir.join("performance.md");
     fs::write(&md_path, &md).with_context(|| format!("writing {}", md_path.display()))?;
     print!("{md}");
 
     let png_path = a.dir.join("performance.png");
-    plot::png(&png_path, (1400, 1000), |area| {
-        let parts = area.split_evenly((2, 2));
+    // Panels, two per row: hop, mesh and wrk percentiles, then the sweep's two gain curves.
+    let mut lat_panels: Vec<(String, &Value, &str)> = Vec::new();
+    if let Some(h) = &hop {
+        let title = format!("hop: app ↔ sidecar, {} B ping-pong", h["size"]);
+        lat_panels.push((title, &h["result"], ""));
+    }
+    for m in &meshes {
+        let title = format!(
+            "mesh: app → Envoy → mTLS → Envoy → app, HTTP {} B, {}",
+            m["size"],
+            conns_label(m)
+        );
+        lat_panels.push((title, &m["closed"]["result"], ", closed loop"));
+    }
+    for w in &wrks {
+        let title = format!(
+            "wrk → Envoy → mTLS → Envoy → nginx, {} B, {}",
+            w["size"],
+            conns_label(w)
+        );
+        lat_panels.push((title, &w["closed"]["result"], ""));
+    }
+    let panels = lat_panels.len() + if sweep.is_some() { 2 } else { 0 };
+    let rows_n = panels.div_ceil(2).max(1);
+    plot::png(&png_path, (1400, 500 * rows_n as u32), |area| {
+        let parts = area.split_evenly((rows_n, 2));
         let pair = |v: &Value| -> anyhow::Result<_> {
             Ok((
                 hist_from_json(&v["baseline"]["hist"])?,
                 hist_from_json(&v["accelerated"]["hist"])?,
             ))
         };
-        if let Some(h) = &hop {
-            let (x, y) = pair(&h["result"])?;
+        for (i, (title, result, mode)) in lat_panels.iter().enumerate() {
+            let (x, y) = pair(result)?;
             plot::percentiles(
-                &parts[0],
-                &format!("hop: app ↔ sidecar, {} B ping-pong", h["size"]),
+                &parts[i],
+                title,
                 &[
-                    ("baseline (TCP)".into(), &x, plot::BASELINE),
-                    ("accelerated".into(), &y, plot::ACCELERATED),
+                    (format!("baseline (TCP){mode}"), &x, plot::BASELINE),
+                    (format!("accelerated{mode}"), &y, plot::ACCELERATED),
                 ],
             )?;
         }
-        if let Some(m) = &mesh {
-            let (x, y) = pair(&m["closed"]["result"])?;
-            plot::percentiles(
-                &parts[1],
-                &format!(
-                    "mesh: app → Envoy → mTLS → Envoy → app, HTTP {} B",
-                    m["size"]
-                ),
-                &[
-                    ("baseline, closed loop".into(), &x, plot::BASELINE),
-                    ("accelerated, closed loop".into(), &y, plot::ACCELERATED),
-                ],
-            )?;
-        }
+        let first_sweep = lat_panels.len();
         if let Some(s) = &sweep {
             let cells = s["cells"].as_array().cloned().unwrap_or_default();
             for (i, path) in ["hop", "mesh"].into_iter().enumerate() {
@@ -331,7 +436,7 @@ fn run(a: &Args) -> anyhow::Result<()> {
                 }
                 if !series.is_empty() {
                     plot::by_size(
-                        &parts[2 + i],
+                        &parts[first_sweep + i],
                         &format!("sweep, {path}: gain accelerated/baseline (> 1 is better)"),
                         "gain",
                         &series,
