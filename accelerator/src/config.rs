@@ -16,6 +16,7 @@ use crate::{
     dataplane::InstallOptions,
     desired::Tuning,
     install_gate,
+    queue_limit::{self, QueueLimit},
     sources::{
         Source,
         kube::{self, KubeOptions, OptInLabel, events::PodRef},
@@ -82,9 +83,11 @@ pub struct AgentArgs {
     pub install_generation: String,
     /// Bytes a receiving socket may hold unread before its sender moves to TCP until the
     /// reader has caught up (the kernel bounds no sk_msg ingress queue: without a limit a
-    /// stalled reader lets its sender fill the host's TCP memory). 0: no limit.
-    #[arg(long, env = "MESHACCEL_MAX_UNREAD_BYTES", default_value_t = meshaccel_common::tuning::QUEUE_LIMIT)]
-    pub max_unread_bytes: u32,
+    /// stalled reader lets its sender fill the host's TCP memory). `auto`: the most one TCP
+    /// receive queue may hold on this node (net.ipv4.tcp_rmem's maximum; for bulk transfers).
+    /// 0: no limit.
+    #[arg(long, env = "MESHACCEL_MAX_UNREAD_BYTES", default_value_t = QueueLimit::Bytes(meshaccel_common::tuning::QUEUE_LIMIT), value_parser = queue_limit::parse)]
+    pub max_unread_bytes: QueueLimit,
     /// TCP keepalive idle time (seconds) for accelerated sockets that have none of their own.
     /// Their bytes bypass TCP, and the kernel drops a RST that reaches a busy socket holding
     /// more unread than its backlog limit (it is never retransmitted): the keepalive probe
@@ -172,6 +175,8 @@ pub struct AgentConfig {
     pub xds: Option<AdsConfig>,
     /// The agent's own pod, for the Events about this node (with the Kubernetes source only).
     pub pod: Option<PodRef>,
+    /// Why `--max-unread-bytes auto` fell back to 4 MiB, if it did (reported at start).
+    pub queue_limit_warning: Option<String>,
 }
 
 impl AgentConfig {
@@ -196,7 +201,12 @@ impl AgentArgs {
                 .context("no cgroup v2 mount in /proc/mounts: mount one, or pass --cgroup")?,
         };
         let node_name = self.node_name;
+        let (max_unread_bytes, queue_limit_warning) = queue_limit::resolve(
+            self.max_unread_bytes,
+            std::fs::read_to_string(queue_limit::TCP_RMEM),
+        );
         Ok(AgentConfig {
+            queue_limit_warning,
             cgroup,
             bpffs: self.bpffs.bpffs,
             state_dir: self.state_dir.state_dir,
@@ -209,7 +219,7 @@ impl AgentArgs {
                 generation: self.install_generation,
             },
             tuning: Tuning {
-                max_unread_bytes: self.max_unread_bytes,
+                max_unread_bytes,
                 keepalive_secs: self.keepalive_secs,
                 small_write_secs: self.small_write_secs,
             },

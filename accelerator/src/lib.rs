@@ -17,6 +17,7 @@ pub mod netns;
 mod objects;
 pub mod pin_mode;
 pub mod queue_charge;
+pub mod queue_limit;
 pub mod reconcile;
 pub mod sources;
 pub mod state_files;

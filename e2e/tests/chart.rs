@@ -270,6 +270,20 @@ fn check_rendering(objs: &[Value], values: &serde_yaml::Value, what: &str) {
             "{what}: {var} from the downward API"
         );
     }
+    // The queue bound as the agent parses it: `auto`, or the number written out (YAML reads a
+    // large number as a float; the template must not pass "4.194304e+06").
+    let limit = env["MESHACCEL_MAX_UNREAD_BYTES"]["value"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(
+        meshaccel::queue_limit::parse(limit).is_ok()
+            && limit
+                == match &values["dataplane"]["maxUnreadBytes"] {
+                    serde_yaml::Value::Number(n) => n.to_string(),
+                    v => s(v),
+                },
+        "{what}: MESHACCEL_MAX_UNREAD_BYTES {limit:?}"
+    );
     let port = values["metrics"]["port"].as_u64().unwrap();
     assert_eq!(
         env["MESHACCEL_METRICS_ADDR"]["value"],

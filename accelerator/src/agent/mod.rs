@@ -123,6 +123,9 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     for check in crate::doctor::startup_checks() {
         report.report(NodeFinding::Check, &check.line()).await;
     }
+    if let Some(w) = &cfg.queue_limit_warning {
+        report.report(NodeFinding::Check, w).await;
+    }
     let max_unread = shared.snapshot().tuning.max_unread_bytes;
     if let Some(w) = crate::queue_charge::agent_warning(&crate::queue_charge::release(), max_unread)
     {
@@ -148,6 +151,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     info!(
         adopted = dp.adopted,
         sk_msg_reattached = dp.sk_msg_reattached,
+        max_unread_bytes = max_unread,
         cgroup = %cfg.cgroup.display(),
         bpffs = %cfg.bpffs.display(),
         workloads = ?cfg.workloads,
