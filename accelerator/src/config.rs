@@ -448,9 +448,9 @@ mod tests {
                 uid: "u".into()
             })
         );
-        let err = parse(&pod[..6]).err().expect("no --pod-uid").to_string();
+        let err = parse(&pod[..6]).expect_err("no --pod-uid").to_string();
         assert!(err.contains("--pod-uid"), "{err}");
-        let err = parse(&pod[2..]).err().expect("no --node-name").to_string();
+        let err = parse(&pod[2..]).expect_err("no --node-name").to_string();
         assert!(err.contains("--node-name"), "{err}");
         let none = parse(&[]).expect("flags").config().expect("config");
         assert_eq!(none.pod, None);

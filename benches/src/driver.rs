@@ -777,17 +777,5 @@ pub fn prog_name(id: u64) -> Option<String> {
 /// A cgroup's CPU time so far, µs: `cpu.stat`'s usage, user and system (the kernel's work done
 /// on its processes' behalf included).
 pub fn cgroup_cpu(cgroup: &Path) -> anyhow::Result<[u64; 3]> {
-    let path = cgroup.join("cpu.stat");
-    let text = fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
-    let field = |name: &str| {
-        text.lines()
-            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
-            .and_then(|v| v.trim().parse().ok())
-            .with_context(|| format!("no {name} in {}", path.display()))
-    };
-    Ok([
-        field("usage_usec")?,
-        field("user_usec")?,
-        field("system_usec")?,
-    ])
+    meshaccel_e2e::tool::ab::read_cpu_stat(&cgroup.join("cpu.stat"))
 }

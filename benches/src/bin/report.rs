@@ -211,23 +211,24 @@ fn run(a: &Args) -> anyhow::Result<()> {
         metrics.push(("per_sec", "round trips per second"));
         rows(&mut md, &name, &h["result"], &h["targets"], &metrics);
     }
+    // A closed loop's rows, the mesh's and wrk's alike.
+    let mut closed_loop = LAT.to_vec();
+    closed_loop.extend([
+        ("per_sec", "requests per second"),
+        ("cpu_us_per_req", "CPU µs per request"),
+    ]);
     for m in &meshes {
         let name = format!(
             "mesh, HTTP {} B, {}, closed loop",
             m["size"],
             conns_label(m)
         );
-        let mut metrics = LAT.to_vec();
-        metrics.extend([
-            ("per_sec", "requests per second"),
-            ("cpu_us_per_req", "CPU µs per request"),
-        ]);
         rows(
             &mut md,
             &name,
             &m["closed"]["result"],
             &m["closed"]["targets"],
-            &metrics,
+            &closed_loop,
         );
         if !m["fixed_rate"].is_null() {
             let name = format!(
@@ -249,17 +250,12 @@ fn run(a: &Args) -> anyhow::Result<()> {
     }
     for w in &wrks {
         let name = format!("wrk → nginx, {} B, {}", w["size"], conns_label(w));
-        let mut metrics = LAT.to_vec();
-        metrics.extend([
-            ("per_sec", "requests per second"),
-            ("cpu_us_per_req", "CPU µs per request"),
-        ]);
         rows(
             &mut md,
             &name,
             &w["closed"]["result"],
             &w["closed"]["targets"],
-            &metrics,
+            &closed_loop,
         );
     }
     if let Some(s) = &sweep {

@@ -383,8 +383,9 @@ struct Shared {
     requests_started: AtomicU64,
 }
 
-/// `usage_usec`, `user_usec` and `system_usec` of a cgroup's `cpu.stat`.
-fn read_cpu_stat(path: &PathBuf) -> anyhow::Result<[u64; 3]> {
+/// `usage_usec`, `user_usec` and `system_usec` of a cgroup's `cpu.stat` (`path`: that file);
+/// also the benches' CPU per request.
+pub fn read_cpu_stat(path: &std::path::Path) -> anyhow::Result<[u64; 3]> {
     let text = fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     let field = |name: &str| {
         text.lines()
