@@ -35,27 +35,6 @@ pub const TOOL: &str = "/usr/local/bin/meshaccel-e2e-tool";
 const PROXY_CONFIG_DIR: &str = "/etc/istio/proxy";
 const CERTS_DIR: &str = "/etc/certs";
 
-/// istio-init's arguments as Istio 1.2x's injector writes them (REDIRECT mode, defaults).
-pub const ISTIO_INIT_ARGS: [&str; 17] = [
-    "istio-iptables",
-    "-p",
-    "15001",
-    "-z",
-    "15006",
-    "-u",
-    "1337",
-    "-m",
-    "REDIRECT",
-    "-i",
-    "*",
-    "-x",
-    "",
-    "-b",
-    "*",
-    "-d",
-    "15090,15021,15020",
-];
-
 /// One injected workload (a Deployment of one pod).
 #[derive(Clone, Debug)]
 pub struct Workload {
@@ -144,7 +123,7 @@ impl Workload {
                 "image": self.image,
                 "imagePullPolicy": "Never",
                 "command": [TOOL],
-                "args": ISTIO_INIT_ARGS,
+                "args": istio_integration::annotations::INJECTOR_INIT_ARGS,
                 "securityContext": {
                     "allowPrivilegeEscalation": false,
                     "capabilities": {"add": ["NET_ADMIN", "NET_RAW"], "drop": ["ALL"]},

@@ -24,6 +24,26 @@ pub const APP_SOCKETS: &str = "meshaccel.io/app-sockets";
 /// The name of the injected init container that installs the capture rules (absent with
 /// istio-cni).
 pub const INIT_CONTAINER: &str = "istio-init";
+/// istio-init's arguments as Istio 1.2x's injector writes them (REDIRECT mode, defaults).
+pub const INJECTOR_INIT_ARGS: [&str; 17] = [
+    "istio-iptables",
+    "-p",
+    "15001",
+    "-z",
+    "15006",
+    "-u",
+    "1337",
+    "-m",
+    "REDIRECT",
+    "-i",
+    "*",
+    "-x",
+    "",
+    "-b",
+    "*",
+    "-d",
+    "15090,15021,15020",
+];
 
 /// A pod annotation (or capture flag) Istio would reject.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -441,28 +461,11 @@ mod tests {
 
     #[test]
     fn istio_init_args() {
-        let args: Vec<String> = [
-            "istio-iptables",
-            "-p",
-            "15001",
-            "-z",
-            "15006",
-            "-u",
-            "1337",
-            "-m",
-            "REDIRECT",
-            "-i",
-            "*",
-            "-x",
-            "",
-            "-b",
-            "*",
-            "-d",
-            "15090,15021,15020",
-            "--log_output_level=default:info",
-        ]
-        .map(String::from)
-        .to_vec();
+        let args: Vec<String> = INJECTOR_INIT_ARGS
+            .iter()
+            .chain(&["--log_output_level=default:info"])
+            .map(|a| a.to_string())
+            .collect();
         let f = CaptureFlags::parse_istio_iptables(&args).unwrap();
         assert_eq!(
             f,

@@ -74,28 +74,12 @@ mod tests {
 
     #[test]
     fn the_injectors_arguments_set_ports_and_uid() {
-        let args: Vec<String> = [
-            "istio-iptables",
-            "-p",
-            "15001",
-            "-z",
-            "15106",
-            "-u",
-            "1337",
-            "-m",
-            "REDIRECT",
-            "-i",
-            "*",
-            "-x",
-            "",
-            "-b",
-            "*",
-            "-d",
-            "15090,15021,15020",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
+        // The injector's own arguments, with the inbound capture port moved (as the
+        // `-z` of a customised injection would).
+        let args: Vec<String> = istio_integration::annotations::INJECTOR_INIT_ARGS
+            .iter()
+            .map(|s| if *s == "15006" { "15106" } else { s }.to_string())
+            .collect();
         let cfg = config(&args).unwrap();
         assert_eq!(cfg.inbound_capture_port, 15106);
         assert_eq!(cfg.proxy_port, 15001);
