@@ -365,23 +365,18 @@ impl MeshNode {
         format!("{APP_IMAGE}:{}", self.tag)
     }
 
+    /// `kubectl exec` into the app container of mesh pod `pod`, up to the command.
+    fn in_app<'a>(&'a self, pod: &'a str) -> [&'a str; 7] {
+        ["exec", "-n", &self.mesh_ns, pod, "-c", "app", "--"]
+    }
+
     /// Round trips from the client pod's app container to the echo server through both
     /// sidecars; returns the client pod's TCP segments sent per round trip.
     pub fn pingpong(&self, client_pod: &str, server_ip: Ipv4Addr, count: usize) -> f64 {
         let segs = || -> u64 {
             let snmp = self
                 .cluster
-                .kubectl(&[
-                    "exec",
-                    "-n",
-                    &self.mesh_ns,
-                    client_pod,
-                    "-c",
-                    "app",
-                    "--",
-                    "cat",
-                    "/proc/net/snmp",
-                ])
+                .kubectl(&[&self.in_app(client_pod)[..], &["cat", "/proc/net/snmp"]].concat())
                 .expect("reading the client pod's /proc/net/snmp");
             out_segs(&snmp)
         };
@@ -468,20 +463,12 @@ impl MeshNode {
     /// server, through both sidecars; output piped.
     fn pingpong_command(&self, client_pod: &str, server_ip: Ipv4Addr, count: usize) -> Command {
         let mut cmd = self.cluster.kubectl_command();
-        cmd.args([
-            "exec",
-            "-n",
-            &self.mesh_ns,
-            client_pod,
-            "-c",
-            "app",
-            "--",
-            TOOL,
-        ])
-        .args(["pingpong", "--connect", &format!("{server_ip}:{ECHO_PORT}")])
-        .args(["--count", &count.to_string()])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped());
+        cmd.args(self.in_app(client_pod))
+            .arg(TOOL)
+            .args(["pingpong", "--connect", &format!("{server_ip}:{ECHO_PORT}")])
+            .args(["--count", &count.to_string()])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
         cmd
     }
 
@@ -519,6 +506,16 @@ impl MeshNode {
             id.trim_start_matches("containerd://").to_string(),
             restarts.parse().unwrap(),
         )
+    }
+
+    /// SIGKILLs the agent container through containerd (as a crash would); returns its restart
+    /// count before.
+    pub fn kill_agent(&self) -> u64 {
+        let (id, restarts) = self.agent_container();
+        self.cluster
+            .ctr(&["tasks", "kill", "-s", "SIGKILL", &id])
+            .expect("killing the agent");
+        restarts
     }
 
     /// IDs of the programs attached to the node's cgroup v2 root (sock_ops).

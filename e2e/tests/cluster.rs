@@ -187,10 +187,7 @@ fn a_killed_agent_and_an_upgrade_lose_no_request() {
     // connection goes on, not one round trip fails.
     let load = node.background_pingpong(&client, server_ip, 60_000);
     std::thread::sleep(Duration::from_secs(2));
-    let (id, restarts) = node.agent_container();
-    node.cluster
-        .ctr(&["tasks", "kill", "-s", "SIGKILL", &id])
-        .expect("killing the agent");
+    let restarts = node.kill_agent();
     wait_for(
         &node.cluster,
         "the agent restarted by the kubelet",
@@ -361,10 +358,7 @@ fn an_agent_restarted_after_the_uninstall_hook_installs_nothing() {
     );
     // The agent restarts (as a kubelet restarts a crashed one) before its DaemonSet is deleted:
     // it must not install again.
-    let (id, restarts) = node.agent_container();
-    node.cluster
-        .ctr(&["tasks", "kill", "-s", "SIGKILL", &id])
-        .expect("killing the agent");
+    let restarts = node.kill_agent();
     wait_for(
         &node.cluster,
         "the restarted agent refused to install",
