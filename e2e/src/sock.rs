@@ -99,6 +99,11 @@ pub fn connect(to: SocketAddrV4, from: Option<SocketAddrV4>) -> io::Result<TcpSt
     let fd = tcp_socket()?;
     set_int(fd.as_raw_fd(), libc::SOL_SOCKET, libc::SO_REUSEADDR, 1)?;
     bind(fd.as_raw_fd(), from)?;
+    connect_bound(fd, to)
+}
+
+/// Connects the bound socket `fd` to `to` (blocking).
+fn connect_bound(fd: OwnedFd, to: SocketAddrV4) -> io::Result<TcpStream> {
     let sa = to_sockaddr(to);
     loop {
         // SAFETY: sa is a valid sockaddr_in and its size is passed.
@@ -130,23 +135,7 @@ pub fn connect_from_ip(to: SocketAddrV4, from: Ipv4Addr) -> io::Result<TcpStream
         1,
     )?;
     bind(fd.as_raw_fd(), SocketAddrV4::new(from, 0))?;
-    let sa = to_sockaddr(to);
-    loop {
-        // SAFETY: sa is a valid sockaddr_in and its size is passed.
-        let ret = unsafe {
-            libc::connect(
-                fd.as_raw_fd(),
-                (&sa as *const libc::sockaddr_in).cast(),
-                size_of::<libc::sockaddr_in>() as _,
-            )
-        };
-        match cvt(ret) {
-            Ok(_) => break,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(TcpStream::from(fd))
+    connect_bound(fd, to)
 }
 
 /// The destination the peer originally connected to, before a netfilter REDIRECT/DNAT
