@@ -438,7 +438,11 @@ fn rbac_each_rule_is_needed() {
     {
         let mesh = Mesh::new().expect("mesh");
         let accel = Accel::start_kube(&mesh, &cl.node, &kc).expect("agent");
-        wait_log(&accel, "cannot post a Kubernetes Event", 20);
+        wait_log(
+            &accel,
+            "cannot post a Kubernetes Event: the agent's ClusterRole needs",
+            20,
+        );
         assert!(cl.events("bad").is_empty());
     }
 

@@ -82,20 +82,46 @@ pub fn warning(node: &str, pod: &PodRef, reason: &str, action: &str, message: &s
     }
 }
 
-/// Posts `ev`; a failure is logged (with the RBAC the chart grants, it means the API server is
-/// away), never fatal: the log line carries the same message.
+/// Posts `ev`; a failure is logged, never fatal (the finding has its own log line).
 pub async fn post(client: Client, ev: Event) {
     let ns = ev.metadata.namespace.clone().unwrap_or_default();
     let pod = ev.involved_object.name.clone().unwrap_or_default();
     let api: Api<Event> = Api::namespaced(client, &ns);
     if let Err(e) = api.create(&PostParams::default(), &ev).await {
-        error!(pod = %format!("{ns}/{pod}"), error = %e, "cannot post a Kubernetes Event (the agent's ClusterRole needs `create` on `events`)");
+        error!(pod = %format!("{ns}/{pod}"), error = %e, "cannot post a Kubernetes Event: {}", post_failure(&e));
+    }
+}
+
+/// What a failed post means for the operator.
+fn post_failure(e: &kube::Error) -> &'static str {
+    match e {
+        kube::Error::Api(r) if r.code == 403 => {
+            "the agent's ClusterRole needs `create` on `events` (the chart grants it)"
+        }
+        kube::Error::Api(_) => "the API server refused it",
+        _ => "the API server is not reachable (the finding is in this log only)",
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_failed_post_says_why() {
+        let api = |code| {
+            kube::Error::Api(
+                kube::core::Status::failure("no", "x")
+                    .with_code(code)
+                    .boxed(),
+            )
+        };
+        assert!(post_failure(&api(403)).contains("ClusterRole"));
+        assert!(post_failure(&api(422)).contains("refused"));
+        assert!(
+            post_failure(&kube::Error::LinesCodecMaxLineLengthExceeded).contains("not reachable")
+        );
+    }
 
     #[test]
     fn warning_names_the_pod_by_uid() {
