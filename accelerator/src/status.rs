@@ -213,6 +213,14 @@ impl StatusReport {
         if let Some(m) = &self.layout {
             let _ = writeln!(o, "map layout:       {} (format {})", m.hash, m.format);
         }
+        let _ = writeln!(
+            o,
+            "queue limit:      {}",
+            match k.queue_limit_bytes {
+                0 => "none (--max-unread-bytes 0)".to_string(),
+                n => format!("{n} bytes unread per receiving socket"),
+            }
+        );
         let _ = writeln!(o, "workloads on:     {}", k.workloads_enabled);
         let _ = writeln!(o, "excluded ports:   {}", k.excluded_ports);
         let _ = writeln!(
@@ -298,6 +306,7 @@ mod tests {
             bpffs: "/b".into(),
             enabled: true,
             epoch: 1,
+            queue_limit_bytes: 4 << 20,
             sockets: 3,
             sockets_by_netns: BTreeMap::from([("11".into(), 2), ("33".into(), 1)]),
             workloads: BTreeMap::from([(
@@ -364,6 +373,10 @@ mod tests {
         let text = r.render_text();
         assert!(text.contains("shop/cart"), "{text}");
         assert!(!text.contains("map memory"), "none read: {text}");
+        assert!(
+            text.contains("queue limit:      4194304 bytes unread per receiving socket"),
+            "{text}"
+        );
         assert!(
             text.contains("shop/cart port 8080 (outbound), seen 7 s ago"),
             "small-write services are named: {text}"

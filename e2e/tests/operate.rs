@@ -649,3 +649,38 @@ fn agent_logs_json_lines_when_asked() {
         );
     }
 }
+
+/// `--max-unread-bytes auto` is the node's `net.ipv4.tcp_rmem` maximum (the agent's network
+/// namespace: here the host's), shown by `status`; an agent restarted with a number adopts the
+/// pins and puts that number in the kernel's config.
+#[test]
+fn the_queue_limit_auto_is_the_nodes_tcp_rmem_maximum() {
+    require_root();
+    let mesh = Mesh::new().expect("mesh");
+    let mut accel = meshaccel_e2e::accel::Accel::start_env(
+        &mesh,
+        true,
+        meshaccel_e2e::accel::Scope::All,
+        &[],
+        &[("MESHACCEL_MAX_UNREAD_BYTES", "auto")],
+    )
+    .expect("agent");
+    let rmem = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_rmem").unwrap();
+    let max: u64 = rmem.split_whitespace().nth(2).unwrap().parse().unwrap();
+    let limit = |accel: &meshaccel_e2e::accel::Accel| {
+        accel.status().unwrap()["queue_limit_bytes"]
+            .as_u64()
+            .expect("status has queue_limit_bytes")
+    };
+    assert_eq!(
+        limit(&accel),
+        max.min(u64::from(u32::MAX)),
+        "tcp_rmem {rmem:?}"
+    );
+    accel.kill_agent();
+    accel.set_agent_env("MESHACCEL_MAX_UNREAD_BYTES", "1048576");
+    accel.start_agent().expect("agent restarted");
+    wait_until("the restarted agent's limit in the kernel's config", || {
+        limit(&accel) == 1 << 20
+    });
+}

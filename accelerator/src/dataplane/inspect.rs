@@ -58,6 +58,9 @@ pub struct KernelStatus {
     pub bpffs: PathBuf,
     pub enabled: bool,
     pub epoch: u32,
+    /// Bytes a receiving socket may hold unread before its sender is held on TCP (0: no limit;
+    /// `--max-unread-bytes`, `auto` resolved).
+    pub queue_limit_bytes: u32,
     /// Sockets in the sockhash (two per accelerated connection).
     pub sockets: usize,
     /// Sockets with meshaccel state, by the netns cookie of their workload.
@@ -256,6 +259,7 @@ impl Dataplane {
             workloads,
             enabled: cfg.enabled != 0,
             epoch: cfg.epoch,
+            queue_limit_bytes: cfg.queue_limit,
             sockets: self.socks.keys().filter(|k| k.is_ok()).count(),
             workloads_enabled: self.workloads.keys().filter(|k| k.is_ok()).count(),
             excluded_ports: self.ports.keys().filter(|k| k.is_ok()).count(),
