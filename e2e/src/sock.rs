@@ -102,25 +102,56 @@ pub fn connect(to: SocketAddrV4, from: Option<SocketAddrV4>) -> io::Result<TcpSt
     connect_bound(fd, to)
 }
 
-/// Connects the bound socket `fd` to `to` (blocking).
+/// Connects the bound socket `fd` to `to` (blocking). A signal that interrupts a blocking
+/// `connect` does not stop the handshake: calling `connect` again would answer `EALREADY`, so
+/// it waits until the socket is writable and takes the handshake's result from `SO_ERROR`.
 fn connect_bound(fd: OwnedFd, to: SocketAddrV4) -> io::Result<TcpStream> {
     let sa = to_sockaddr(to);
-    loop {
-        // SAFETY: sa is a valid sockaddr_in and its size is passed.
-        let ret = unsafe {
-            libc::connect(
-                fd.as_raw_fd(),
-                (&sa as *const libc::sockaddr_in).cast(),
-                size_of::<libc::sockaddr_in>() as _,
-            )
-        };
-        match cvt(ret) {
-            Ok(_) => break,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
-        }
+    // SAFETY: sa is a valid sockaddr_in and its size is passed.
+    let ret = unsafe {
+        libc::connect(
+            fd.as_raw_fd(),
+            (&sa as *const libc::sockaddr_in).cast(),
+            size_of::<libc::sockaddr_in>() as _,
+        )
+    };
+    match cvt(ret) {
+        Ok(_) => {}
+        Err(e) if e.kind() == io::ErrorKind::Interrupted => finish_connect(fd.as_raw_fd())?,
+        Err(e) => return Err(e),
     }
     Ok(TcpStream::from(fd))
+}
+
+/// Waits for a handshake already under way and returns its outcome.
+fn finish_connect(fd: RawFd) -> io::Result<()> {
+    let mut pfd = libc::pollfd {
+        fd,
+        events: libc::POLLOUT,
+        revents: 0,
+    };
+    // SAFETY: one pollfd we own; poll only reads the descriptor's state.
+    while let Err(e) = cvt(unsafe { libc::poll(&mut pfd, 1, -1) }) {
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+    let mut err: libc::c_int = 0;
+    let mut len = size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: err/len are valid for writes and len holds err's size.
+    cvt(unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_ERROR,
+            (&mut err as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    })?;
+    match err {
+        0 => Ok(()),
+        e => Err(io::Error::from_raw_os_error(e)),
+    }
 }
 
 /// Connects to `to` from the local address `from` with the port left to `connect`
@@ -356,5 +387,51 @@ pub fn read_ready(
         if e.kind() != io::ErrorKind::WouldBlock && e.kind() != io::ErrorKind::Interrupted {
             return Err(e);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A handshake started without waiting (as one a signal interrupted goes on), then
+    /// finished by `finish_connect`: its outcome, success or refusal, is the handshake's.
+    fn started(to: SocketAddrV4) -> OwnedFd {
+        let fd = tcp_socket().unwrap();
+        // SAFETY: plain fcntl on a descriptor we own.
+        unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, libc::O_NONBLOCK) };
+        let sa = to_sockaddr(to);
+        // SAFETY: sa is a valid sockaddr_in and its size is passed.
+        let ret = unsafe {
+            libc::connect(
+                fd.as_raw_fd(),
+                (&sa as *const libc::sockaddr_in).cast(),
+                size_of::<libc::sockaddr_in>() as _,
+            )
+        };
+        if let Err(e) = cvt(ret) {
+            assert_eq!(e.raw_os_error(), Some(libc::EINPROGRESS), "{e}");
+        }
+        fd
+    }
+
+    #[test]
+    fn a_handshake_under_way_is_finished_with_its_outcome() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let std::net::SocketAddr::V4(open) = listener.local_addr().unwrap() else {
+            unreachable!()
+        };
+        let fd = started(open);
+        finish_connect(fd.as_raw_fd()).unwrap();
+        let (_, from) = listener.accept().unwrap();
+        assert_eq!(
+            TcpStream::from(fd).local_addr().unwrap(),
+            from,
+            "the accepted connection is this socket's"
+        );
+
+        drop(listener); // nothing listens there any more
+        let err = finish_connect(started(open).as_raw_fd()).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::ConnectionRefused, "{err}");
     }
 }
