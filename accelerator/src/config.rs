@@ -201,10 +201,10 @@ impl AgentArgs {
                 .context("no cgroup v2 mount in /proc/mounts: mount one, or pass --cgroup")?,
         };
         let node_name = self.node_name;
-        let (max_unread_bytes, queue_limit_warning) = queue_limit::resolve(
-            self.max_unread_bytes,
-            std::fs::read_to_string(queue_limit::TCP_RMEM),
-        );
+        let (max_unread_bytes, queue_limit_warning) =
+            queue_limit::resolve(self.max_unread_bytes, || {
+                std::fs::read_to_string(queue_limit::TCP_RMEM)
+            });
         Ok(AgentConfig {
             queue_limit_warning,
             cgroup,

@@ -60,10 +60,14 @@ pub fn tcp_rmem_max(tcp_rmem: &str) -> Option<u32> {
 
 /// The limit in bytes: `auto` from `tcp_rmem` (this process's network namespace: a new one
 /// starts with the host's values), or 4 MiB with a warning when that cannot be read.
-pub fn resolve(limit: QueueLimit, tcp_rmem: std::io::Result<String>) -> (u32, Option<String>) {
-    match limit {
-        QueueLimit::Bytes(n) => (n, None),
-        QueueLimit::Auto => match tcp_rmem.as_deref().ok().and_then(tcp_rmem_max) {
+/// `tcp_rmem` reads it, only for `auto`.
+pub fn resolve(
+    limit: QueueLimit,
+    tcp_rmem: impl FnOnce() -> std::io::Result<String>,
+) -> (u32, Option<String>) {
+    let QueueLimit::Bytes(n) = limit else {
+        let tcp_rmem = tcp_rmem();
+        return match tcp_rmem.as_deref().ok().and_then(tcp_rmem_max) {
             Some(max) => (max, None),
             None => (
                 QUEUE_LIMIT,
@@ -75,8 +79,9 @@ pub fn resolve(limit: QueueLimit, tcp_rmem: std::io::Result<String>) -> (u32, Op
                     }
                 )),
             ),
-        },
-    }
+        };
+    };
+    (n, None)
 }
 
 /// Where `auto` reads from.
@@ -110,16 +115,14 @@ mod tests {
         assert_eq!(tcp_rmem_max("4096 131072"), None);
         assert_eq!(tcp_rmem_max("a b c"), None);
         assert_eq!(tcp_rmem_max("1 2 0"), None);
-        let ok = |s: &str| Ok(s.to_string());
-        assert_eq!(
-            resolve(QueueLimit::Auto, ok("4096 131072 6291456")),
-            (6 << 20, None)
+        let ok = || Ok("4096 131072 6291456".to_string());
+        assert_eq!(resolve(QueueLimit::Auto, ok), (6 << 20, None));
+        let unread = || -> std::io::Result<String> { panic!("a number needs no tcp_rmem") };
+        assert_eq!(resolve(QueueLimit::Bytes(7), unread), (7, None));
+        let (n, warn) = resolve(
+            QueueLimit::Auto,
+            || Err(std::io::ErrorKind::NotFound.into()),
         );
-        assert_eq!(
-            resolve(QueueLimit::Bytes(7), ok("4096 131072 6291456")),
-            (7, None)
-        );
-        let (n, warn) = resolve(QueueLimit::Auto, Err(std::io::ErrorKind::NotFound.into()));
         assert_eq!(n, QUEUE_LIMIT);
         assert!(warn.unwrap().contains("tcp_rmem"));
     }
