@@ -19,11 +19,14 @@ fn pods<'m>(m: &'m SidecarMesh, names: &[&str]) -> Vec<&'m Pod> {
     names.iter().map(|n| m.pod(n)).collect()
 }
 
-/// Client pod → server pod through both Envoys with mTLS: all three legs are redirected, and
-/// during the payload the pods' TCP segments stay at the handshakes.
-#[test]
-fn envoy_sidecars_all_legs_accelerated_with_mtls() {
-    require_root();
+/// The pods' mesh most tests use: `client`, and `server` running `app` on 8080; both workloads
+/// on (returned, for switching), the agent's global switch `enabled`. Returns the mesh, the two
+/// pods, the server's address, the workloads and the agent (last: it goes first, before the mesh
+/// it runs in).
+fn client_server(
+    app: &str,
+    enabled: bool,
+) -> (SidecarMesh, Pod, Pod, String, [Workload; 2], Accel) {
     let mut m = SidecarMesh::start(&[
         PodSpec::mesh("client", &[]),
         PodSpec::mesh("server", &[8080]),
@@ -31,10 +34,19 @@ fn envoy_sidecars_all_legs_accelerated_with_mtls() {
     .expect("mesh");
     let (client, server) = (m.pod("client").clone(), m.pod("server").clone());
     let wl = [Workload::on(&client), Workload::on(&server)];
-    let mut accel = Accel::start(&m.mesh, false, &wl).expect("agent");
-    m.serve("server", &["sink", "--listen", "0.0.0.0:8080"])
+    let accel = Accel::start(&m.mesh, enabled, &wl).expect("agent");
+    m.serve("server", &[app, "--listen", "0.0.0.0:8080"])
         .unwrap();
     let target = format!("{}:8080", server.ip);
+    (m, client, server, target, wl, accel)
+}
+
+/// Client pod → server pod through both Envoys with mTLS: all three legs are redirected, and
+/// during the payload the pods' TCP segments stay at the handshakes.
+#[test]
+fn envoy_sidecars_all_legs_accelerated_with_mtls() {
+    require_root();
+    let (mut m, _, _, target, wl, mut accel) = client_server("sink", false);
     let names = ["client", "server"];
     let bytes = (20u64 << 20).to_string();
 
@@ -349,25 +361,12 @@ fn disabled_workload_and_excluded_inbound_port_stay_on_tcp() {
 #[test]
 fn disabling_a_workload_under_keepalive_load_fails_no_request() {
     require_root();
-    let mut m = SidecarMesh::start(&[
-        PodSpec::mesh("client", &[]),
-        PodSpec::mesh("server", &[8080]),
-    ])
-    .expect("mesh");
-    let (client, server) = (m.pod("client").clone(), m.pod("server").clone());
-    let mut accel = Accel::start(
-        &m.mesh,
-        true,
-        &[Workload::on(&client), Workload::on(&server)],
-    )
-    .expect("agent");
-    m.serve("server", &["http-server", "--listen", "0.0.0.0:8080"])
-        .unwrap();
+    let (mut m, client, server, target, _, mut accel) = client_server("http-server", true);
     let c0 = counters(&accel);
     let load = http_load(
         &mut m,
         "client",
-        &format!("{}:8080", server.ip),
+        &target,
         &["--requests", "20000", "--rate", "4000"],
     );
     let redirected = |a: &Accel| counters(a)["redirect_msgs"].as_u64().unwrap();
@@ -403,21 +402,7 @@ fn disabling_a_workload_under_keepalive_load_fails_no_request() {
 #[test]
 fn envoy_restart_under_load_recovers() {
     require_root();
-    let mut m = SidecarMesh::start(&[
-        PodSpec::mesh("client", &[]),
-        PodSpec::mesh("server", &[8080]),
-    ])
-    .expect("mesh");
-    let (client, server) = (m.pod("client").clone(), m.pod("server").clone());
-    let accel = Accel::start(
-        &m.mesh,
-        true,
-        &[Workload::on(&client), Workload::on(&server)],
-    )
-    .expect("agent");
-    m.serve("server", &["http-server", "--listen", "0.0.0.0:8080"])
-        .unwrap();
-    let target = format!("{}:8080", server.ip);
+    let (mut m, _, _, target, _, accel) = client_server("http-server", true);
     let load = http_load(
         &mut m,
         "client",
@@ -474,17 +459,7 @@ fn envoy_restart_under_load_recovers() {
 #[test]
 fn http_keepalive_through_envoy_is_accelerated_and_correct() {
     require_root();
-    let mut m = SidecarMesh::start(&[
-        PodSpec::mesh("client", &[]),
-        PodSpec::mesh("server", &[8080]),
-    ])
-    .expect("mesh");
-    let (client, server) = (m.pod("client").clone(), m.pod("server").clone());
-    let wl = [Workload::on(&client), Workload::on(&server)];
-    let mut accel = Accel::start(&m.mesh, false, &wl).expect("agent");
-    m.serve("server", &["http-server", "--listen", "0.0.0.0:8080"])
-        .unwrap();
-    let target = format!("{}:8080", server.ip);
+    let (mut m, _, _, target, wl, mut accel) = client_server("http-server", false);
     let names = ["client", "server"];
     const N: u64 = 2000;
     let mut per_request = Vec::new();
@@ -526,21 +501,7 @@ fn http_keepalive_through_envoy_is_accelerated_and_correct() {
 #[test]
 fn envoy_killed_mid_stream_breaks_connections_visibly_never_silently() {
     require_root();
-    let mut m = SidecarMesh::start(&[
-        PodSpec::mesh("client", &[]),
-        PodSpec::mesh("server", &[8080]),
-    ])
-    .expect("mesh");
-    let (client, server) = (m.pod("client").clone(), m.pod("server").clone());
-    let accel = Accel::start(
-        &m.mesh,
-        true,
-        &[Workload::on(&client), Workload::on(&server)],
-    )
-    .expect("agent");
-    m.serve("server", &["sink", "--listen", "0.0.0.0:8080"])
-        .unwrap();
-    let target = format!("{}:8080", server.ip);
+    let (mut m, _, _, target, _, accel) = client_server("sink", true);
     let swarm_args = |n: &str| {
         vec![
             "swarm".to_string(),
