@@ -9,7 +9,7 @@ mod support;
 use meshaccel_e2e::{
     Mesh, Pod,
     accel::{Accel, Scope, Workload},
-    bpf, require_root,
+    bpf, require_root, wait_output_timeout, wait_ready,
 };
 use std::{
     os::fd::AsFd as _,
@@ -1151,4 +1151,105 @@ fn the_app_socket_adopter_follows_its_workload() {
         "{report}"
     );
     assert!(!pin.exists());
+}
+
+/// CPython's client with a timeout (non-blocking, polled: no event loop) connects through the
+/// relay standing in for Envoy: its first write keeps it on TCP for life, outside the sockhash.
+/// Nothing will ever be redirected into the relay's socket it talks to, so that socket leaves
+/// the sockhash too instead of paying tcp_bpf's paths for every message: while the connection
+/// is open, `status` lists no socket of the app's leg (the relay's own connection onwards stays
+/// accelerated), and the bytes echoed through it are exact.
+#[test]
+fn a_sidecar_socket_whose_app_stays_on_tcp_leaves_the_sockhash() {
+    use std::io::{BufRead as _, Write as _};
+    require_root();
+    let mut mesh = Mesh::new().expect("mesh");
+    let a = mesh_pod(&mut mesh, "a");
+    let b = mesh_pod(&mut mesh, "b");
+    let accel = Accel::start(&mesh, true, &[Workload::auto(&a), Workload::on(&b)]).expect("agent");
+    let mut echo = mesh
+        .spawn(
+            &b,
+            Some(APP_UID),
+            &tool(),
+            &["echo", "--listen", &format!("{}:8080", b.ip)],
+        )
+        .expect("echo");
+    wait_ready(&mut echo).expect("echo ready");
+    let c0 = counters(&accel);
+
+    const CLIENT: &str = r#"
+import socket, sys
+s = socket.create_connection((sys.argv[1], 8080), timeout=20)
+data = bytes((i * 31 + 7) % 251 for i in range(64 << 10))
+def exchange():
+    s.sendall(data)
+    got = bytearray()
+    while len(got) < len(data):
+        chunk = s.recv(65536)
+        if not chunk:
+            sys.exit("early EOF after %d bytes" % len(got))
+        got += chunk
+    if got != data:
+        sys.exit("the echo differs")
+exchange()
+print("ready", flush=True)
+print(s.getsockname()[1], flush=True)
+sys.stdin.readline()
+exchange()
+print("exact", flush=True)
+"#;
+    let mut cmd = std::process::Command::new("python3");
+    cmd.args(["-c", CLIENT, &b.ip.to_string()])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::inherit());
+    let mut client = mesh.spawn_cmd(&a, Some(APP_UID), cmd).expect("client");
+    wait_ready(&mut client).expect("client ready");
+    let mut port = String::new();
+    std::io::BufReader::new(client.stdout.as_mut().unwrap())
+        .read_line(&mut port)
+        .expect("port");
+    let app = format!("{}:{}", a.ip, port.trim());
+
+    // Rows of `status --sockets` with this role, in this pod, whose client address starts so.
+    let count = |rows: &[serde_json::Value], role: &str, pod: &Pod, client: &str| {
+        let cookie = pod.netns_cookie().unwrap();
+        rows.iter()
+            .filter(|r| {
+                r["role"] == role
+                    && r["netns_cookie"].as_u64() == Some(cookie)
+                    && r["client"].as_str().is_some_and(|c| c.starts_with(client))
+            })
+            .count()
+    };
+    let mut listed = Vec::new();
+    wait_until("the relay's connection onwards is listed", || {
+        listed = accel.sockets().unwrap();
+        count(&listed, "server", &b, &format!("{}:", a.ip)) == 1
+            && count(&listed, "client", &b, "127.0.0.6:") == 1
+    });
+    assert!(
+        !listed.iter().any(|r| r["client"] == app.as_str()),
+        "a socket of the app's leg ({app}) is still in the sockhash: {listed:#?}"
+    );
+    let c1 = counters(&accel);
+    assert_eq!(delta(&c1, &c0, "skip_app_no_epoll"), 1, "{c1}");
+    assert_eq!(
+        delta(&c1, &c0, "fallback_app_receiver"),
+        0,
+        "the relay's socket left before its first message: {c1}"
+    );
+
+    client.stdin.as_mut().unwrap().write_all(b"go\n").unwrap();
+    let out = wait_output_timeout(client, Duration::from_secs(30)).expect("client");
+    assert!(
+        out.status.success() && String::from_utf8_lossy(&out.stdout).contains("exact"),
+        "the echo through the relay's socket, back on TCP: {out:?}"
+    );
+    let c2 = counters(&accel);
+    assert!(
+        delta(&c2, &c1, "redirect_bytes") >= 2 * (64 << 10),
+        "the relay's connection onwards stays accelerated: {c2}"
+    );
 }

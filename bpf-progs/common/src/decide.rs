@@ -1,7 +1,7 @@
 //! The programs' pure judgements, unit-tested on the host: the programs read the kernel and
 //! the maps, then ask these.
 
-use crate::tuning;
+use crate::{PEER_DEFERRED, PEER_LEFT, tuning};
 
 /// Whether a socket is one of Istio's legs: a passive socket on a capture port (app → sidecar,
 /// sidecar → sidecar), or either end of a connection from the inbound passthrough address
@@ -41,6 +41,15 @@ pub fn first_write(nonblocking: Option<bool>, watched_by_epoll: bool) -> FirstWr
         Some(true) => FirstWrite::NoEpoll,
         _ => FirstWrite::Blocking,
     }
+}
+
+/// From a `PeerInfo`'s flags: an app's socket that left the sockhash for TCP before it was ever
+/// adopted into it (deferred, then decided at its first write, or turned blocking first). It
+/// never redirected anything and never will (a socket that left never comes back), so nothing
+/// is ever redirected into its peer.
+#[inline(always)]
+pub fn left_unfed(flags: u64) -> bool {
+    flags & (PEER_DEFERRED | PEER_LEFT) == PEER_DEFERRED | PEER_LEFT
 }
 
 /// Counts bytes redirected since a socket last looked at its peer's queue; true when it is
@@ -98,6 +107,18 @@ pub fn small_write_stream(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::{PEER_APP, PEER_PAIRED};
+
+    #[test]
+    fn only_a_socket_that_left_before_adoption_frees_its_peer() {
+        let app = PEER_APP | PEER_PAIRED;
+        assert!(left_unfed(app | PEER_DEFERRED | PEER_LEFT));
+        // Still waiting for its first write: it may yet be adopted and redirect.
+        assert!(!left_unfed(app | PEER_DEFERRED));
+        // Adopted (the flag cleared), then left: it may have redirected before.
+        assert!(!left_unfed(app | PEER_LEFT));
+        assert!(!left_unfed(PEER_PAIRED));
+    }
 
     #[test]
     fn legs() {

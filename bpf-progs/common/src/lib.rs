@@ -130,7 +130,8 @@ pub mod counter {
     /// it leaves the sockhash.
     pub const FALLBACK_APP_BLOCKING: u32 = 23;
     /// Sockets that left the sockhash before their close(), back on TCP's own paths: an app's
-    /// socket gone TCP for life, an active socket with no peer on this node, or a socket that
+    /// socket gone TCP for life, the sidecar's socket of an app's socket that went TCP for life
+    /// before it ever redirected, an active socket with no peer on this node, or a socket that
     /// reached TCP_CLOSE with nothing unread.
     pub const LEFT: u32 = 24;
     /// Passive sockets not inserted because no socket of this node in the sockhash is their
@@ -257,7 +258,7 @@ pub mod counter {
         own(
             "left",
             "meshaccel_sockhash_leaves",
-            "Sockets that left the sockhash before their close(), back on TCP's own paths (an app's socket gone TCP for life or blocking; an active socket whose server is not on this node; a socket at TCP_CLOSE with nothing unread)",
+            "Sockets that left the sockhash before their close(), back on TCP's own paths (an app's socket gone TCP for life or blocking, and its sidecar's socket when it never redirected; an active socket whose server is not on this node; a socket at TCP_CLOSE with nothing unread)",
         ),
         reason("skip_no_local_peer", SKIPPED, "no_local_peer"),
         reason("fallback_no_local_peer", FALLBACKS, "no_local_peer"),

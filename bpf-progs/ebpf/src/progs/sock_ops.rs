@@ -169,6 +169,10 @@ pub(super) fn established(ctx: &SockOpsContext, active: bool) -> Result<(), ()> 
             count(counter::SKIP_SMALL_WRITES, 1);
             return Ok(());
         }
+        if decide::left_unfed(p.flags) {
+            count(counter::SKIP_NO_LOCAL_PEER, 1);
+            return Ok(());
+        }
         if p.service_port != 0 {
             service = PortKey::new(p.netns_cookie, p.service_port, DIR_OUTBOUND);
         }
@@ -265,6 +269,14 @@ pub(super) fn established(ctx: &SockOpsContext, active: bool) -> Result<(), ()> 
     }
     let _ = ctx.set_cb_flags(flags as i32);
     count(counter::INSERTED, 1);
+    // Its client may have left between the look above and the insert (`peer_leaves` found
+    // nothing to delete then): looked at again, atomically, now that it is in.
+    if !active
+        && let Some(p) = MESHACCEL_PEERS.get_ptr_mut(key.peer())
+        && decide::left_unfed(set_flags(unsafe { &raw mut (*p).flags }, 0))
+    {
+        leave(ctx, unsafe { &mut *st });
+    }
     Ok(())
 }
 
@@ -339,8 +351,25 @@ pub(super) fn first_write(ctx: &SockOpsContext) -> Result<(), ()> {
     };
     go_tcp(st, reason);
     leave(ctx, st);
+    peer_leaves(st);
     unsafe { bpf_sk_storage_delete(pend_map(), sk.cast()) };
     Ok(())
+}
+
+/// An app's socket gone TCP for life before anything was redirected from it (at its first
+/// write, or turned blocking before its first message), and after its own `leave` (which
+/// marks it `PEER_LEFT`): nothing will ever be redirected into its peer, the sidecar's socket,
+/// whose only peer it is. That socket then has nothing to gain in the sockhash, only tcp_bpf's
+/// send and receive paths to pay for every message, so it leaves too (sock_ops may delete any
+/// key; nothing was queued in it, hazard 2 loses nothing). One not in yet stays out
+/// (`established` looks at this socket's flags before and after its insert).
+#[inline(always)]
+fn peer_leaves(st: &SockState) {
+    let peer = st.own.peer();
+    remove(&peer);
+    if let Some(p) = MESHACCEL_PEERS.get_ptr_mut(peer) {
+        set_flags(unsafe { &raw mut (*p).flags }, PEER_LEFT);
+    }
 }
 
 /// A segment arrived for a socket that asked to see them: an app's socket before its first
@@ -353,7 +382,8 @@ pub(super) fn segment_received(ctx: &SockOpsContext) -> Result<(), ()> {
     let st = sock_state(sk).ok_or(())?;
     // An app that made its socket blocking after a non-blocking connect (a connect timeout,
     // then blocking reads), or an accepted socket made blocking: its reads must be TCP's.
-    if st.app != 0 && st.state == STATE_UNDECIDED && nonblocking(sk) == Some(false) {
+    let unfed = st.app != 0 && st.state == STATE_UNDECIDED && nonblocking(sk) == Some(false);
+    if unfed {
         go_tcp(st, counter::FALLBACK_APP_BLOCKING);
     }
     // The server's first segment after ESTABLISHED comes after the server's own
@@ -363,6 +393,9 @@ pub(super) fn segment_received(ctx: &SockOpsContext) -> Result<(), ()> {
     }
     if st.leave == LEAVE_PENDING {
         leave(ctx, st);
+    }
+    if unfed {
+        peer_leaves(st);
     }
     // Adopted since its last segment (tc may not set socket options): now it gets the keepalive
     // an accelerated socket gets (the first segment after adoption is the ACK of its first write).
