@@ -211,7 +211,7 @@ struct Run {
     redirected: (u64, u64),
 }
 
-const COUNTERS: [&str; 10] = [
+const COUNTERS: [&str; 11] = [
     "inserted",
     "redirect_bytes",
     "skip_app_blocking",
@@ -222,6 +222,7 @@ const COUNTERS: [&str; 10] = [
     "deferred_app",
     "adopted_app",
     "skip_app_no_epoll",
+    "skip_no_local_peer",
 ];
 
 fn workload_redirected(status: &Value, pod: &Pod) -> u64 {
@@ -607,6 +608,19 @@ fn ordinary_apps_see_plain_tcp_with_acceleration_on() {
             why.push(format!(
                 "an event-loop app must stay accelerated: counters {k:?}, redirected {:?}",
                 on.redirected
+            ));
+        }
+        // App sockets that all went TCP before they ever redirected (decided at their first
+        // write) leave their sidecars' sockets nothing to receive: those leave the sockhash (or
+        // never enter it) before their own first message, instead of staying in on TCP.
+        let decided_tcp = k["skip_app_no_epoll"] + k["fallback_app_blocking"];
+        if k["deferred_app"] > 0
+            && k["adopted_app"] == 0
+            && (k["fallback_app_receiver"] != 0
+                || k["left"] + k["skip_no_local_peer"] < decided_tcp)
+        {
+            why.push(format!(
+                "the sidecar's sockets of apps kept on TCP must leave the sockhash: counters {k:?}"
             ));
         }
         let correct = if why.is_empty() { "yes" } else { "NO" };
