@@ -102,25 +102,28 @@ pub fn connect(to: SocketAddrV4, from: Option<SocketAddrV4>) -> io::Result<TcpSt
     connect_bound(fd, to)
 }
 
-/// Connects the bound socket `fd` to `to` (blocking). A signal that interrupts a blocking
-/// `connect` does not stop the handshake: calling `connect` again would answer `EALREADY`, so
-/// it waits until the socket is writable and takes the handshake's result from `SO_ERROR`.
+/// Connects the bound socket `fd` to `to` (blocking).
 fn connect_bound(fd: OwnedFd, to: SocketAddrV4) -> io::Result<TcpStream> {
-    let sa = to_sockaddr(to);
-    // SAFETY: sa is a valid sockaddr_in and its size is passed.
-    let ret = unsafe {
-        libc::connect(
-            fd.as_raw_fd(),
-            (&sa as *const libc::sockaddr_in).cast(),
-            size_of::<libc::sockaddr_in>() as _,
-        )
-    };
-    match cvt(ret) {
-        Ok(_) => {}
-        Err(e) if e.kind() == io::ErrorKind::Interrupted => finish_connect(fd.as_raw_fd())?,
-        Err(e) => return Err(e),
-    }
+    connect_blocking(fd.as_raw_fd(), to.into())?;
     Ok(TcpStream::from(fd))
+}
+
+/// A blocking `connect(2)`. A signal that interrupts it does not stop the handshake: calling
+/// `connect` again would answer `EALREADY`, so it waits until the socket is writable and takes
+/// the handshake's result from `SO_ERROR`.
+fn connect_blocking(fd: RawFd, to: std::net::SocketAddr) -> io::Result<()> {
+    match connect_once(fd, to) {
+        Err(e) if e.kind() == io::ErrorKind::Interrupted => finish_connect(fd),
+        r => r,
+    }
+}
+
+/// One `connect(2)` call.
+fn connect_once(fd: RawFd, to: std::net::SocketAddr) -> io::Result<()> {
+    let (ss, len) = to_storage(to);
+    // SAFETY: ss holds a valid sockaddr of length len.
+    cvt(unsafe { libc::connect(fd, (&raw const ss).cast(), len) })?;
+    Ok(())
 }
 
 /// Waits for a handshake already under way and returns its outcome.
@@ -273,16 +276,7 @@ pub fn connect_any(
     let fd = tcp_socket_for(&to)?;
     set_int(fd.as_raw_fd(), libc::SOL_SOCKET, libc::SO_REUSEADDR, 1)?;
     bind_any(fd.as_raw_fd(), from)?;
-    let (ss, len) = to_storage(to);
-    loop {
-        // SAFETY: ss holds a valid sockaddr of length len.
-        let ret = unsafe { libc::connect(fd.as_raw_fd(), (&raw const ss).cast(), len) };
-        match cvt(ret) {
-            Ok(_) => break,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
-        }
-    }
+    connect_blocking(fd.as_raw_fd(), to)?;
     Ok(TcpStream::from(fd))
 }
 
@@ -400,16 +394,7 @@ mod tests {
         let fd = tcp_socket().unwrap();
         // SAFETY: plain fcntl on a descriptor we own.
         unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, libc::O_NONBLOCK) };
-        let sa = to_sockaddr(to);
-        // SAFETY: sa is a valid sockaddr_in and its size is passed.
-        let ret = unsafe {
-            libc::connect(
-                fd.as_raw_fd(),
-                (&sa as *const libc::sockaddr_in).cast(),
-                size_of::<libc::sockaddr_in>() as _,
-            )
-        };
-        if let Err(e) = cvt(ret) {
+        if let Err(e) = connect_once(fd.as_raw_fd(), to.into()) {
             assert_eq!(e.raw_os_error(), Some(libc::EINPROGRESS), "{e}");
         }
         fd
