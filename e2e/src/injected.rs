@@ -23,7 +23,7 @@ use serde_json::{Value, json};
 
 use crate::{
     APP_UID, PROXY_UID,
-    envoy::{self, CertPaths, Pki, SidecarSpec},
+    envoy::{self, CertPaths, ENVOY_CONCURRENCY, Pki, SidecarSpec},
 };
 
 /// Written into the bootstrap where the pod's IP goes; the proxy container replaces it with
@@ -112,7 +112,7 @@ impl Workload {
         // pilot-agent's part: the pod IP into the bootstrap, then Envoy as Istio starts it.
         let proxy_script = format!(
             "sed \"s/{POD_IP_PLACEHOLDER}/$POD_IP/g\" {PROXY_CONFIG_DIR}/envoy.json > /tmp/envoy.json && \
-             exec envoy -c /tmp/envoy.json --concurrency 1 --disable-hot-restart \
+             exec envoy -c /tmp/envoy.json --concurrency {ENVOY_CONCURRENCY} --disable-hot-restart \
              --local-address-ip-version v4 --drain-time-s 1 --drain-strategy immediate --log-level warning"
         );
         json!({
