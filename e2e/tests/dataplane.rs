@@ -1167,15 +1167,11 @@ fn a_sidecar_socket_whose_app_stays_on_tcp_leaves_the_sockhash() {
     let a = mesh_pod(&mut mesh, "a");
     let b = mesh_pod(&mut mesh, "b");
     let accel = Accel::start(&mesh, true, &[Workload::auto(&a), Workload::on(&b)]).expect("agent");
-    let mut echo = mesh
-        .spawn(
-            &b,
-            Some(APP_UID),
-            &tool(),
-            &["echo", "--listen", &format!("{}:8080", b.ip)],
-        )
-        .expect("echo");
-    wait_ready(&mut echo).expect("echo ready");
+    app_server(
+        &mut mesh,
+        &b,
+        &["echo", "--listen", &format!("{}:8080", b.ip)],
+    );
     let c0 = counters(&accel);
 
     const CLIENT: &str = r#"

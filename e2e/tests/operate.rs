@@ -14,7 +14,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use meshaccel_e2e::{Mesh, bpf, require_root, wait_output_timeout, wait_ready, workspace_bin};
+use meshaccel_e2e::{Mesh, bpf, require_root, wait_output_timeout, workspace_bin};
 use serde_json::Value;
 use support::*;
 
@@ -168,15 +168,7 @@ fn metrics_readiness_and_status_during_traffic() {
     let bytes0 = sample(&m0, "meshaccel_redirected_bytes_total");
 
     // A slow transfer through all three legs: 8 MiB in 64 KiB writes, 15 ms apart (~2 s).
-    let mut sink = mesh
-        .spawn(
-            &b,
-            Some(APP_UID),
-            &tool(),
-            &["sink", "--listen", &format!("{}:8080", b.ip)],
-        )
-        .expect("sink");
-    wait_ready(&mut sink).expect("sink ready");
+    sink(&mut mesh, &b, &format!("{}:8080", b.ip));
     let total = 8 * MIB;
     let mut send: Child = mesh
         .spawn(

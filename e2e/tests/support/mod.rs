@@ -54,7 +54,16 @@ pub fn two_mesh_pods(env: &[(&str, &str)]) -> (Mesh, Pod, Pod, Accel) {
     (mesh, a, b, accel)
 }
 
-/// A checksumming sink in the pod; the mesh kills and reaps it at teardown.
+/// One of the tool's servers (`args[0]`: `sink`, `echo`, `soak-server`, …) in the pod as its
+/// app, once it says it is ready; the mesh kills and reaps it at teardown.
+pub fn app_server(mesh: &mut Mesh, pod: &Pod, args: &[&str]) {
+    let mut s = mesh
+        .spawn(pod, Some(APP_UID), &tool(), args)
+        .unwrap_or_else(|e| panic!("{}: {e:#}", args[0]));
+    wait_ready(&mut s).unwrap_or_else(|e| panic!("{} ready: {e:#}", args[0]));
+}
+
+/// A checksumming sink in the pod.
 pub fn sink(mesh: &mut Mesh, pod: &Pod, listen: &str) {
     sink_delayed(mesh, pod, listen, 0);
 }
@@ -63,28 +72,16 @@ pub fn sink(mesh: &mut Mesh, pod: &Pod, listen: &str) {
 /// meanwhile stay unread at the receiver).
 pub fn sink_delayed(mesh: &mut Mesh, pod: &Pod, listen: &str, delay_ms: u64) {
     let delay = delay_ms.to_string();
-    let mut s = mesh
-        .spawn(
-            pod,
-            Some(APP_UID),
-            &tool(),
-            &["sink", "--listen", listen, "--read-delay-ms", &delay],
-        )
-        .expect("sink");
-    wait_ready(&mut s).expect("sink ready");
+    app_server(
+        mesh,
+        pod,
+        &["sink", "--listen", listen, "--read-delay-ms", &delay],
+    );
 }
 
-/// A soak server (`soak-server`) in the pod; the mesh kills and reaps it at teardown.
+/// A soak server (`soak-server`) in the pod.
 pub fn soak_server(mesh: &mut Mesh, pod: &Pod, listen: &str) {
-    let mut s = mesh
-        .spawn(
-            pod,
-            Some(APP_UID),
-            &tool(),
-            &["soak-server", "--listen", listen],
-        )
-        .expect("soak-server");
-    wait_ready(&mut s).expect("soak-server ready");
+    app_server(mesh, pod, &["soak-server", "--listen", listen]);
 }
 
 pub fn send(mesh: &mut Mesh, pod: &Pod, args: &[&str]) -> Child {
